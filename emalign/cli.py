@@ -1,0 +1,238 @@
+"""The ``emalign`` command: one click command per stage, plus align, demo, import and train.
+
+Every stage takes the same ``IN OUT`` and options as ``align`` (the first to run creates
+OUT, later ones check that the parameters agree) and ``--z-range START:STOP``, so a cluster
+workflow can fan the stages out. Bad input ends with a one-line ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from emalign.errors import EmalignError
+
+MODEL_HELP = "shipped model name or .pt checkpoint"
+
+
+def _friendly(func):
+    """Turn EmalignError (bad input) into one line on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EmalignError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _plan_options(func):
+    """The options that define an alignment (recorded in the output)."""
+    options = [
+        click.option("--model", default="faemreg-small", show_default=True, help=MODEL_HELP),
+        click.option("--stride", default=8, show_default=True, help="field grid spacing, px"),
+        click.option("--block", default=16, show_default=True, help="sections per task"),
+        click.option("--stitch-block", default=128, show_default=True, help="sections per stitch solve"),
+        click.option("--stitch-overlap", default=32, show_default=True, help="overlap of stitch solves"),
+        click.option("--spring", default=0.05, show_default=True, help="stitch pull towards the prealignment"),
+        click.option("--tile", default=512, show_default=True, help="xy tile of the network, px"),
+        click.option("--halo", default=64, show_default=True, help="xy tile overlap, px"),
+        click.option("--coarse-downsample", default=4, show_default=True, help="prealignment resolution factor"),
+        click.option("--trend-stiffness", default=1e7, show_default=True, help="prealignment trend along z"),
+        click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
+        click.option("--skip", default="", help="bad sections to bridge, e.g. 12,40"),
+        click.option("--level", default=0, show_default=True, help="input OME-Zarr level"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_options(func):
+    """How to run (not recorded: changing them does not change the result)."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda"),
+        click.option(
+            "--scheduler", default="threads", show_default=True, help="threads[:N], processes:N, tcp://..., slurm"
+        ),
+        click.option("--quiet", is_flag=True, help="no progress bars"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _params(opts: dict):
+    from emalign.pipeline import AlignParams
+
+    try:
+        skip = tuple(int(z) for z in opts["skip"].split(",") if z.strip())
+    except ValueError:
+        raise EmalignError(f"--skip {opts['skip']!r}: expected comma-separated section numbers") from None
+    return AlignParams(
+        model=opts["model"],
+        stride=opts["stride"],
+        block=opts["block"],
+        stitch_block=opts["stitch_block"],
+        stitch_overlap=opts["stitch_overlap"],
+        spring=opts["spring"],
+        tile=opts["tile"],
+        halo=opts["halo"],
+        coarse_downsample=opts["coarse_downsample"],
+        trend_stiffness=opts["trend_stiffness"],
+        max_rotation_deg=opts["max_rotation"],
+        skip=skip,
+        level=opts["level"],
+    )
+
+
+@click.group()
+@click.version_option(package_name="emalign")
+def main() -> None:
+    """Align serial-section EM stacks (Zarr, OME-Zarr, TIFF) into OME-Zarr."""
+
+
+@main.command()
+@click.argument("input_path", metavar="IN")
+@click.argument("output_path", metavar="OUT")
+@_plan_options
+@_run_options
+@click.option("--overwrite", is_flag=True, help="replace an OUT made with other parameters")
+@_friendly
+def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
+    """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, render, qc (resumes a killed run)."""
+    from emalign.pipeline import align as run_align
+
+    start = time.perf_counter()
+    ws, seconds, report = run_align(
+        input_path, output_path, _params(opts), opts["scheduler"], opts["device"], overwrite, not opts["quiet"]
+    )
+    total = time.perf_counter() - start
+    depth, height, width = ws.plan.shape
+    click.echo(report)
+    stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
+    click.echo(f"time: {total:.1f}s ({stages}); {depth * height * width / 1e6 / total:.2f} MPx/s")
+    click.echo(f"aligned OME-Zarr: {output_path} (QC: {Path(output_path) / 'qc.csv'}, {Path(output_path) / 'qc.png'})")
+
+
+def _stage_command(stage: str, help_text: str):
+    @click.argument("input_path", metavar="IN")
+    @click.argument("output_path", metavar="OUT")
+    @_plan_options
+    @_run_options
+    @click.option("--z-range", default=None, help="START:STOP, the sections this run takes")
+    @_friendly
+    def command(input_path: str, output_path: str, z_range: str | None, **opts) -> None:
+        from emalign.io import open_stack
+        from emalign.pipeline import Workspace, run_stage
+
+        params = _params(opts)
+        ws = Workspace.create(open_stack(input_path, level=params.level), output_path, params)
+        click.echo(run_stage(stage, ws, z_range, opts["scheduler"], opts["device"], not opts["quiet"]))
+
+    command.__doc__ = help_text
+    return main.command(name=stage)(command)
+
+
+_stage_command("prealign", "Stage 1: section statistics, pairwise rigid estimates, global rigid solve.")
+_stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
+_stage_command("stitch", "Stage 3: reconcile the relative fields into one global field per section.")
+_stage_command("render", "Stage 4: warp the sections and write the aligned pyramid.")
+_stage_command("qc", "Stage 5: per-section quality table (qc.csv), plot (qc.png) and summary.")
+
+
+@main.command(name="import")
+@click.argument("input_path", metavar="IN")
+@click.argument("output_path", metavar="OUT")
+@click.option("--chunk", default=512, show_default=True, help="y/x chunk size")
+@click.option("--voxel-size", default=None, help="z,y,x in units (default: from the input)")
+@click.option("--unit", default=None, help="unit of the voxel size (default: from the input)")
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def import_command(
+    input_path: str, output_path: str, chunk: int, voxel_size: str | None, unit: str | None, overwrite: bool
+):
+    """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
+    from emalign.io import import_stack
+
+    voxel = None
+    if voxel_size:
+        try:
+            voxel = [float(v) for v in voxel_size.split(",")]
+        except ValueError:
+            raise EmalignError(f"--voxel-size {voxel_size!r}: expected three numbers z,y,x") from None
+        if len(voxel) != 3:
+            raise EmalignError(f"--voxel-size {voxel_size!r}: expected three numbers z,y,x")
+    import_stack(input_path, output_path, (1, chunk, chunk), voxel_size=voxel, unit=unit, overwrite=overwrite)
+    click.echo(f"wrote {output_path}")
+
+
+@main.command()
+@click.argument("output_path", metavar="[OUT]", default="emalign-demo")
+@click.option("--sections", default=48, show_default=True)
+@click.option("--size", default=256, show_default=True, help="section size, px")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--model", default="faemreg-small", show_default=True, help=MODEL_HELP)
+@click.option("--device", default="auto", show_default=True)
+@_friendly
+def demo(output_path: str, sections: int, size: int, seed: int, model: str, device: str) -> None:
+    """Make an EM-like stack with known misalignment, align it, and report the accuracy."""
+    from emalign.demo import run_demo
+
+    click.echo(run_demo(output_path, sections, size, seed, model, device))
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, help="folder for checkpoints (last.pt, best.pt)")
+@click.option("--data", multiple=True, help="aligned stack(s) to train on (TIFF/Zarr); repeatable")
+@click.option("--val-data", multiple=True, help="aligned stack(s) for validation (default: procedural)")
+@click.option("--model", default="faemreg-small", show_default=True, help="architecture, or a .pt to fine-tune")
+@click.option("--procedural", default=2, show_default=True, help="procedural EM-like volumes to add")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--batch", default=6, show_default=True)
+@click.option("--crop", default=144, show_default=True, help="training crop, px")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--z-steps", default="1,2,3,4,5,6", show_default=True, help="section spacings to sample")
+@click.option("--supervised-weight", default=1.0, show_default=True, help="weight of the exact synthetic target")
+@click.option("--similarity-weight", default=0.0, show_default=True, help="weight of the local-NCC loss")
+@click.option("--smooth-weight", default=0.05, show_default=True)
+@click.option("--val-every", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-resume", is_flag=True, help="start over even if OUT has a checkpoint")
+@_friendly
+def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
+    """Train a serial network without labels (synthetic misalignment of aligned stacks)."""
+    from emalign.train import TrainConfig
+    from emalign.train import train as run_train
+
+    steps = tuple(int(s) for s in z_steps.split(","))
+    cfg = TrainConfig(
+        model=opts["model"],
+        data=tuple(opts["data"]),
+        val_data=tuple(opts["val_data"]),
+        procedural=opts["procedural"],
+        z_steps=steps,
+        steps=opts["steps"],
+        batch=opts["batch"],
+        crop=opts["crop"],
+        lr=opts["lr"],
+        supervised_weight=opts["supervised_weight"],
+        similarity_weight=opts["similarity_weight"],
+        smooth_weight=opts["smooth_weight"],
+        val_every=opts["val_every"],
+        seed=opts["seed"],
+        device=opts["device"],
+    )
+    history = run_train(cfg, out_dir, resume=not no_resume)
+    click.echo(
+        f"validation end-point error: {history['val_epe'][0]:.3f} -> {history['val_epe'][-1]:.3f} px "
+        f"(no correction: {history['val_epe_identity'][-1]:.3f} px); best checkpoint: {Path(out_dir) / 'best.pt'}"
+    )

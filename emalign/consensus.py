@@ -1,0 +1,153 @@
+"""Reconcile relative section estimates into one field per section (the stitch's math).
+
+The network, run in the symmetric layout, returns for section ``z`` the pull field that
+brings it into the weighted frame of its neighbours ``z +- 1..K``. Linearised, with
+``c_z`` the (unknown) correction of section ``z``:
+
+    u_z = c_z - sum_d  w_d c_{z+d}                                  (one equation per z)
+
+The weights ``w_d`` are those the network was trained with (nearest largest, both sides;
+sections outside the stack are reflected back into it, excluded sections are dropped and
+the rest renormalised). This is a discrete second-difference operator along z: a shift
+shared by all sections, or one that grows linearly with z (oblique biology, a harmless
+whole-stack shear), is invisible to it, while section-to-section misalignment is what it
+measures. We solve, per grid point and channel, the regularised least squares
+
+    min_c  sum_z s_z |u_z - (c_z - sum_d w_d c_{z+d})|^2  +  spring * sum_z |c_z|^2
+
+where ``s_z`` is 0 for excluded sections, and the weak spring ties the solution to the
+prealigned geometry (it fixes what the equations cannot see and damps the slow wander
+that noisy relative estimates would add). Every grid point shares one ``Z x Z`` system,
+so a block of sections costs one small dense solve. Long stacks are solved in
+overlapping z-blocks, blended linearly across the overlaps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import linalg as splinalg
+
+from emalign.train import reference_weights
+
+
+def reflect(index: int, length: int) -> int:
+    """Mirror an index into ``[0, length)`` (``-1 -> 1``, ``length -> length - 2``)."""
+    if length == 1:
+        return 0
+    period = 2 * (length - 1)
+    index = abs(index) % period
+    return period - index if index >= length else index
+
+
+def neighbour_indices(z: int, length: int, references: int) -> list[int]:
+    """The stack indices a symmetric window around ``z`` shows, depth order, edges reflected."""
+    return [reflect(z + d, length) for d in range(-references, references + 1)]
+
+
+def window_weights(z: int, length: int, references: int, excluded: np.ndarray) -> dict[int, float]:
+    """``{section: weight}`` of the frame the network aligns section ``z`` to.
+
+    Excluded sections get no weight (they are blanked in the network's input) and the
+    remaining weights are renormalised; an empty dict means no usable reference.
+    """
+    slots = reference_weights(references, symmetric=True)
+    weights: dict[int, float] = {}
+    for slot, index in enumerate(neighbour_indices(z, length, references)):
+        if slot == references or excluded[index] or index == z:
+            continue
+        weights[index] = weights.get(index, 0.0) + float(slots[slot])
+    total = sum(weights.values())
+    return {index: w / total for index, w in weights.items()} if total > 0 else {}
+
+
+def consensus_matrix(start: int, stop: int, references: int, excluded: np.ndarray) -> np.ndarray:
+    """``A`` for the sections ``[start, stop)`` of a stack of ``len(excluded)``.
+
+    ``(A c)_z = c_z - sum_d w_d c_{z+d}``; a row is zero for an excluded section and for a
+    section whose window reaches outside the block (its equation belongs to another block).
+    """
+    length = len(excluded)
+    matrix = np.zeros((stop - start, stop - start))
+    for z in range(start, stop):
+        weights = window_weights(z, length, references, excluded)
+        if excluded[z] or not weights or min(weights) < start or max(weights) >= stop:
+            continue
+        matrix[z - start, z - start] = 1.0
+        for index, w in weights.items():
+            matrix[z - start, index - start] -= w
+    return matrix
+
+
+def solve_block(
+    relative: np.ndarray, references: int, excluded: np.ndarray, spring: float, start: int = 0
+) -> np.ndarray:
+    """Global corrections of a block of sections from their relative estimates.
+
+    Args:
+        relative: ``(B, ...)`` relative fields ``u_z`` of sections ``start .. start + B``
+            (any trailing shape: channels, grid).
+        references: K, references on each side used by the estimator.
+        excluded: ``(Z,)`` bool over the whole stack: sections with no estimate of their
+            own (blank, damaged), blanked in the estimator's input.
+        spring: weight of the pull towards the prealigned geometry (``c = 0``).
+        start: index of the block's first section in the stack.
+
+    Returns:
+        ``(B, ...)`` corrections ``c_z`` (pull, same units as ``relative``); excluded
+        sections get whatever their neighbours imply, which the spring keeps near 0.
+    """
+    count = relative.shape[0]
+    matrix = consensus_matrix(start, start + count, references, np.asarray(excluded, bool))
+    normal = matrix.T @ matrix + spring * np.eye(count)
+    rhs = matrix.T @ relative.reshape(count, -1).astype(np.float64)
+    return np.linalg.solve(normal, rhs).reshape(relative.shape).astype(np.float32)
+
+
+def smooth_trend(values: np.ndarray, stiffness: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Whittaker smoother along z: ``argmin_s sum_z w_z |v_z - s_z|^2 + stiffness * sum_z |s_{z-1} - 2 s_z + s_{z+1}|^2``.
+
+    It penalises the curvature of a trajectory, not its slope: a linear trend passes
+    unchanged, independent per-section jitter is removed. ``values (Z, ...)``; weights
+    ``(Z,)`` (0 for sections to ignore). Returns the smooth trend, same shape.
+    """
+    length = values.shape[0]
+    w = np.ones(length) if weights is None else np.asarray(weights, float)
+    if length < 3:
+        return np.repeat(np.average(values, axis=0, weights=w if w.sum() > 0 else None)[None], length, 0)
+    second = sparse.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(length - 2, length))
+    system = (sparse.diags(w) + stiffness * (second.T @ second)).tocsc()
+    rhs = w[:, None] * values.reshape(length, -1)
+    return np.asarray(splinalg.spsolve(system, rhs)).reshape(values.shape)
+
+
+def block_plan(length: int, block: int, overlap: int) -> list[tuple[int, int]]:
+    """Overlapping ``[start, stop)`` z-blocks covering ``length`` sections."""
+    if length <= block:
+        return [(0, length)]
+    step = block - overlap
+    starts = list(range(0, length - block, step)) + [length - block]
+    return [(s, s + block) for s in starts]
+
+
+def blend_weights(start: int, stop: int, length: int, overlap: int) -> np.ndarray:
+    """Linear ramps over the ``overlap`` sections a block shares with its neighbours."""
+    weights = np.ones(stop - start)
+    ramp = np.linspace(0.0, 1.0, overlap + 2)[1:-1]
+    if start > 0:
+        weights[:overlap] = ramp
+    if stop < length:
+        weights[-overlap:] = ramp[::-1]
+    return weights
+
+
+__all__ = [
+    "block_plan",
+    "blend_weights",
+    "consensus_matrix",
+    "neighbour_indices",
+    "reflect",
+    "smooth_trend",
+    "solve_block",
+    "window_weights",
+]

@@ -1,0 +1,133 @@
+"""Accuracy against known ground truth (EVALUATION.md): misalign an aligned stack, align it
+with several methods, and measure the residual fields.
+
+Used by ``emalign demo``, the benchmarks and the tests; the metric itself lives in
+:mod:`emalign.metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from emalign import metrics, rigid, synth
+from emalign.register import register_sections
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FLYEM = ("flyem_medulla_training_sample1.tif", "flyem_medulla_training_sample2.tif")
+
+Aligner = Callable[[np.ndarray], np.ndarray]
+"""Takes a misaligned ``(Z, Y, X)`` stack, returns ``(Z, 2, Y, X)`` pull fields."""
+
+
+def shared_stack(name: str, z_step: int = 1, sections: int | None = None, data_dir: Path | None = None) -> np.ndarray:
+    """Every ``z_step``-th section of a stack in ../shared/data (FileNotFoundError if absent)."""
+    import tifffile
+
+    path = (data_dir or SHARED_DATA) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: shared EM data not found")
+    stack = tifffile.imread(path)[::z_step]
+    return stack[:sections] if sections else stack
+
+
+def no_alignment(stack: np.ndarray) -> np.ndarray:
+    """The identity: leaves the misaligned stack as it is."""
+    return np.zeros((stack.shape[0], 2, *stack.shape[1:]), np.float32)
+
+
+def rigid_chain(stack: np.ndarray) -> np.ndarray:
+    """The classic baseline: pairwise-rigid phase correlation, chained."""
+    return rigid.affine_fields(rigid.rigid_chain(stack), stack.shape[1:])
+
+
+def emalign_aligner(method: str = "stitched", model: str = "faemreg-small", **options) -> Aligner:
+    """emalign's in-memory engine as an :data:`Aligner`."""
+
+    def align(stack: np.ndarray) -> np.ndarray:
+        return register_sections(stack, model=model, method=method, **options).fields
+
+    return align
+
+
+def pipeline_aligner(
+    workdir: str | Path, params=None, scheduler_spec: str = "threads", device: str = "auto"
+) -> Aligner:
+    """The full pipeline (TIFF in, OME-Zarr out under ``workdir``) as an :data:`Aligner`."""
+    import tifffile
+
+    from emalign.fields import resample
+    from emalign.pipeline import AlignParams, align
+
+    def run(stack: np.ndarray) -> np.ndarray:
+        workdir_path = Path(workdir)
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(workdir_path / "input.tif", stack)
+        ws, _, _ = align(
+            workdir_path / "input.tif",
+            workdir_path / "aligned.zarr",
+            params or AlignParams(),
+            scheduler_spec,
+            device,
+            overwrite=True,
+            progress=False,
+        )
+        grid = ws.array("fields/global")
+        stride = ws.params.stride
+        return np.stack([resample(np.asarray(grid[z]), stride, 1, stack.shape[1:]) for z in range(stack.shape[0])])
+
+    return run
+
+
+def evaluate(
+    aligned_stack: np.ndarray,
+    aligners: dict[str, Aligner],
+    seed: int = 0,
+    artifacts: Sequence[str] = (),
+    misalignment: dict | None = None,
+) -> dict[str, dict]:
+    """Misalign ``aligned_stack`` with known fields, run each aligner, return its metrics.
+
+    Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``; sections
+    blanked by artifacts are left out of the metrics.
+    """
+    case = synth.misalign(aligned_stack, seed=seed, artifacts=artifacts, **(misalignment or {}))
+    excluded = [z for z, flag in enumerate(case.flags) if flag == "blank"]
+    results = {}
+    for name, align in aligners.items():
+        start = time.perf_counter()
+        fields = align(case.stack)
+        seconds = time.perf_counter() - start
+        residual = metrics.residual_fields(case.fields, fields)
+        result = metrics.alignment_metrics(residual, estimate=fields, exclude=excluded)
+        result["seconds"] = seconds
+        result["mpx_per_s"] = case.stack.size / 1e6 / max(seconds, 1e-9)
+        results[name] = result
+    return results
+
+
+def markdown_table(results: dict[str, dict], title: str = "") -> str:
+    """The metrics as a Markdown table (px, %, seconds)."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| method | rms px | adj px | drift px | fail % | fold % | slope px/section | s |", "|---" * 8 + "|"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['rms']:.2f} | {r['adj']:.2f} | {r['drift']:.2f} | {100 * r['fail']:.1f} | "
+            f"{r['fold']:.2f} | {r['slope']:+.3f} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "FLYEM",
+    "SHARED_DATA",
+    "emalign_aligner",
+    "evaluate",
+    "markdown_table",
+    "no_alignment",
+    "pipeline_aligner",
+    "rigid_chain",
+]

@@ -1,0 +1,590 @@
+"""Read EM stacks lazily (Zarr v2/v3, OME-Zarr, TIFF stack, folder of TIFFs) and write aligned OME-Zarr.
+
+Arrays are (z, y, x). Bad input raises `EmalignError` with a one-line message naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numcodecs
+import numpy as np
+import tifffile
+import zarr
+from tqdm import tqdm
+
+from emalign.errors import EmalignError
+
+COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+SECTION_CHUNKS = (1, 512, 512)
+PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at most this many pixels
+DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+_UNITS = {
+    "nm": "nanometer",
+    "nanometer": "nanometer",
+    "nanometers": "nanometer",
+    "um": "micrometer",
+    "\u00b5m": "micrometer",
+    "\u03bcm": "micrometer",
+    "\\u00b5m": "micrometer",
+    "micron": "micrometer",
+    "microns": "micrometer",
+    "micrometer": "micrometer",
+    "mm": "millimeter",
+    "millimeter": "millimeter",
+}
+
+
+@dataclass
+class Stack:
+    """A lazily read (z, y, x) stack: `data` is a dask array, nothing is read until it is computed."""
+
+    data: da.Array
+    path: str
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    unit: str = "nanometer"
+    level: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+
+def _err(path: str | os.PathLike, problem: str) -> EmalignError:
+    """The EmalignError for `path`, its message forced onto one line."""
+    return EmalignError(" ".join(f"{path}: {problem}".split()))
+
+
+def _reason(exc: BaseException) -> str:
+    """A short one-line description of an exception."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key that puts 'img2' before 'img10'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name.lower())]
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in _ZARR_MARKERS)
+
+
+def _kept_axes(path: str, shape: Sequence[int], dtype: Any, names: Sequence[str] | None = None) -> list[int]:
+    """Check dtype, dimensionality and size; return the axes forming (Z, Y, X) once singleton axes are dropped."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    if dtype.kind not in "uif":
+        raise _err(path, f"has dtype {dtype}; expected a numeric image (uint8, uint16, int or float)")
+    keep = list(range(len(shape)))
+    for axis, name in enumerate(names or ()):
+        if name not in ("z", "y", "x"):
+            if shape[axis] != 1:
+                raise _err(path, f"has a {name!r} axis of length {shape[axis]} (shape {shape}); expected one channel")
+            keep.remove(axis)
+    while len(keep) > 3 and any(shape[axis] == 1 for axis in keep):
+        keep.remove(next(axis for axis in keep if shape[axis] == 1))
+    if len(keep) == 2:
+        raise _err(path, f"is 2D (Y, X) with shape {shape}; expected a 3D stack (Z, Y, X)")
+    if len(keep) > 3:
+        raise _err(path, f"has shape {shape} with more than one channel; expected a 3D stack (Z, Y, X)")
+    if len(keep) < 3:
+        raise _err(path, f"is {len(keep)}D with shape {shape}; expected a 3D stack (Z, Y, X)")
+    if 0 in shape:
+        raise _err(path, f"is empty (shape {shape})")
+    return keep
+
+
+def _sections(reader: Callable[[int], np.ndarray], shape: tuple[int, int, int], dtype: np.dtype) -> da.Array:
+    """A dask array with one chunk per section, section z produced by `reader(z)` (picklable for distributed)."""
+    return da.map_blocks(
+        functools.partial(_section_block, reader),
+        chunks=((1,) * shape[0], (shape[1],), (shape[2],)),
+        dtype=dtype,
+        meta=np.empty((0, 0, 0), dtype),
+    )
+
+
+def _section_block(reader: Callable[[int], np.ndarray], block_id: tuple[int, ...]) -> np.ndarray:
+    return reader(block_id[0])[None]
+
+
+def _read_raw_section(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], z: int) -> np.ndarray:
+    """Section z of uncompressed contiguous image data starting at `offset` (any byte order)."""
+    count = shape[0] * shape[1]
+    section = np.fromfile(path, dtype=dtype, count=count, offset=offset + z * count * dtype.itemsize)
+    if section.size != count:
+        raise OSError(f"file ends inside section {z}")
+    return section.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_tiff_section(path: str, level: int, lead: tuple[int, ...], shape: tuple[int, int], z: int) -> np.ndarray:
+    """Section z of a TIFF series (`lead`: indices of dropped singleton axes before Z)."""
+    return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)
+
+
+def _read_tiff_file(files: tuple[str, ...], shape: tuple[int, int], z: int) -> np.ndarray:
+    return tifffile.imread(files[z]).reshape(shape)
+
+
+def _tiff_header(path: Path) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None]], str, tuple, str]:
+    """From the header only: per pyramid level (shape, dtype, contiguous data offset or None), byte order,
+    voxel size and unit (from ImageJ calibration when present)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset) for s in tif.series[0].levels]
+            imagej = tif.imagej_metadata or {}
+            unit = _UNITS.get(str(imagej.get("unit", "")).strip().lower())
+            xres, yres = tif.pages[0].resolution
+            if unit and xres > 0 and yres > 0:
+                return levels, tif.byteorder, (float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit
+            return levels, tif.byteorder, (1.0, 1.0, 1.0), "nanometer"
+    except Exception as exc:
+        raise _err(path, f"is not a recognised stack (not a readable TIFF: {_reason(exc)})") from exc
+
+
+def _open_tiff(path: Path, level: int) -> Stack:
+    levels, byteorder, voxel_size, unit = _tiff_header(path)
+    if not 0 <= level < len(levels):
+        raise _err(path, f"level {level} out of range (the TIFF has {len(levels)} level(s))")
+    shape, dtype, offset = levels[level]
+    keep = _kept_axes(str(path), shape, dtype)
+    shape3 = tuple(shape[axis] for axis in keep)
+    if offset is not None:
+        reader = functools.partial(_read_raw_section, str(path), offset, dtype.newbyteorder(byteorder), shape3[1:])
+    else:
+        reader = functools.partial(_read_tiff_section, str(path), level, (0,) * keep[0], shape3[1:])
+    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level)
+
+
+def _open_tiff_folder(path: Path, level: int) -> Stack:
+    files = sorted(
+        (f for f in path.iterdir() if f.suffix.lower() in _TIFF_SUFFIXES and not f.name.startswith(".")),
+        key=_natural_key,
+    )
+    if not files:
+        raise _err(path, "is not a recognised stack (no Zarr metadata and no .tif/.tiff files)")
+    if level != 0:
+        raise _err(path, f"level {level} out of range (a folder of TIFF sections has only level 0)")
+    headers = [_tiff_header(file) for file in files]
+    expected = None
+    for file, (levels, *_) in zip(files, headers, strict=True):
+        shape, dtype, _ = levels[0]
+        shape2 = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
+        if len(shape2) != 2:
+            raise _err(path, f"{file.name} has shape {tuple(shape)}; each file must hold one 2D section")
+        if expected is None:
+            expected = (shape2, dtype)
+        elif (shape2, dtype) != expected:
+            raise _err(
+                path,
+                f"sections differ in size or type: {files[0].name} is {expected[0]} {expected[1]} "
+                f"but {file.name} is {shape2} {dtype}",
+            )
+    shape2, dtype = expected
+    shape3 = (len(files), *shape2)
+    _kept_axes(str(path), shape3, dtype)
+    reader = functools.partial(_read_tiff_file, tuple(str(f) for f in files), shape2)
+    _, _, voxel_size, unit = headers[0]
+    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level)
+
+
+def _multiscales(attrs: Any) -> dict | None:
+    """The first `multiscales` entry of NGFF 0.4 (top-level) or 0.5 (under "ome") attributes, else None."""
+    attrs = dict(attrs)
+    found = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    return found[0] if found else None
+
+
+def _open_zarr(path: Path, level: int, dataset: str | None) -> Stack:
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise _err(path, f"is not a readable Zarr store ({_reason(exc)})") from exc
+    if dataset:
+        if not isinstance(node, zarr.Group) or dataset not in node:
+            raise _err(path, f"has no array or group {dataset!r}")
+        node = node[dataset]
+    names, scale, unit = None, None, "nanometer"
+    if isinstance(node, zarr.Group):
+        multiscales = _multiscales(node.attrs)
+        if multiscales is None:
+            found = ", ".join(sorted(node.keys())[:10]) or "nothing"
+            raise _err(
+                path, f"is a Zarr group without OME-Zarr multiscales; pass dataset= naming an array (found: {found})"
+            )
+        datasets = multiscales["datasets"]
+        if not 0 <= level < len(datasets):
+            raise _err(
+                path, f"level {level} out of range (the pyramid has {len(datasets)} levels: 0..{len(datasets) - 1})"
+            )
+        array = node[datasets[level]["path"]]
+        axes = [{"name": a} if isinstance(a, str) else a for a in multiscales.get("axes", [])]
+        names = [a["name"] for a in axes] or None
+        scale = np.ones(array.ndim)
+        for transform in datasets[level].get("coordinateTransformations", []) + multiscales.get(
+            "coordinateTransformations", []
+        ):
+            if transform.get("type") == "scale" and "scale" in transform:
+                scale = scale * np.asarray(transform["scale"], dtype=float)
+        if axes and axes[-1].get("unit"):
+            unit = axes[-1]["unit"]
+    elif level != 0:
+        raise _err(path, f"level {level} out of range (a plain Zarr array has only level 0)")
+    else:
+        array = node
+    keep = _kept_axes(str(path), array.shape, array.dtype, names)
+    chunks = [
+        min(s, c * max(1, DASK_XY // c)) if axis >= array.ndim - 2 else c
+        for axis, (s, c) in enumerate(zip(array.shape, array.chunks, strict=True))
+    ]
+    data = da.from_zarr(array, chunks=tuple(chunks))[tuple(slice(None) if a in keep else 0 for a in range(array.ndim))]
+    voxel_size = tuple(float(scale[a]) for a in keep) if scale is not None else (1.0, 1.0, 1.0)
+    return Stack(data, str(path), voxel_size, unit, level)
+
+
+def open_stack(path: str | os.PathLike, level: int = 0, dataset: str | None = None) -> Stack:
+    """Open a (z, y, x) stack lazily: a Zarr v2/v3 array, an OME-Zarr image (pyramid `level`), a multi-page TIFF,
+    or a folder of single-section TIFFs (natural name order). `dataset` names an array or image inside a Zarr group.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise _err(path, "does not exist")
+    if dataset and not _is_zarr(p):
+        raise _err(path, f"dataset={dataset!r} given but this is not a Zarr store")
+    if p.is_file():
+        return _open_tiff(p, level)
+    if _is_zarr(p):
+        return _open_zarr(p, level, dataset)
+    return _open_tiff_folder(p, level)
+
+
+def check_finite(section: np.ndarray, path: str, z: int) -> None:
+    """Raise EmalignError if a float section holds NaN or infinite values."""
+    if section.dtype.kind == "f" and not np.isfinite(section).all():
+        bad = int(section.size - np.count_nonzero(np.isfinite(section)))
+        raise _err(path, f"section {z} has {bad} NaN or infinite pixel(s)")
+
+
+def check_array(array: Any, name: str = "array") -> np.ndarray:
+    """An in-memory stack checked like a file: numeric, 3D (singleton axes dropped), non-empty, finite.
+
+    ``name`` stands for the path in error messages.
+    """
+    array = np.asarray(array)
+    keep = _kept_axes(name, array.shape, array.dtype)
+    array = array.reshape([array.shape[axis] for axis in keep])
+    for z in range(array.shape[0]):
+        check_finite(array[z], name, z)
+    return array
+
+
+def check_chunk(stack: Stack, z: int, require_finite: bool = True) -> np.ndarray:
+    """Read section z of `stack` into memory; any read/decode error becomes an EmalignError naming the section."""
+    if not 0 <= z < stack.shape[0]:
+        raise _err(stack.path, f"section {z} out of range (the stack has {stack.shape[0]} sections)")
+    try:
+        section = np.asarray(stack.data[z].compute())
+    except Exception as exc:
+        raise _err(stack.path, f"section {z} could not be read ({_reason(exc)})") from exc
+    if require_finite:
+        check_finite(section, stack.path, z)
+    return section
+
+
+def _new_array(
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: Any,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+    fill_value: Any = 0,
+) -> zarr.Array:
+    """A zarr v2 array in `group`, Blosc-zstd compressed, '/'-separated chunk keys, chunks capped to the shape."""
+    return group.create_array(
+        name,
+        shape=tuple(shape),
+        chunks=tuple(max(1, min(c, s)) for c, s in zip(chunks, shape, strict=True)),
+        dtype=dtype,
+        compressors=COMPRESSOR,
+        fill_value=fill_value,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        attributes=attrs,
+        overwrite=overwrite,
+    )
+
+
+def create_array(
+    group_path: str | os.PathLike,
+    name: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: Any,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create (or open the group and create) a zarr v2, zstd-compressed array `name` inside `group_path`."""
+    group = zarr.open_group(str(group_path), mode="a", zarr_format=2)
+    return _new_array(group, name, shape, chunks, dtype, attrs, overwrite)
+
+
+def _level_shape(shape: Sequence[int], level: int) -> tuple[int, int, int]:
+    """Shape of pyramid level `level`: z kept, y and x halved `level` times, rounding up."""
+    f = 2**level
+    return int(shape[0]), -(-int(shape[1]) // f), -(-int(shape[2]) // f)
+
+
+def _auto_levels(shape: Sequence[int]) -> int:
+    levels = 1
+    while min(_level_shape(shape, levels - 1)[1:]) > PYRAMID_TOP:
+        levels += 1
+    return levels
+
+
+def cast_to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast to `dtype`, rounding and clipping floats into integer types."""
+    if dtype.kind in "ui" and array.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(array), info.min, info.max).astype(dtype)
+    return array.astype(dtype, copy=False)
+
+
+def downsample2(section: np.ndarray) -> np.ndarray:
+    """2x2 mean in (y, x), odd sides padded by repeating the edge; integer results rounded, dtype preserved.
+
+    Output pixel i covers input pixels 2i and 2i+1, so its centre sits at input coordinate 2i + 0.5."""
+    h, w = section.shape
+    if h % 2 or w % 2:
+        section = np.pad(section, ((0, h % 2), (0, w % 2)), mode="edge")
+    acc = np.float32 if section.dtype.itemsize <= 2 else np.float64  # exact sums of four 8/16-bit values
+    mean = section[0::2, 0::2].astype(acc)
+    mean += section[1::2, 0::2]
+    mean += section[0::2, 1::2]
+    mean += section[1::2, 1::2]
+    mean *= 0.25
+    return cast_to_dtype(mean, section.dtype)
+
+
+def _emalign_attrs(path: Path) -> dict | None:
+    """attrs["emalign"] of an emalign output at `path`, or None if it is not one."""
+    if not _is_zarr(path):
+        return None
+    try:
+        found = zarr.open_group(str(path), mode="r").attrs.get("emalign")
+    except Exception:
+        return None
+    return dict(found) if isinstance(found, dict) else None
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True if `path` is an emalign output whose every section has been written and marked complete."""
+    return bool((_emalign_attrs(Path(path)) or {}).get("complete"))
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of numpy values and other objects (paths become strings)."""
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else str(value)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("emalign")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class OmeZarrWriter:
+    """Writes a (z, y, x) stack section by section into OME-Zarr (zarr v2 on disk, NGFF 0.4) with a 2x pyramid.
+
+    Level l has shape (Z, ceil(Y / 2^l), ceil(X / 2^l)). A bool array `done` (one chunk per section) records the
+    sections whose every level is written, so a killed run resumes and concurrent writers of different sections
+    never write the same file (given chunks of one section in z). attrs["emalign"] holds provenance, "params" and
+    "complete" (set by `mark_complete`). Create the output once (`create`), then any process may `open` it.
+    """
+
+    def __init__(self, path: str, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        self.arrays = [group[d["path"]] for d in group.attrs["multiscales"][0]["datasets"]]
+        self.done = group["done"]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.arrays[0].shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.arrays[0].dtype)
+
+    @property
+    def attrs(self) -> dict:
+        """The emalign provenance attributes (attrs["emalign"])."""
+        return dict(self.group.attrs["emalign"])
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        shape: Sequence[int],
+        dtype: Any,
+        voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+        unit: str = "nanometer",
+        chunks: Sequence[int] = SECTION_CHUNKS,
+        levels: int | None = None,
+        attrs: dict | None = None,
+        overwrite: bool = False,
+    ) -> OmeZarrWriter:
+        """Create an empty output; an existing output with the same attrs["params"] is opened for resume instead.
+
+        Refused: a file at `path`, a non-empty folder that is not Zarr, and (unless `overwrite`) an emalign output
+        with other params or another Zarr store. `overwrite=True` deletes the existing Zarr store first.
+        """
+        p = Path(path)
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        attrs = json.loads(json.dumps(attrs or {}, default=_jsonable))  # as they will read back
+        if len(shape) != 3 or min(shape) < 1 or (levels is not None and levels < 1):
+            raise _err(path, f"cannot create an output of shape {shape} with {levels} pyramid level(s)")
+        if p.is_file():
+            raise _err(path, "exists and is a file; expected a folder for the OME-Zarr output")
+        existing = _emalign_attrs(p)
+        if existing is not None and not overwrite:
+            if existing.get("params") != attrs.get("params"):
+                raise _err(
+                    path, "holds an emalign output made with different params; pass overwrite=True to replace it"
+                )
+            writer = cls.open(path)
+            if (writer.shape, writer.dtype) != (shape, dtype):
+                raise _err(
+                    path,
+                    f"holds an output of shape {writer.shape} {writer.dtype}, not {shape} {dtype}; "
+                    "pass overwrite=True to replace it",
+                )
+            return writer
+        if p.exists() and any(p.iterdir()):
+            if not _is_zarr(p):
+                raise _err(path, "exists, is not empty and is not a Zarr store; refusing to write into it")
+            if not overwrite:
+                raise _err(path, "holds a Zarr store that is not an emalign output; pass overwrite=True to replace it")
+        if p.exists():
+            shutil.rmtree(p)
+        group = zarr.open_group(str(p), mode="w", zarr_format=2)
+        vz, vy, vx = (float(v) for v in voxel_size)
+        datasets = []
+        for level in range(levels or _auto_levels(shape)):
+            _new_array(group, str(level), _level_shape(shape, level), chunks, dtype)
+            f = 2**level
+            datasets.append(
+                {
+                    "path": str(level),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [vz, vy * f, vx * f]},
+                        {"type": "translation", "translation": [0.0, (f - 1) / 2 * vy, (f - 1) / 2 * vx]},
+                    ],
+                }
+            )
+        _new_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
+        multiscales = {
+            "version": "0.4",
+            "name": p.stem,
+            "axes": [{"name": axis, "type": "space", "unit": unit} for axis in "zyx"],
+            "datasets": datasets,
+            "type": "mean",
+            "metadata": {"method": "emalign.io.downsample2", "description": "2x2 mean in y, x; z never downsampled"},
+        }
+        group.attrs.update({"multiscales": [multiscales], "emalign": {**attrs, "complete": False}})
+        return cls(str(path), group)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> OmeZarrWriter:
+        """Open an existing emalign output to resume writing."""
+        if not Path(path).exists():
+            raise _err(path, "does not exist")
+        if _emalign_attrs(Path(path)) is None:
+            raise _err(path, "is not an emalign OME-Zarr output")
+        return cls(str(path), zarr.open_group(str(path), mode="r+"))
+
+    def write_section(self, z: int, section: np.ndarray) -> None:
+        """Write section z at level 0 and its downsampled copies at every pyramid level, then mark z done."""
+        section = np.asarray(section)
+        if section.shape != self.shape[1:] or not 0 <= z < self.shape[0]:
+            raise _err(self.path, f"cannot write section {z} of shape {section.shape} into a stack of {self.shape}")
+        section = cast_to_dtype(section, self.dtype)
+        self.arrays[0][z] = section
+        for array in self.arrays[1:]:
+            section = downsample2(section)
+            array[z] = section
+        self.done[z] = True
+
+    def done_sections(self) -> np.ndarray:
+        """Bool per section: True once all its levels are written."""
+        return np.asarray(self.done[:], dtype=bool)
+
+    def mark_complete(self) -> None:
+        """Set attrs["emalign"]["complete"] = True; every section must be done."""
+        missing = np.flatnonzero(~self.done_sections())
+        if missing.size:
+            raise _err(self.path, f"cannot mark complete: {missing.size} section(s) not written (first: {missing[0]})")
+        self.group.attrs["emalign"] = {**self.attrs, "complete": True}
+
+
+def import_stack(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    chunks: Sequence[int] = SECTION_CHUNKS,
+    level: int = 0,
+    progress: bool = True,
+    *,
+    dataset: str | None = None,
+    voxel_size: Sequence[float] | None = None,
+    unit: str | None = None,
+    levels: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Stream any readable stack into an OME-Zarr at `dst`, one section at a time; resumes a partial import."""
+    stack = open_stack(src, level=level, dataset=dataset)
+    voxel_size = [float(v) for v in (stack.voxel_size if voxel_size is None else voxel_size)]
+    unit = unit or stack.unit
+    source = os.path.abspath(src)
+    params = {
+        "step": "import",
+        "src": source,
+        "dataset": dataset,
+        "level": level,
+        "chunks": list(chunks),
+        "levels": levels,
+        "voxel_size": voxel_size,
+        "unit": unit,
+    }
+    attrs = {
+        "version": _version(),
+        "input": {"path": source, "shape": list(stack.shape), "dtype": str(stack.dtype)},
+        "params": params,
+    }
+    writer = OmeZarrWriter.create(dst, stack.shape, stack.dtype, voxel_size, unit, chunks, levels, attrs, overwrite)
+    todo = np.flatnonzero(~writer.done_sections())
+    total = stack.shape[0]
+    for z in tqdm(
+        todo, f"import {Path(src).name}", total, initial=total - todo.size, unit="section", disable=not progress
+    ):
+        writer.write_section(int(z), check_chunk(stack, int(z), require_finite=False))
+    writer.mark_complete()
+    return str(dst)

@@ -1,0 +1,131 @@
+"""Stages 1 and 2: rigid prealignment and the network's relative fields.
+
+prealign
+    per z-block: section statistics (blank detection) and rigid pairwise estimates of each
+    section against the 3 before it, at low resolution; then, once every block is done,
+    one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
+    removed (:func:`emalign.rigid.detrend_rigid`), and damaged sections are flagged.
+estimate
+    per z-block: the network on the symmetric window of every section, all sections warped
+    by their prealignment (each section is read and warped once per block), the fields
+    subsampled onto the stride grid and written to ``fields/relative``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from emalign import consensus, models, rigid
+from emalign.device import resolve_device
+from emalign.fields import affine_field, warp
+from emalign.inference import predict_windows
+from emalign.io import Stack, check_chunk
+from emalign.pipeline.store import FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
+
+BATCH = 4
+"""Windows per network call."""
+
+
+def section_stats(section: np.ndarray) -> tuple[float, float]:
+    """``(valid fraction, contrast)`` of a section: non-zero share, and std relative to the dtype range."""
+    valid = section != 0
+    fraction = float(valid.mean())
+    if not valid.any():
+        return fraction, 0.0
+    values = section[valid].astype(np.float64)
+    scale = float(np.iinfo(section.dtype).max) if section.dtype.kind in "ui" else max(float(np.ptp(values)), 1e-12)
+    return fraction, float(values.std() / scale)
+
+
+def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
+    """Statistics and pairwise rigid estimates of the sections of block ``index``."""
+    start, stop = ws.plan.blocks()[index]
+    params = ws.params
+    step = params.coarse_downsample
+    stats = np.array([section_stats(check_chunk(stack, z)[::step, ::step]) for z in range(start, stop)])
+    ws.array("sections/stats")[start:stop] = stats
+    first = max(start - max(OFFSETS), 0)
+    pairs = rigid.pairwise_rigid(
+        stack.data[first:stop], OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg
+    )
+    table = np.full((stop - start, len(OFFSETS), 7), np.nan)
+    for z, j, matrix, score in pairs:
+        z, j = z + first, j + first
+        if z >= start:
+            table[z - start, OFFSETS.index(z - j)] = [*matrix.ravel(), score]
+    ws.array("coarse/pairs")[start:stop] = table
+    ws.mark_done("prealign", index)
+
+
+def solve_prealignment(ws: Workspace) -> np.ndarray:
+    """Flag bad sections and solve the global rigid prealignment; returns the flags."""
+    ws.require("prealign")
+    depth = ws.plan.shape[0]
+    stats = np.asarray(ws.array("sections/stats")[:])
+    table = np.asarray(ws.array("coarse/pairs")[:])
+    flags = np.zeros(depth, np.uint8)
+    flags[(stats[:, 0] < 0.05) | (stats[:, 1] < 1e-3)] |= FLAG_BLANK
+    skipped = [z for z in ws.params.skip if 0 <= z < depth]
+    flags[skipped] |= FLAG_SKIPPED
+    scores = np.nan_to_num(table[..., 6])
+    best = np.zeros(depth)
+    for z in range(depth):
+        near = [scores[z, i] for i, k in enumerate(OFFSETS) if z - k >= 0]
+        near += [scores[z + k, i] for i, k in enumerate(OFFSETS) if z + k < depth]
+        best[z] = max(near, default=0.0)
+    typical = np.median(best[flags == 0]) if (flags == 0).any() else 0.0
+    flags[(flags == 0) & (best < 0.25 * typical)] |= FLAG_DAMAGED
+    bad = flags != 0
+    pairs = []
+    for z in range(depth):
+        for i, k in enumerate(OFFSETS):
+            if z - k >= 0 and np.isfinite(table[z, i, 6]):
+                score = 0.0 if bad[z] or bad[z - k] else table[z, i, 6]
+                pairs.append((z, z - k, table[z, i, :6].reshape(2, 3), score))
+    shape = ws.plan.shape[1:]
+    matrices = rigid.solve_rigid(depth, pairs, shape) if depth > 1 else np.eye(2, 3)[None]
+    matrices = rigid.detrend_rigid(matrices, shape, ws.params.trend_stiffness, weights=(~bad).astype(float))
+    matrices[bad] = np.eye(2, 3)
+    ws.array("coarse/matrices")[:] = matrices
+    ws.array("sections/flags")[:] = flags
+    return flags
+
+
+@functools.lru_cache(maxsize=4)
+def _model(name: str, device: str) -> models.FAEMReg:
+    return models.load(name, resolve_device(device))
+
+
+def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto", threads: int | None = None) -> None:
+    """Relative fields of the sections of block ``index`` (symmetric windows, prealigned)."""
+    if threads:
+        torch.set_num_threads(threads)
+    start, stop = ws.plan.blocks()[index]
+    params, plan = ws.params, ws.plan
+    model = _model(params.model, device)
+    k = model.config.references
+    depth = plan.shape[0]
+    flags = ws.flags()
+    matrices = np.asarray(ws.array("coarse/matrices")[:])
+    needed = sorted({i for z in range(start, stop) for i in consensus.neighbour_indices(z, depth, k)})
+    prealigned = {}
+    for z in needed:
+        if flags[z]:
+            prealigned[z] = np.zeros(plan.shape[1:], np.float32)
+            continue
+        section = check_chunk(stack, z).astype(np.float32)
+        prealigned[z] = warp(section, affine_field(matrices[z], section.shape))
+    todo = [z for z in range(start, stop) if not flags[z]]
+    relative = ws.array("fields/relative")
+    s = params.stride
+    dev = resolve_device(device)
+    for first in range(0, len(todo), BATCH):
+        batch = todo[first : first + BATCH]
+        windows = np.stack([np.stack([prealigned[i] for i in consensus.neighbour_indices(z, depth, k)]) for z in batch])
+        fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH)
+        for z, field in zip(batch, fields):
+            relative[z] = field[:, ::s, ::s]
+    ws.mark_done("estimate", index)

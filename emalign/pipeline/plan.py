@@ -1,0 +1,114 @@
+"""The alignment plan: parameters, z-blocks and xy tiles, written into the output.
+
+The plan is plain data (JSON in the output's attributes), so a run can be inspected,
+resumed, and fanned out by z-range on a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from emalign.errors import EmalignError
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    """User-facing parameters of an alignment; two runs agree when these agree.
+
+    Attributes:
+        model: shipped model name or checkpoint path.
+        stride: spacing (full-resolution px) of the stored field grids.
+        block: sections per estimate/render task.
+        stitch_block, stitch_overlap: z-block length and overlap of the stitch solve.
+        spring: pull of the stitch towards the prealigned geometry.
+        tile, halo: xy tile size and overlap (px) of the network's estimate.
+        coarse_downsample: block-mean factor of the rigid prealignment.
+        trend_stiffness: curvature weight (sections^4) of the prealignment's trend along z:
+            what follows the trend is kept as content drift, the rest corrected. At 1e7 the
+            trend is straight over ~100 sections and bends over many hundreds.
+        max_rotation_deg: largest rotation the prealignment searches.
+        skip: sections the user marks as bad (bridged and written through unchanged).
+        level: input OME-Zarr level to align.
+    """
+
+    model: str = "faemreg-small"
+    stride: int = 8
+    block: int = 16
+    stitch_block: int = 128
+    stitch_overlap: int = 32
+    spring: float = 0.05
+    tile: int = 512
+    halo: int = 64
+    coarse_downsample: int = 4
+    trend_stiffness: float = 1e7
+    max_rotation_deg: float = 10.0
+    skip: tuple[int, ...] = ()
+    level: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["skip"] = list(self.skip)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AlignParams:
+        return cls(**{**data, "skip": tuple(data.get("skip", ()))})
+
+    def validate(self) -> None:
+        if self.stride < 1 or self.block < 1 or self.tile < 32 or self.halo < 0 or 2 * self.halo >= self.tile:
+            raise EmalignError(
+                f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
+                "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
+            )
+        if not 0 <= self.stitch_overlap < self.stitch_block:
+            raise EmalignError(
+                f"bad plan: stitch overlap {self.stitch_overlap} must be below the block {self.stitch_block}"
+            )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the work is: the stack's shape, the field grid, and the z-blocks."""
+
+    shape: tuple[int, int, int]
+    params: AlignParams = field(default_factory=AlignParams)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """Shape of a field grid: sample ``i`` sits at full-resolution ``i * stride``."""
+        s = self.params.stride
+        return math.ceil(self.shape[1] / s), math.ceil(self.shape[2] / s)
+
+    def blocks(self, z_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """``[start, stop)`` task blocks of ``params.block`` sections, optionally only those in a z-range."""
+        depth, size = self.shape[0], self.params.block
+        all_blocks = [(z, min(z + size, depth)) for z in range(0, depth, size)]
+        if z_range is None:
+            return all_blocks
+        lo, hi = z_range
+        return [(a, b) for a, b in all_blocks if a < hi and b > lo]
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "grid_shape": list(self.grid_shape),
+            "blocks": [list(b) for b in self.blocks()],
+            "params": self.params.to_dict(),
+        }
+
+
+def parse_z_range(text: str | None, depth: int) -> tuple[int, int] | None:
+    """``"a:b"`` (Python-slice style, either side optional) -> ``(a, b)`` clipped to the stack."""
+    if not text:
+        return None
+    try:
+        lo_text, hi_text = text.split(":")
+        lo = int(lo_text) if lo_text else 0
+        hi = int(hi_text) if hi_text else depth
+    except ValueError:
+        raise EmalignError(f"--z-range {text!r}: expected START:STOP, e.g. 0:100") from None
+    lo, hi = max(lo, 0), min(hi, depth)
+    if lo >= hi:
+        raise EmalignError(f"--z-range {text!r} selects no section of a {depth}-section stack")
+    return lo, hi

@@ -1,0 +1,58 @@
+"""Stage 4: warp every section by its global field and write the aligned OME-Zarr.
+
+Each section is rendered in output tiles: the field is upsampled for the tile only, and
+only the part of the raw section the tile pulls from is read, so memory is bounded by the
+tile (plus one output section, which the pyramid writer needs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emalign.errors import EmalignError
+from emalign.fields import resample, sample
+from emalign.io import Stack, cast_to_dtype, check_chunk
+from emalign.pipeline.store import Workspace
+
+RENDER_TILE = 2048
+
+
+def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: int = RENDER_TILE) -> np.ndarray:
+    """Section ``z`` of ``stack`` pulled by ``field (2, gy, gx)`` (stride ``stride``), the input dtype."""
+    height, width = stack.shape[1:]
+    out = np.zeros((height, width), np.float32)
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            shape = (min(tile, height - y0), min(tile, width - x0))
+            coords = resample(field, stride, 1, shape, origin=(y0, x0))
+            coords[0] += np.arange(y0, y0 + shape[0], dtype=np.float32)[:, None]
+            coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
+            lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
+            hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + 2
+            lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
+            if np.any(hi <= lo):
+                continue
+            try:
+                source = np.asarray(stack.data[z, lo[0] : hi[0], lo[1] : hi[1]], np.float32)
+            except Exception as exc:
+                raise EmalignError(f"{stack.path}: section {z} could not be read ({type(exc).__name__})") from exc
+            coords -= lo.reshape(2, 1, 1).astype(np.float32)
+            out[y0 : y0 + shape[0], x0 : x0 + shape[1]] = sample(source, coords)
+    return cast_to_dtype(out, stack.dtype)
+
+
+def render_block(ws: Workspace, stack: Stack, index: int) -> None:
+    """Render and write the sections of block ``index`` not yet written; flagged ones pass through unchanged."""
+    ws.require("stitch")
+    start, stop = ws.plan.blocks()[index]
+    flags = ws.flags()
+    done = ws.writer.done_sections()
+    fields = ws.array("fields/global")
+    for z in range(start, stop):
+        if done[z]:
+            continue
+        if flags[z]:
+            section = check_chunk(stack, z, require_finite=False)
+        else:
+            section = render_section(stack, z, np.asarray(fields[z]), ws.params.stride)
+        ws.writer.write_section(z, section)

@@ -1,0 +1,125 @@
+"""The output folder of an alignment: the aligned OME-Zarr plus the pipeline's own arrays.
+
+Layout (one Zarr v2 group, NGFF 0.4 at its root)::
+
+    OUT/0, OUT/1, ...          aligned pyramid (emalign.io.OmeZarrWriter), OUT/done per section
+    OUT/sections/flags         (Z,) uint8: 1 blank, 2 damaged, 4 skipped by the user
+    OUT/sections/stats         (Z, 2) float32: valid fraction, contrast (std / 255 or range)
+    OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
+    OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, full-res px)
+    OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
+    OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (prealignment included)
+    OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming
+    OUT/qc.csv, OUT/qc.png     per-section quality table and plot
+
+attrs["emalign"] holds the version, input, params, plan, model checksum and ``complete``.
+Fields are stored on a grid of stride ``s``: sample ``i`` sits at full-resolution ``i * s``,
+values in full-resolution pixels, pull convention, channels (dy, dx).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from emalign import __version__, models
+from emalign.errors import EmalignError
+from emalign.io import OmeZarrWriter, Stack, create_array
+from emalign.pipeline.plan import AlignParams, Plan
+
+OFFSETS = (1, 2, 3)
+FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED = 1, 2, 4
+FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped"}
+STAGES = ("prealign", "estimate", "stitch")
+
+
+def flag_text(flags: int) -> str:
+    """``"blank|damaged"`` style text for a flag byte ('' for a good section)."""
+    return "|".join(name for bit, name in FLAG_NAMES.items() if flags & bit)
+
+
+class Workspace:
+    """Access to an alignment's output folder (create once, then open from any process)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.writer = OmeZarrWriter.open(path)
+        self.group = zarr.open_group(self.path, mode="r+")
+        meta = self.writer.attrs
+        self.params = AlignParams.from_dict(meta["params"])
+        self.plan = Plan(tuple(meta["plan"]["shape"]), self.params)
+        self.input_path = meta["input"]["path"]
+
+    @classmethod
+    def create(cls, stack: Stack, out: str | os.PathLike, params: AlignParams, overwrite: bool = False) -> Workspace:
+        """Create the output for ``stack`` (or reopen it when params match, to resume)."""
+        params.validate()
+        plan = Plan(stack.shape, params)
+        attrs = {
+            "version": __version__,
+            "input": {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)},
+            "params": params.to_dict(),
+            "plan": plan.to_dict(),
+            "model": {"name": params.model, "sha256": models.checksum(params.model)},
+        }
+        writer = OmeZarrWriter.create(
+            out, stack.shape, stack.dtype, stack.voxel_size, stack.unit, attrs=attrs, overwrite=overwrite
+        )
+        if "stages" not in writer.group:
+            cls._create_arrays(out, plan, stack.voxel_size)
+        return cls(out)
+
+    @staticmethod
+    def _create_arrays(out: str | os.PathLike, plan: Plan, voxel_size: tuple[float, float, float]) -> None:
+        depth = plan.shape[0]
+        gy, gx = plan.grid_shape
+        stride = plan.params.stride
+        field_attrs = {
+            "axes": ["z", "c", "y", "x"],
+            "channels": ["dy", "dx"],
+            "convention": "pull: aligned(p) = raw(p + u(p))",
+            "units": "pixels of full resolution",
+            "stride": stride,
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [voxel_size[0], 1.0, voxel_size[1] * stride, voxel_size[2] * stride]}
+            ],
+        }
+        create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
+        create_array(out, "sections/stats", (depth, 2), (4096, 2), np.float32)
+        create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (256, len(OFFSETS), 7), np.float64)
+        create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
+        for name in ("relative", "global"):
+            create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
+        n_blocks = len(plan.blocks())
+        for stage in STAGES:
+            create_array(out, f"stages/{stage}", (n_blocks if stage != "stitch" else 1,), (1,), bool)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def stage_done(self, stage: str) -> np.ndarray:
+        return np.asarray(self.array(f"stages/{stage}")[:], bool)
+
+    def mark_done(self, stage: str, index: int) -> None:
+        self.array(f"stages/{stage}")[index] = True
+
+    def require(self, stage: str) -> None:
+        """Refuse to go on before an earlier stage has finished every block."""
+        missing = np.flatnonzero(~self.stage_done(stage))
+        if missing.size:
+            raise EmalignError(
+                f"{self.path}: stage {stage!r} has {missing.size} unfinished block(s); run `emalign {stage}` first"
+            )
+
+    def flags(self) -> np.ndarray:
+        return np.asarray(self.array("sections/flags")[:], np.uint8)
+
+
+def open_workspace(out: str | os.PathLike) -> Workspace:
+    """Open an existing output folder (clear error when it is not one)."""
+    if not Path(out).exists():
+        raise EmalignError(f"{out}: no such output; run `emalign align` (or the first stage) to create it")
+    return Workspace(out)

@@ -1,0 +1,695 @@
+"""Classical rigid registration by phase correlation, and a redundant rigid solve for whole stacks.
+
+Conventions (see :mod:`emalign.fields`): arrays are ``z, y, x``; shifts are ``(dy, dx)`` in
+pixels; affine maps are ``(2, 3)`` matrices in ``(y, x)`` order mapping *output* coordinates
+``p`` to *input* coordinates ``q = A p + t`` (pull): ``aligned(p) = raw(A p + t)``, so
+:func:`emalign.fields.affine_field` turns them into pull fields. A rotation by ``a`` degrees
+about the image centre ``c = ((Y - 1) / 2, (X - 1) / 2)`` has ``A = [[cos a, -sin a],
+[sin a, cos a]]``. Zero pixels are "no data" and never count in matching.
+
+Matching uses phase correlation with a Gaussian low-pass weight on the whitened cross-power
+spectrum: sections 40-50 nm apart share only their coarse structure, and pure (flat) phase
+correlation then locks onto noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import spsolve
+
+from emalign import fields
+
+__all__ = [
+    "RigidEstimate",
+    "affine_fields",
+    "estimate_rigid",
+    "pairwise_rigid",
+    "phase_correlation",
+    "rigid_chain",
+    "rigid_matrix",
+    "solve_rigid",
+]
+
+LOWPASS = 0.1  # default Gaussian low-pass of the correlation, cycles per pixel of the matched images
+_TUKEY_ALPHA = 0.5  # fraction of each axis tapered by the window
+_N_ANGLES = 360  # polar samples over 180 degrees of the Fourier magnitude
+_MIN_VALID = 0.05  # an image with less valid area than this fraction is blank
+_PATCH_GRID = 4  # refinement matches a 4 x 4 grid of half-size patches
+_REFINE_STEPS = 2  # Gauss-Newton steps of the patch-based refinement
+_CROP = 4  # the sub-pixel peak interpolates the correlation on +-_CROP px around the integer peak
+
+
+@dataclass
+class RigidEstimate:
+    """A rigid registration of ``moving`` onto ``fixed``.
+
+    Attributes:
+        matrix: ``(2, 3)`` pull affine, full-resolution pixels: ``moving(matrix @ [p, 1]) ~ fixed(p)``.
+        angle_deg: rotation about the image centre, degrees.
+        shift: ``(dy, dx)`` translation at the image centre, pixels.
+        score: phase-correlation peak after alignment, in ``[0, 1]`` (0: blank or unrelated).
+    """
+
+    matrix: np.ndarray
+    angle_deg: float
+    shift: np.ndarray
+    score: float
+
+
+def _rotation(angle_deg: float) -> np.ndarray:
+    a = np.deg2rad(angle_deg)
+    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+
+
+def _centre(shape: Sequence[int]) -> np.ndarray:
+    return (np.asarray(shape[-2:], dtype=np.float64) - 1) / 2
+
+
+def rigid_matrix(angle_deg: float, shift: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """The ``(2, 3)`` pull affine ``q = R (p - c) + c + shift``: a rotation about the centre of ``shape``, then a shift.
+
+    Args:
+        angle_deg: rotation in degrees (``R = [[cos, -sin], [sin, cos]]`` in ``(y, x)``).
+        shift: ``(dy, dx)`` in pixels.
+        shape: ``(Y, X)`` of the image (its centre is the rotation centre).
+    """
+    rot, centre = _rotation(angle_deg), _centre(shape)
+    return np.concatenate([rot, (centre - rot @ centre + np.asarray(shift, dtype=np.float64))[:, None]], axis=1)
+
+
+def _angle_and_shift(matrix: np.ndarray, shape: Sequence[int]) -> tuple[float, np.ndarray]:
+    """Inverse of :func:`rigid_matrix` (the linear part is projected on a rotation)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    angle = np.rad2deg(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
+    centre = _centre(shape)
+    return float(angle), m[:, 2] - centre + m[:, :2] @ centre
+
+
+def _homogeneous(matrix: np.ndarray) -> np.ndarray:
+    """``(..., 2, 3)`` -> ``(..., 3, 3)``."""
+    m = np.asarray(matrix, dtype=np.float64)
+    bottom = np.broadcast_to([0.0, 0.0, 1.0], (*m.shape[:-2], 1, 3))
+    return np.concatenate([m, bottom], axis=-2)
+
+
+def _compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Pull affine of warping by ``first`` and then by ``second``: ``q = first(second(p))``."""
+    return (_homogeneous(first) @ _homogeneous(second))[:2]
+
+
+def _warp_affine(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Pull-warp ``image`` by a ``(2, 3)`` affine (bilinear, 0 outside): the same map as
+    ``fields.warp(image, fields.affine_field(matrix, image.shape))``, without building a field."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return ndimage.affine_transform(image, m[:, :2], offset=m[:, 2], order=1, cval=0.0, output=np.float32)
+
+
+def _tukey(n: int) -> np.ndarray:
+    """1D Tukey window of length ``n`` (cosine tapers over ``_TUKEY_ALPHA * n`` samples in all)."""
+    x = np.linspace(0.0, 1.0, n)
+    edge = _TUKEY_ALPHA / 2
+    ramp = 0.5 * (1 - np.cos(np.pi * np.minimum(x, 1 - x) / edge))
+    return np.where(np.minimum(x, 1 - x) < edge, ramp, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _window(shape: tuple[int, int]) -> np.ndarray:
+    """2D Tukey window, float32."""
+    return np.outer(_tukey(shape[0]), _tukey(shape[1])).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowpass_weight(shape: tuple[int, int], lowpass: float) -> np.ndarray:
+    """``sqrt(w / mean(w))`` with ``w`` a Gaussian of sigma ``lowpass`` cycles/pixel over the FFT grid."""
+    ky, kx = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
+    w = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2)
+    return np.sqrt(w / w.mean()).astype(np.float32)
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Downsample ``(..., Y, X)`` by block means of valid (non-zero) pixels; mostly empty blocks become 0."""
+    if factor == 1:
+        return np.asarray(image, dtype=np.float32)
+    *lead, ny, nx = image.shape
+    ny, nx = ny // factor, nx // factor
+    blocks = np.asarray(image[..., : ny * factor, : nx * factor], dtype=np.float32)
+    blocks = blocks.reshape(*lead, ny, factor, nx, factor)
+    total = blocks.sum(axis=(-3, -1))
+    count = (blocks != 0).sum(axis=(-3, -1))
+    return np.where(count * 2 > factor * factor, total / np.maximum(count, 1), 0).astype(np.float32)
+
+
+def _upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
+    """A pull affine measured on a ``factor``-block-mean grid, in full-resolution pixels.
+
+    Low-resolution pixel ``i`` is centred at full-resolution ``factor * i + (factor - 1) / 2``.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    offset = np.full(2, (factor - 1) / 2)
+    return np.concatenate([m[:, :2], (factor * m[:, 2] + offset - m[:, :2] @ offset)[:, None]], axis=1)
+
+
+def _soft_mask(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Weights in ``[0, 1]`` of a ``(Y, X)`` image's pixels: 0 on no data (zeros, outside ``mask``),
+    rising smoothly to 1 over a few pixels away from it (so its edge does not correlate)."""
+    valid = np.asarray(image) != 0
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    if valid.all() or not valid.any():
+        return valid.astype(np.float32)
+    ramp = max(2.0, min(valid.shape) / 32)
+    taper = np.clip(ndimage.distance_transform_edt(valid) / ramp, 0, 1)
+    return (3 * taper**2 - 2 * taper**3).astype(np.float32)
+
+
+def _spectra(
+    images: np.ndarray, weights: np.ndarray | None, lowpass: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whitened, low-pass weighted spectra of a batch of images, ready for phase correlation.
+
+    Each image is standardised over its valid pixels, no-data is set to the mean, and the result
+    is multiplied by a Tukey window and the soft validity ``weights``. The spectrum is divided by
+    its magnitude and multiplied by ``sqrt(w / mean(w))``, ``w = exp(-k^2 / (2 lowpass^2))``, so
+    that the correlation of an image with itself peaks at exactly 1.
+
+    Args:
+        images: ``(B, Y, X)``.
+        weights: ``(B, Y, X)`` from :func:`_soft_mask`, or None to compute them from the zeros.
+        lowpass: Gaussian sigma in cycles per pixel; None for flat (pure phase correlation).
+
+    Returns:
+        ``(spectra (B, Y, X) complex64, magnitudes (B, Y, X) of the windowed images, blank (B,))``.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if weights is None:
+        weights = np.stack([_soft_mask(image) for image in images])
+    valid = weights > 0
+    count = valid.sum(axis=(1, 2))
+    mean = np.where(valid, images, 0).sum(axis=(1, 2)) / np.maximum(count, 1)
+    centred = np.where(valid, images - mean[:, None, None], 0)
+    std = np.sqrt((centred**2).sum(axis=(1, 2)) / np.maximum(count, 1))
+    blank = (count < _MIN_VALID * valid[0].size) | (std < 1e-6)
+    tapered = centred * weights * (_window(images.shape[1:]) / np.maximum(std, 1e-12)[:, None, None])
+    transform = scipy.fft.fft2(tapered, axes=(1, 2))
+    magnitude = np.abs(transform)
+    spectra = transform / (magnitude + 1e-9 * magnitude.max(axis=(1, 2), keepdims=True) + 1e-30)
+    if lowpass:
+        spectra *= _lowpass_weight(images.shape[1:], lowpass)
+    spectra[blank] = 0
+    return spectra, magnitude, blank
+
+
+def _parabola(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Vertex offsets of parabolas through (-1, left), (0, centre), (1, right), within [-1, 1]."""
+    denom = left - 2 * centre + right
+    safe = np.where(denom < 0, denom, -1.0)
+    return np.where(denom < 0, np.clip(0.5 * (left - right) / safe, -1, 1), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _spline_upsampler(upsample: int) -> np.ndarray:
+    """``(n, 2 _CROP + 1)`` matrix evaluating the cubic interpolating spline of samples at offsets
+    ``-_CROP .. _CROP`` on ``-1.5 .. 1.5`` in steps of ``1 / upsample`` (applied along y and x)."""
+    half = int(np.ceil(1.5 * upsample))
+    positions = np.arange(-half, half + 1) / upsample + _CROP
+    impulses = np.eye(2 * _CROP + 1)
+    return np.stack([ndimage.map_coordinates(e, [positions], order=3, mode="nearest") for e in impulses], axis=1)
+
+
+def _peaks(fixed: np.ndarray, moving: np.ndarray, upsample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel phase-correlation peaks of spectra from :func:`_spectra` (broadcast over the batch).
+
+    The integer peak is refined on a +-1.5 px window sampled every ``1 / upsample`` px by
+    cubic-spline interpolation of the correlation surface (smooth thanks to the low-pass; no
+    BLAS, which is slow on busy machines), then by a parabola through the best sample.
+
+    Returns:
+        ``(shifts (B, 2), peaks (B,))``: pull shifts ``moving(p + shift) ~ fixed(p)`` and peak heights.
+    """
+    surface = scipy.fft.ifft2(np.conj(fixed) * moving, axes=(1, 2)).real
+    batch, ny, nx = surface.shape
+    b = np.arange(batch)
+    iy, ix = np.unravel_index(surface.reshape(batch, -1).argmax(axis=1), (ny, nx))
+    size = np.array([ny, nx])
+    coarse = (np.stack([iy, ix], axis=1) + size // 2) % size - size // 2
+    if upsample <= 1:
+        return coarse.astype(np.float64), np.maximum(surface[b, iy, ix], 0.0)
+    window = np.arange(-_CROP, _CROP + 1)
+    crops = surface[b[:, None, None], (iy[:, None, None] + window[:, None]) % ny, (ix[:, None, None] + window) % nx]
+    interpolate = _spline_upsampler(upsample)
+    fine = interpolate @ crops @ interpolate.T
+    n, half = len(interpolate), len(interpolate) // 2
+    i, j = np.unravel_index(fine.reshape(batch, -1).argmax(axis=1), (n, n))
+    ic, jc = np.clip(i, 1, n - 2), np.clip(j, 1, n - 2)
+    dy = np.where(i == ic, _parabola(fine[b, ic - 1, j], fine[b, i, j], fine[b, ic + 1, j]), 0.0)
+    dx = np.where(j == jc, _parabola(fine[b, i, jc - 1], fine[b, i, j], fine[b, i, jc + 1]), 0.0)
+    shifts = coarse + (np.stack([i + dy, j + dx], axis=1) - half) / upsample
+    return shifts, np.maximum(fine[b, i, j], 0.0)
+
+
+def phase_correlation(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    mask_fixed: np.ndarray | None = None,
+    mask_moving: np.ndarray | None = None,
+    upsample: int = 10,
+    lowpass: float | None = LOWPASS,
+) -> tuple[np.ndarray, float]:
+    """The translation that aligns ``moving`` to ``fixed``, by windowed phase correlation.
+
+    Zero pixels (and pixels outside the optional masks) are no data: they are filled with the
+    mean and tapered out smoothly, and the images are windowed (Tukey). Shifts up to about a
+    third of the image are found. A second correlation, after shifting ``moving`` exactly by
+    the rounded shift and restricting both images to their overlap, removes the bias toward
+    zero that the common window gives large shifts.
+
+    Args:
+        fixed, moving: ``(Y, X)`` images of the same shape.
+        mask_fixed, mask_moving: optional ``(Y, X)`` boolean masks of valid pixels.
+        upsample: sub-pixel resolution ``1 / upsample`` px (spline-upsampled peak), refined by a parabola;
+            about 0.01 px with the default low-pass, 0.1 px without.
+        lowpass: Gaussian low-pass of the whitened cross-power spectrum, sigma in cycles/pixel
+            (None: pure phase correlation, best for identical content).
+
+    Returns:
+        ``(shift, peak)``: ``shift`` ``(dy, dx)`` in pixels is a pull shift,
+        ``moving(p + shift) ~ fixed(p)``; ``peak`` in ``[0, 1]`` is the normalised correlation
+        peak (~0 for unrelated or blank images, 1 for identical ones).
+    """
+    if np.shape(fixed) != np.shape(moving) or np.ndim(fixed) != 2:
+        raise ValueError(f"need two (Y, X) images of one shape; got {np.shape(fixed)} and {np.shape(moving)}")
+    fixed, moving = (
+        np.asarray(image, dtype=np.float32) * (1 if mask is None else np.asarray(mask, dtype=bool))
+        for image, mask in ((fixed, mask_fixed), (moving, mask_moving))
+    )
+    # First each image with its own no-data; then, after shifting ``moving`` by the rounded
+    # shift, both restricted to their overlap (the common window's bias is then negligible).
+    shift = np.zeros(2)
+    for common in (False, True):
+        offset = np.round(shift).astype(int)
+        pair = np.stack([fixed, _shift_integer(moving, offset)])
+        if common:  # crop to the overlap's bounding box, so that the window fits it
+            overlap = (pair != 0).all(axis=0)
+            rows, cols = np.flatnonzero(overlap.any(axis=1)), np.flatnonzero(overlap.any(axis=0))
+            if len(rows) == 0:
+                return np.zeros(2), 0.0
+            pair = np.where(overlap, pair, 0)[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        spectra, _, blank = _spectra(pair, np.stack([_soft_mask(image) for image in pair]), lowpass)
+        if blank.any():
+            return np.zeros(2), 0.0
+        residual, peak = _peaks(spectra[:1], spectra[1:], upsample)
+        shift = offset + residual[0]
+    return shift, float(peak[0])
+
+
+def _shift_integer(image: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``out(p) = image(p + offset)`` for an integer ``(dy, dx)``, zeros (no data) outside."""
+    out = np.zeros_like(image)
+    (dy, dx), (ny, nx) = offset, image.shape
+    out[max(0, -dy) : ny - max(0, dy), max(0, -dx) : nx - max(0, dx)] = image[
+        max(0, dy) : ny + min(0, dy), max(0, dx) : nx + min(0, dx)
+    ]
+    return out
+
+
+def _polar_rings(magnitude: np.ndarray) -> np.ndarray:
+    """Angular spectra of a Fourier magnitude on rings: ``(n_radii, _N_ANGLES // 2 + 1)`` complex.
+
+    Rings of log-magnitude between 0.04 and 0.4 cycles/pixel, each standardised over the angles
+    ``[0, 180)`` degrees (the magnitude of a real image is symmetric), then transformed along angle.
+    """
+    ny, nx = magnitude.shape
+    shifted = np.fft.fftshift(np.log1p(magnitude))
+    radii = np.linspace(0.04, 0.4, 24)
+    angles = np.arange(_N_ANGLES) * np.pi / _N_ANGLES
+    ky = radii[:, None] * np.cos(angles)[None] * ny + ny // 2
+    kx = radii[:, None] * np.sin(angles)[None] * nx + nx // 2
+    rings = ndimage.map_coordinates(shifted, [ky, kx], order=1)
+    rings = (rings - rings.mean(axis=1, keepdims=True)) / (rings.std(axis=1, keepdims=True) + 1e-12)
+    return np.fft.rfft(rings, axis=1)
+
+
+def _patch_spectra(
+    image: np.ndarray, weights: np.ndarray, slices: list[tuple[slice, slice]], lowpass: float | None
+) -> np.ndarray:
+    """Spectra of patches of one image (the soft no-data mask of the whole image carries over)."""
+    return _spectra(np.stack([image[s] for s in slices]), np.stack([weights[s] for s in slices]), lowpass)[0]
+
+
+class _Section:
+    """An image prepared once for matching (as fixed or moving) against several others."""
+
+    def __init__(self, image: np.ndarray, lowpass: float | None):
+        self.image = np.asarray(image, dtype=np.float32)
+        self.lowpass = lowpass
+        spectra, magnitude, blank = _spectra(self.image[None], None, lowpass)
+        self.spectrum, self.blank = spectra, bool(blank[0])
+        self.polar = None if self.blank else _polar_rings(magnitude[0])
+        self._patches: tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray] | None = None
+
+    def patches(self) -> tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray]:
+        """The refinement patches: ``(slices, centres (P, 2), spectra (P, py, px))``."""
+        if self._patches is None:
+            shape = np.array(self.image.shape)
+            size = shape // 2
+            starts = [np.linspace(0, n - s, _PATCH_GRID).round().astype(int) for n, s in zip(shape, size, strict=True)]
+            slices = [(slice(y, y + size[0]), slice(x, x + size[1])) for y in starts[0] for x in starts[1]]
+            centres = np.array([[s[0].start, s[1].start] for s in slices]) + (size - 1) / 2
+            self._patches = slices, centres, _patch_spectra(self.image, _soft_mask(self.image), slices, self.lowpass)
+        return self._patches
+
+
+def _angle_candidate(fixed: _Section, moving: _Section, max_rotation_deg: float) -> float:
+    """The rotation (degrees, within the limit) at which the polar Fourier magnitudes correlate best."""
+    profile = np.fft.irfft(np.sum(np.conj(fixed.polar) * moving.polar, axis=0), n=_N_ANGLES)
+    step = 180.0 / _N_ANGLES
+    lags = (np.arange(_N_ANGLES) + _N_ANGLES // 2) % _N_ANGLES - _N_ANGLES // 2
+    best = int(np.argmax(np.where(np.abs(lags) * step <= max_rotation_deg, profile, -np.inf)))
+    offset = _parabola(profile[best - 1], profile[best], profile[(best + 1) % _N_ANGLES])
+    return float((lags[best] + offset) * step)
+
+
+def _fit_rigid(centres: np.ndarray, shifts: np.ndarray, weights: np.ndarray, centre: np.ndarray) -> np.ndarray | None:
+    """Small rigid correction ``(angle_rad, ty, tx)`` best explaining local pull shifts at ``centres``.
+
+    Model ``shift(p) = angle * (-(x - cx), y - cy) + t``; weighted least squares, refitted once
+    without patches whose residual exceeds 3 robust sigmas (and 0.5 px). None if under 3 patches.
+    """
+    rel = centres - centre
+    design = np.zeros((2 * len(rel), 3))
+    design[0::2, 0], design[1::2, 0] = -rel[:, 1], rel[:, 0]
+    design[0::2, 1] = design[1::2, 2] = 1.0
+    target = shifts.reshape(-1)
+    keep = weights > 0
+    for _ in range(2):
+        if keep.sum() < 3:
+            return None
+        w = np.sqrt(np.repeat(weights * keep, 2))
+        params = np.linalg.lstsq(design * w[:, None], target * w, rcond=None)[0]
+        residual = np.hypot(*(design @ params - target).reshape(-1, 2).T)
+        keep &= residual <= max(3 * 1.4826 * np.median(residual[keep]), 0.5)
+    return params
+
+
+def _refine(fixed: _Section, moving: _Section, matrix: np.ndarray, upsample: int) -> tuple[np.ndarray, float]:
+    """Gauss-Newton steps fitting a rigid correction to the shifts of the fixed section's patches.
+
+    Returns the refined matrix and the whole-image correlation peak at the last step's warp.
+    """
+    shape = fixed.image.shape
+    slices, centres, spectra = fixed.patches()
+    for _ in range(_REFINE_STEPS):
+        warped = _warp_affine(moving.image, matrix)
+        weights = _soft_mask(warped)
+        patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
+        params = _fit_rigid(centres, *_peaks(spectra, patches, upsample), _centre(shape))
+        if params is None:
+            break
+        matrix = _compose(matrix, rigid_matrix(np.rad2deg(params[0]), params[1:], shape))
+    score = _peaks(fixed.spectrum, _spectra(warped[None], weights[None], fixed.lowpass)[0], upsample)[1][0]
+    return matrix, float(score)
+
+
+def _estimate(fixed: _Section, moving: _Section, max_rotation_deg: float, upsample: int) -> RigidEstimate:
+    """Rigid registration of two prepared sections (of one shape), in their pixels."""
+    shape = fixed.image.shape
+    if fixed.blank or moving.blank:
+        return RigidEstimate(rigid_matrix(0.0, (0, 0), shape), 0.0, np.zeros(2), 0.0)
+    # Coarse: no rotation, or the best polar-magnitude candidate if it correlates better.
+    shifts, peaks = _peaks(fixed.spectrum, moving.spectrum, upsample)
+    angle, shift, score = 0.0, shifts[0], float(peaks[0])
+    if max_rotation_deg > 0:
+        candidate = _angle_candidate(fixed, moving, max_rotation_deg)
+        rotated = _warp_affine(moving.image, rigid_matrix(candidate, (0, 0), shape))
+        shifts, peaks = _peaks(fixed.spectrum, _spectra(rotated[None], None, fixed.lowpass)[0], upsample)
+        if peaks[0] > score:
+            angle, shift = candidate, shifts[0]
+    matrix = rigid_matrix(angle, _rotation(angle) @ shift, shape)
+    if max_rotation_deg > 0:
+        matrix, score = _refine(fixed, moving, matrix, upsample)
+    angle, shift = _angle_and_shift(matrix, shape)
+    return RigidEstimate(matrix, angle, shift, score)
+
+
+def _to_full_resolution(estimate: RigidEstimate, factor: int, shape: Sequence[int]) -> RigidEstimate:
+    if factor == 1:
+        return estimate
+    matrix = _upscale_matrix(estimate.matrix, factor)
+    angle, shift = _angle_and_shift(matrix, shape)
+    return RigidEstimate(matrix, angle, shift, estimate.score)
+
+
+def estimate_rigid(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    max_rotation_deg: float = 10.0,
+    downsample: int = 1,
+    upsample: int = 10,
+    lowpass: float | None = LOWPASS,
+) -> RigidEstimate:
+    """Rotation and translation that align ``moving`` to ``fixed``.
+
+    Coarse: the rotation is the best (by phase-correlation peak) of no rotation and the peaks
+    of the correlation of polar samples of the two Fourier magnitudes (Reddy & Chatterji;
+    insensitive to translation); the translation is the phase correlation after that rotation.
+    Fine: two Gauss-Newton steps fitting a rigid correction to the phase-correlation shifts of
+    a 4 x 4 grid of overlapping half-size patches (robust to a few bad patches).
+
+    Args:
+        fixed, moving: ``(Y, X)`` images; zeros are no data.
+        max_rotation_deg: largest rotation considered, degrees (0: translation only).
+        downsample: match ``downsample``-block means (faster, coarser); the result is in
+            full-resolution pixels.
+        upsample: sub-pixel resolution of the phase correlation, ``1 / upsample`` px.
+        lowpass: see :func:`phase_correlation` (cycles per pixel of the downsampled images).
+
+    Returns:
+        :class:`RigidEstimate`: ``moving(matrix @ [p, 1]) ~ fixed(p)``.
+    """
+    if np.shape(fixed) != np.shape(moving) or np.ndim(fixed) != 2:
+        raise ValueError(f"need two (Y, X) images of one shape; got {np.shape(fixed)} and {np.shape(moving)}")
+    sections = [_Section(_block_mean(image, downsample), lowpass) for image in (fixed, moving)]
+    return _to_full_resolution(_estimate(*sections, max_rotation_deg, upsample), downsample, np.shape(fixed))
+
+
+def affine_fields(matrices: np.ndarray, shape: Sequence[int], stride: int = 1) -> np.ndarray:
+    """Pull fields of per-section affines on a grid of the given stride.
+
+    Args:
+        matrices: ``(Z, 2, 3)`` pull affines in full-resolution pixels.
+        shape: full-resolution ``(Y, X)``.
+        stride: grid spacing; sample ``i`` sits at full-resolution ``i * stride``.
+
+    Returns:
+        ``(Z, 2, ceil(Y / stride), ceil(X / stride))`` float32 fields in full-resolution pixels.
+    """
+    grid = tuple(-(-int(n) // stride) for n in shape[-2:])
+    return np.stack([fields.affine_field(m, grid, stride) for m in np.asarray(matrices)]).astype(np.float32)
+
+
+def _progress(iterable: Sequence[int], enabled: bool, description: str) -> Iterable[int]:
+    """``iterable``, with a tqdm progress bar if ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=description)
+
+
+def pairwise_rigid(
+    stack: np.ndarray,
+    offsets: Sequence[int] = (1, 2, 3),
+    downsample: int = 4,
+    max_rotation_deg: float = 10.0,
+    upsample: int = 10,
+    lowpass: float | None = LOWPASS,
+    progress: bool = False,
+) -> list[tuple[int, int, np.ndarray, float]]:
+    """Rigid estimates relating each section to several earlier ones, at reduced resolution.
+
+    Each section is prepared once (block means, spectra); only ``max(offsets) + 1`` sections are
+    held at a time, so ``stack`` may be a lazy ``(Z, Y, X)`` array (Zarr, dask) read section by section.
+
+    Args:
+        stack: ``(Z, Y, X)`` raw sections; zeros are no data.
+        offsets: relate section ``z`` to ``z - k`` for each ``k``.
+        downsample: block-mean factor of the matching.
+        max_rotation_deg, upsample, lowpass: see :func:`estimate_rigid`.
+        progress: show a progress bar.
+
+    Returns:
+        ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
+        affine with ``raw_{z-k}(p) ~ raw_z(matrix @ [p, 1])``; ``score`` the correlation peak (0 for
+        a blank section).
+    """
+    shape = tuple(stack.shape[-2:])
+    sections: dict[int, _Section] = {}
+    pairs = []
+    for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
+        sections[z] = _Section(_block_mean(np.asarray(stack[z]), downsample), lowpass)
+        sections.pop(z - max(offsets) - 1, None)
+        for k in offsets:
+            if z - k in sections:
+                estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample)
+                estimate = _to_full_resolution(estimate, downsample, shape)
+                pairs.append((z, z - k, estimate.matrix, estimate.score))
+    return pairs
+
+
+def rigid_chain(
+    stack: np.ndarray, downsample: int = 1, max_rotation_deg: float = 10.0, progress: bool = False
+) -> np.ndarray:
+    """The classic pairwise-rigid baseline: register each section to the previous raw one and chain.
+
+    With ``aligned_{z-1}(p) = raw_{z-1}(T_{z-1} p)`` and the pair estimate ``raw_{z-1}(q) ~ raw_z(P q)``,
+    ``aligned_z(p) = raw_z(P T_{z-1} p) ~ aligned_{z-1}(p)``: ``T_z = P T_{z-1}`` (product of
+    homogeneous matrices), ``T_0`` the identity. Errors random-walk along z, and a blank or
+    failed pair breaks the chain: the baseline that :func:`solve_rigid` improves on.
+
+    Args:
+        stack: ``(Z, Y, X)`` raw sections.
+        downsample, max_rotation_deg: see :func:`estimate_rigid`.
+        progress: show a progress bar.
+
+    Returns:
+        ``(Z, 2, 3)`` pull affines aligning each raw section into section 0's frame.
+    """
+    transforms = np.zeros((stack.shape[0], 2, 3))
+    transforms[0] = np.eye(2, 3)
+    for z, _, matrix, _ in pairwise_rigid(stack, (1,), downsample, max_rotation_deg, progress=progress):
+        transforms[z] = _compose(matrix, transforms[z - 1])
+    return transforms
+
+
+def _incidence(n_sections: int, moving: np.ndarray, fixed: np.ndarray) -> sparse.csr_matrix:
+    """``(pairs, sections)`` matrix with +1 at the moving and -1 at the fixed section of each pair."""
+    rows = np.arange(len(moving))
+    return sparse.csr_matrix(
+        (np.r_[np.ones(len(rows)), -np.ones(len(rows))], (np.r_[rows, rows], np.r_[moving, fixed])),
+        shape=(len(rows), n_sections),
+    )
+
+
+def _rotate(vectors: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate ``(N, 2)`` ``(y, x)`` vectors by per-row angles given by their cosines and sines."""
+    return np.stack([cos * vectors[:, 0] - sin * vectors[:, 1], sin * vectors[:, 0] + cos * vectors[:, 1]], axis=1)
+
+
+def _translation_design(
+    n_sections: int, moving: np.ndarray, fixed: np.ndarray, cos: np.ndarray, sin: np.ndarray
+) -> sparse.csr_matrix:
+    """``(2 pairs, 2 sections)`` matrix of ``t_z - R t_j`` (``R`` given by ``cos``, ``sin`` per pair)."""
+    pair = np.arange(len(moving))
+    ones = np.ones(len(pair))
+    rows = np.concatenate([2 * pair, 2 * pair, 2 * pair, 2 * pair + 1, 2 * pair + 1, 2 * pair + 1])
+    cols = np.concatenate([2 * moving, 2 * fixed, 2 * fixed + 1, 2 * moving + 1, 2 * fixed, 2 * fixed + 1])
+    values = np.concatenate([ones, -cos, sin, ones, -sin, -cos])
+    return sparse.csr_matrix((values, (rows, cols)), shape=(2 * len(pair), 2 * n_sections))
+
+
+def _least_squares(design: sparse.spmatrix, target: np.ndarray, weights: np.ndarray, prior: sparse.spmatrix):
+    """Minimise ``sum weights (design x - target)^2 + x^T prior x`` (sparse normal equations)."""
+    normal = (design.T @ sparse.diags(weights) @ design + prior).tocsc()
+    return spsolve(normal, design.T @ (weights * target))
+
+
+def solve_rigid(
+    n_sections: int,
+    pairs: Sequence[tuple[int, int, np.ndarray, float]],
+    shape: Sequence[int],
+    spring: float = 0.0,
+    reject: float = 3.0,
+    min_residual: float = 1.0,
+    iterations: int = 10,
+) -> np.ndarray:
+    """Per-section rigid transforms that best agree with redundant pairwise estimates.
+
+    Unknowns are an angle ``a_z`` and a translation ``t_z`` (about the image centre) per
+    section, ``T_z = rigid_matrix(a_z, t_z)``. A pair ``(z, j, P, score)`` asks ``T_z = P T_j``:
+    ``a_z - a_j = a_P`` (linear, solved first) and then, with the solved angles,
+    ``t_z - R(a_z - a_j) t_j = t_P`` (linear too). Both are weighted least squares, weight
+    ``score^2 / (1 - score^2)`` (about the inverse error variance of a match), with a negligible
+    first-difference prior along z (it bridges sections without usable pairs, e.g. blank ones)
+    and an optional spring toward the raw geometry. Outliers are down-weighted by iteratively
+    re-weighted least squares with a Cauchy loss whose scale is ``reject`` robust sigmas of the
+    residuals (at least ``min_residual`` px); a pair's residual combines its translation error
+    and its angle error times the RMS radius of the image. The gauge is fixed afterwards: mean
+    angle and mean translation over z are zero.
+
+    Args:
+        n_sections: ``Z``.
+        pairs: ``(z, j, matrix, score)`` as from :func:`pairwise_rigid`.
+        shape: full-resolution ``(Y, X)`` of the sections.
+        spring: weight of ``a_z = 0, t_z = 0`` relative to the mean pair weight (0: none).
+        reject: Cauchy scale in robust sigmas of the residuals.
+        min_residual: smallest Cauchy scale, px.
+        iterations: re-weighted solves after the first.
+
+    Returns:
+        ``(Z, 2, 3)`` pull affines ``aligned_z = raw_z o T_z``, all into one common frame.
+    """
+    moving = np.array([p[0] for p in pairs], dtype=int)
+    fixed = np.array([p[1] for p in pairs], dtype=int)
+    scores = np.clip([float(p[3]) for p in pairs], 0.0, 0.99)
+    weights = scores**2 / (1 - scores**2)
+    measured = [_angle_and_shift(p[2], shape) for p in pairs]
+    pair_angles = np.deg2rad([m[0] for m in measured])
+    pair_shifts = np.array([m[1] for m in measured]).reshape(-1, 2)
+    radius = np.sqrt(sum(n**2 for n in shape[-2:]) / 12)  # RMS distance of the image's pixels to its centre
+    scale = weights[weights > 0].mean() if (weights > 0).any() else 1.0
+    difference = _incidence(n_sections, np.arange(1, n_sections), np.arange(n_sections - 1))
+    prior = scale * (1e-4 * difference.T @ difference + (spring + 1e-9) * sparse.identity(n_sections))
+    prior2 = sparse.kron(prior, sparse.identity(2))
+    incidence = _incidence(n_sections, moving, fixed)
+    robust = weights.copy()
+    for _ in range(iterations + 1):
+        angles = _least_squares(incidence, pair_angles, robust, prior)
+        relative = angles[moving] - angles[fixed]
+        cos, sin = np.cos(relative), np.sin(relative)
+        design = _translation_design(n_sections, moving, fixed, cos, sin)
+        shifts = _least_squares(design, pair_shifts.reshape(-1), np.repeat(robust, 2), prior2).reshape(-1, 2)
+        error = shifts[moving] - _rotate(shifts[fixed], cos, sin) - pair_shifts
+        residual = np.sqrt((error**2).sum(axis=1) + (radius * (relative - pair_angles)) ** 2)
+        inliers = robust > 0.5 * weights
+        if not inliers.any():
+            break
+        cauchy = max(min_residual, reject * 1.4826 * np.median(residual[inliers]))
+        robust = weights / (1 + (residual / cauchy) ** 2)
+    angles -= angles.mean()
+    cos, sin = np.cos(angles), np.sin(angles)
+    mean_rotation = np.array([[cos.mean(), -sin.mean()], [sin.mean(), cos.mean()]])
+    gauge = -np.linalg.solve(mean_rotation, shifts.mean(axis=0))
+    shifts += _rotate(gauge[None], cos, sin)
+    return np.stack([rigid_matrix(np.rad2deg(a), t, shape) for a, t in zip(angles, shifts, strict=True)])
+
+
+def detrend_rigid(
+    matrices: np.ndarray, shape: Sequence[int], stiffness: float, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Remove the smooth trend along z from per-section rigid transforms.
+
+    Each transform's angle and centre shift are a trajectory along z; its Whittaker-smooth
+    trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is
+    content that moves slowly through the stack (oblique structures, a stage drift) and is
+    kept; what is left, the per-section jitter, is the misalignment to correct.
+
+    Args:
+        matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
+        shape: ``(Y, X)`` of the sections.
+        stiffness: curvature weight; larger is closer to a straight line.
+        weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
+
+    Returns:
+        ``(Z, 2, 3)`` rigid pull affines holding only the jitter about the trend.
+    """
+    from emalign.consensus import smooth_trend
+
+    params = np.array([[angle, *shift] for angle, shift in (_angle_and_shift(m, shape) for m in matrices)])
+    jitter = params - smooth_trend(params, stiffness, weights)
+    return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

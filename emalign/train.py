@@ -1,0 +1,352 @@
+"""Training of the serial registration networks, without labels.
+
+Each training example is a window of ``2K + 1`` sections cut from an *aligned* stack (or a
+procedural one), at a random z-step. The moving (middle) section is misaligned on the fly
+by a known random field ``a`` (residual rigid motion + smooth elastic warp), the
+references get a small jitter ``e_k``; the network must return the pull field that brings
+the moving section into the references' (distance-weighted) frame:
+``target = compose(invert(a), mean_w(e_k))``. That gives an exact, label-free target
+(self-supervision from synthetic misalignment), which can be mixed with the classic
+unsupervised loss: distance-weighted local NCC of the warped moving section to its
+references plus smoothness. Weights of the three terms are options.
+
+Early steps mix in *same-section* windows (every reference a copy of the moving section),
+so the network first learns to match, then to match across the content change of real
+neighbours (a curriculum; DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from emalign import models
+from emalign.device import autocast, resolve_device
+from emalign.errors import EmalignError
+from emalign.fields import affine_field, compose_torch, invert_torch, warp_torch
+from emalign.models.faemreg import FAEMReg, normalize_sections
+from emalign.models.losses import PAPER_REFERENCE_WEIGHTS, endpoint_error, reference_similarity, smoothness
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint)."""
+
+    model: str = models.DEFAULT_MODEL
+    data: tuple[str, ...] = ()
+    val_data: tuple[str, ...] = ()
+    procedural: int = 2
+    procedural_shape: tuple[int, int, int] = (40, 256, 256)
+    z_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    same_section_start: float = 0.5
+    same_section_end: float = 0.05
+    symmetric_fraction: float = 0.5
+    steps: int = 1000
+    batch: int = 8
+    crop: int = 160
+    lr: float = 2e-3
+    supervised_weight: float = 1.0
+    similarity_weight: float = 0.0
+    smooth_weight: float = 0.05
+    shift: float = 3.0
+    rotation_deg: float = 0.7
+    scale: float = 0.005
+    elastic: float = 2.0
+    elastic_length: tuple[float, float] = (40.0, 160.0)
+    reference_jitter: float = 0.4
+    blank_reference: float = 0.1
+    val_every: int = 100
+    val_windows: int = 32
+    val_z_step: int = 4
+    seed: int = 0
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_volume(path: str) -> np.ndarray:
+    """An aligned training stack as a (Z, Y, X) array (training crops need random access)."""
+    from emalign.io import open_stack
+
+    data = open_stack(path).data
+    if data.nbytes > 4 * 2**30:
+        raise EmalignError(f"{path}: {data.nbytes / 2**30:.1f} GiB is too large to train from; crop it first")
+    return np.asarray(data.compute())
+
+
+def procedural_volumes(count: int, shape: tuple[int, int, int], seed: int) -> list[np.ndarray]:
+    """``count`` procedural EM-like volumes (see :func:`emalign.synth.em_texture`)."""
+    from emalign.synth import em_texture
+
+    return [em_texture(shape, seed=seed + i, z_step=1.0 + i % 3) for i in range(count)]
+
+
+def smooth_noise(
+    batch: int, size: int, amplitude: torch.Tensor, length: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """Random smooth fields ``(B, 2, size, size)``, per-component RMS ``amplitude`` (B,) px.
+
+    White noise on a coarse grid (spacing ~ ``length`` px) upsampled bicubically.
+    """
+    out = torch.empty(batch, 2, size, size)
+    for b in range(batch):
+        cells = max(2, int(math.ceil(size / float(length[b]))) + 1)
+        coarse = torch.randn(1, 2, cells, cells, generator=gen)
+        fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0]
+        fine = fine - fine.mean((1, 2), keepdim=True)
+        out[b] = fine / fine.square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-6) * amplitude[b]
+    return out
+
+
+def random_rigid(
+    batch: int, size: int, shift: float, rotation_deg: float, scale: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Random pull affine fields about the crop centre, ``(B, 2, size, size)``."""
+    fields = []
+    centre = (size - 1) / 2.0
+    for _ in range(batch):
+        angle = math.radians(float(torch.randn(1, generator=gen)) * rotation_deg)
+        s = 1.0 + float(torch.randn(1, generator=gen)) * scale
+        t = torch.randn(2, generator=gen).numpy() * shift
+        rot = s * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        offset = centre - rot @ np.array([centre, centre]) + t
+        fields.append(torch.from_numpy(affine_field(np.hstack([rot, offset[:, None]]), (size, size))))
+    return torch.stack(fields)
+
+
+def reference_weights(references: int, symmetric: bool) -> np.ndarray:
+    """Weight of each depth slot of a ``2K + 1`` window in the references' frame (moving slot 0).
+
+    FAEMReg's distance weights (nearest largest); a mirrored (sequential) window counts
+    each reference once, a symmetric one splits the weight over both sides.
+    """
+    base = np.array(
+        [PAPER_REFERENCE_WEIGHTS[min(d, len(PAPER_REFERENCE_WEIGHTS)) - 1] for d in range(1, references + 1)]
+    )
+    weights = np.zeros(2 * references + 1)
+    for d in range(1, references + 1):
+        if symmetric:
+            weights[references - d] = weights[references + d] = base[d - 1] / 2
+        else:
+            weights[references - d] = base[d - 1]
+    return weights / weights.sum()
+
+
+class WindowSampler:
+    """Draws training windows with exact target fields from aligned volumes."""
+
+    def __init__(self, volumes: Sequence[np.ndarray], references: int, config: TrainConfig, seed: int):
+        if not volumes:
+            raise EmalignError("no training data: give --data stacks or --procedural N > 0")
+        self.volumes = list(volumes)
+        self.k = references
+        self.cfg = config
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.margin = int(
+            math.ceil(3 * config.shift + 3 * config.elastic + config.crop * math.radians(3 * config.rotation_deg) + 4)
+        )
+        big = config.crop + 2 * self.margin
+        for v in self.volumes:
+            if v.ndim != 3 or min(v.shape[1:]) < big or v.shape[0] < 2:
+                raise EmalignError(f"training volume of shape {v.shape} is smaller than a {big} px window; use --crop")
+
+    def _window(self, same_section: float, z_step: int | None) -> tuple[np.ndarray, bool]:
+        vol = self.volumes[self.rng.integers(len(self.volumes))]
+        symmetric = self.rng.random() < self.cfg.symmetric_fraction
+        if z_step is None:
+            z_step = 0 if self.rng.random() < same_section else int(self.rng.choice(self.cfg.z_steps))
+        reach = (2 if symmetric else 1) * self.k * z_step
+        while reach >= vol.shape[0]:
+            z_step -= 1
+            reach = (2 if symmetric else 1) * self.k * z_step
+        offsets = np.arange(-self.k, self.k + 1) if symmetric else -np.abs(np.arange(-self.k, self.k + 1))
+        low = self.k * z_step if symmetric else reach
+        high = vol.shape[0] - (self.k * z_step if symmetric else 0)
+        z0 = int(self.rng.integers(low, high)) if high > low else low
+        big = self.cfg.crop + 2 * self.margin
+        y0 = int(self.rng.integers(0, vol.shape[1] - big + 1))
+        x0 = int(self.rng.integers(0, vol.shape[2] - big + 1))
+        window = vol[z0 + offsets * z_step, y0 : y0 + big, x0 : x0 + big].astype(np.float32)
+        window = np.rot90(window, int(self.rng.integers(4)), axes=(1, 2))
+        if self.rng.random() < 0.5:
+            window = window[:, :, ::-1]
+        return np.ascontiguousarray(window), symmetric
+
+    def sample(
+        self, batch: int, same_section: float = 0.0, z_step: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(stack (B, D, H, W), target (B, 2, H, W), mask (B, H, W))``, stack normalised."""
+        cfg, k, gen = self.cfg, self.k, self.gen
+        windows, weights, mirrored = [], [], []
+        for _ in range(batch):
+            window, symmetric = self._window(same_section, z_step)
+            windows.append(window)
+            weights.append(reference_weights(k, symmetric))
+            mirrored.append(not symmetric)
+        true = torch.from_numpy(np.stack(windows)) / 255.0
+        b, d, big, _ = true.shape
+        lengths = torch.empty(b).uniform_(*cfg.elastic_length, generator=gen)
+        amplitude = torch.rand(b, generator=gen) * cfg.elastic * 1.5
+        move = compose_torch(
+            random_rigid(b, big, cfg.shift, cfg.rotation_deg, cfg.scale, gen),
+            smooth_noise(b, big, amplitude, lengths, gen),
+        )
+        jitter = smooth_noise(b * d, big, torch.full((b * d,), cfg.reference_jitter), torch.full((b * d,), 80.0), gen)
+        jitter = jitter.view(b, d, 2, big, big)
+        jitter[:, k] = 0
+        for i in np.flatnonzero(mirrored):  # a mirrored slot shows the same section as its twin
+            jitter[i, k + 1 :] = jitter[i, :k].flip(0)
+        raw = warp_torch(true.reshape(b * d, 1, big, big), jitter.reshape(b * d, 2, big, big)).view(b, d, big, big)
+        raw[:, k] = warp_torch(true[:, k : k + 1], move)[:, 0]
+        weights = np.stack(weights)
+        for i in np.flatnonzero(self.rng.random(b) < cfg.blank_reference):  # a lost section among the references
+            slot = int(self.rng.choice([s for s in range(d) if s != k]))
+            twins = [slot, 2 * k - slot] if mirrored[i] else [slot]
+            raw[i, twins] = 0
+            weights[i, twins] = 0
+            weights[i] /= weights[i].sum()
+        frame = (torch.from_numpy(weights).float().view(b, d, 1, 1, 1) * jitter).sum(1)
+        target = compose_torch(invert_torch(move), frame)
+        m = self.margin
+        raw, target = raw[..., m:-m, m:-m], target[..., m:-m, m:-m]
+        raw = self._augment_intensity(raw)
+        mask = warp_torch(raw[:, k : k + 1].ne(0).float(), target)[:, 0] > 0.5
+        return normalize_sections(raw), target, mask
+
+    def _augment_intensity(self, raw: torch.Tensor) -> torch.Tensor:
+        """Per-section gain, offset, gamma and noise; zero (no-data) pixels stay zero."""
+        gen = self.gen
+        b, d = raw.shape[:2]
+        valid = raw.ne(0).float()
+        gamma = torch.empty(b, d, 1, 1).uniform_(0.7, 1.4, generator=gen)
+        gain = torch.empty(b, d, 1, 1).uniform_(0.7, 1.3, generator=gen)
+        noise = torch.empty(b, d, 1, 1).uniform_(0.0, 0.08, generator=gen)
+        out = raw.clamp_min(1e-4) ** gamma * gain + noise * torch.randn(raw.shape, generator=gen)
+        return out.clamp(1e-3, 1.0) * valid
+
+
+def training_loss(
+    model: FAEMReg, stack: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the supervised field error, reference similarity and smoothness."""
+    pred = model(stack)
+    terms = {"epe": endpoint_error(pred, target, mask)}
+    loss = cfg.supervised_weight * terms["epe"]
+    if cfg.similarity_weight:
+        k = model.config.references
+        warped = warp_torch(stack[:, k : k + 1], pred)[:, 0]
+        refs = torch.stack([stack[:, k - d] for d in range(1, k + 1)], 1)
+        terms["ncc"] = reference_similarity(warped, refs, mask=mask.float())
+        loss = loss + cfg.similarity_weight * terms["ncc"]
+    terms["smooth"] = smoothness(pred)
+    loss = loss + cfg.smooth_weight * terms["smooth"]
+    return loss, terms
+
+
+@torch.no_grad()
+def validate(model: FAEMReg, batches: Sequence[tuple[torch.Tensor, ...]], device: torch.device) -> dict:
+    """Mean end-point error (px) of the model and of no correction on fixed windows."""
+    model.eval()
+    errors, baseline = [], []
+    for stack, target, mask in batches:
+        with autocast(device):
+            pred = model(stack.to(device)).float().cpu()
+        errors.append(float(endpoint_error(pred, target, mask)))
+        baseline.append(float(endpoint_error(torch.zeros_like(target), target, mask)))
+    model.train()
+    return {"val_epe": float(np.mean(errors)), "val_epe_identity": float(np.mean(baseline))}
+
+
+def _initial_model(cfg: TrainConfig) -> FAEMReg:
+    name = cfg.model
+    if name in models.CONFIGS and not Path(name).exists():
+        return models.build(name)
+    return models.load(name).train()
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train (or fine-tune) a serial network; checkpoints ``last.pt`` and ``best.pt`` in ``out``.
+
+    Returns the validation history ``{"steps": [...], "val_epe": [...], ...}``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmalignError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = _initial_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    history: dict = {"steps": [], "val_epe": [], "val_epe_identity": [], "loss": []}
+    start, best = 0, math.inf
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
+    train_volumes = [load_volume(p) for p in cfg.data] + procedural_volumes(
+        cfg.procedural, cfg.procedural_shape, cfg.seed
+    )
+    val_volumes = [load_volume(p) for p in cfg.val_data] or procedural_volumes(1, cfg.procedural_shape, cfg.seed + 1000)
+    k = model.config.references
+    sampler = WindowSampler(train_volumes, k, cfg, seed=cfg.seed + start)
+    val_sampler = WindowSampler(val_volumes, k, cfg, seed=12345)
+    val_batches = [
+        val_sampler.sample(min(8, cfg.val_windows), z_step=cfg.val_z_step) for _ in range(max(1, cfg.val_windows // 8))
+    ]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / max(cfg.steps, 1))) * 0.95 + 0.05
+    )
+    for _ in range(start):
+        schedule.step()
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    running = []
+    started = time.time()
+    for step in bar:
+        frac = step / max(cfg.steps - 1, 1)
+        same = cfg.same_section_start + (cfg.same_section_end - cfg.same_section_start) * min(1.0, 2 * frac)
+        stack, target, mask = sampler.sample(cfg.batch, same_section=same)
+        with autocast(device):
+            loss, terms = training_loss(model, stack.to(device), target.to(device), mask.to(device), cfg)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(opt)
+        scaler.update()
+        schedule.step()
+        running.append(float(loss))
+        bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}", epe=f"{float(terms['epe']):.2f}")
+        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+            metrics = validate(model, val_batches, device)
+            history["steps"].append(step + 1)
+            history["loss"].append(float(np.mean(running[-cfg.val_every :])))
+            for key, value in metrics.items():
+                history[key].append(value)
+            extra = {"train": cfg.to_dict(), "step": step + 1, "history": history}
+            if metrics["val_epe"] < best:
+                best = metrics["val_epe"]
+                models.save_checkpoint(out / "best.pt", model.cpu(), **extra, best=best)
+                model.to(device)
+            models.save_checkpoint(last, model.cpu(), **extra, best=best, optimizer=opt.state_dict())
+            model.to(device)
+            bar.write(
+                f"step {step + 1}: val epe {metrics['val_epe']:.3f} px "
+                f"(no correction {metrics['val_epe_identity']:.3f} px), {time.time() - started:.0f} s"
+            )
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return history

@@ -1,0 +1,316 @@
+"""Reading stacks (TIFF, Zarr, OME-Zarr), input validation, and the resumable OME-Zarr writer."""
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from emalign import io
+from emalign.errors import EmalignError
+from emalign.io import OmeZarrWriter, check_chunk, create_array, import_stack, is_complete, open_stack
+
+RNG = np.random.default_rng(0)
+
+
+def ramp(shape: tuple[int, ...], dtype=np.uint16) -> np.ndarray:
+    return (np.arange(np.prod(shape)) % np.iinfo(dtype).max).astype(dtype).reshape(shape)
+
+
+def raises_one_line(path, func, *args, match: str = "", **kwargs) -> str:
+    """Call func, expect an EmalignError whose message is one line naming `path`; return the message."""
+    with pytest.raises(EmalignError, match=match) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+def zarr_array(path: Path, data: np.ndarray, zarr_format: int = 2, chunks=(1, 8, 8)) -> Path:
+    array = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype, zarr_format=zarr_format)
+    array[...] = data
+    return path
+
+
+def write_ome_zarr(path: Path, levels: list[np.ndarray], version: str, axes: str, voxel=(40.0, 4.0, 4.0)) -> None:
+    """A hand-written OME-Zarr image: NGFF 0.4 (zarr v2, top-level attrs) or 0.5 (zarr v3, attrs["ome"])."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=2 if version == "0.4" else 3)
+    datasets = []
+    for level, data in enumerate(levels):
+        group.create_array(str(level), shape=data.shape, chunks=data.shape, dtype=data.dtype)[...] = data
+        scale = [1.0] * (len(axes) - 3) + [voxel[0], voxel[1] * 2**level, voxel[2] * 2**level]
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    kinds = {"t": "time", "c": "channel"}
+    multiscales = {
+        "version": version,
+        "axes": [
+            {"name": a, "type": kinds.get(a, "space"), **({} if a in kinds else {"unit": "nanometer"})} for a in axes
+        ],
+        "datasets": datasets,
+    }
+    group.attrs.update(
+        {"multiscales": [multiscales]}
+        if version == "0.4"
+        else {"ome": {"version": version, "multiscales": [multiscales]}}
+    )
+
+
+TIFF_CASES = {
+    "contiguous": ({}, "_read_raw_section"),
+    "big-endian": ({"byteorder": ">"}, "_read_raw_section"),
+    "compressed": ({"compression": "zlib"}, "_read_tiff_section"),
+    "tiled": ({"tile": (16, 16)}, "_read_tiff_section"),
+}
+
+
+@pytest.mark.parametrize("case", TIFF_CASES)
+def test_open_tiff_stack_is_lazy_and_matches(tmp_path, monkeypatch, case):
+    kwargs, reader = TIFF_CASES[case]
+    data = ramp((5, 30, 40))
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", **kwargs)
+    calls = []
+    original = getattr(io, reader)
+    monkeypatch.setattr(io, reader, lambda *args: calls.append(args[-1]) or original(*args))
+
+    stack = open_stack(path)
+    assert isinstance(stack.data, da.Array) and stack.data.numblocks == (5, 1, 1)
+    assert calls == []  # opening reads headers only
+    np.testing.assert_array_equal(check_chunk(stack, 3), data[3])
+    assert calls == [3]
+    np.testing.assert_array_equal(stack.data.compute(), data)
+    assert stack.data.dtype == np.uint16 and stack.voxel_size == (1.0, 1.0, 1.0) and stack.unit == "nanometer"
+
+
+def test_open_tiff_reads_imagej_calibration(tmp_path):
+    path = tmp_path / "calibrated.tif"
+    tifffile.imwrite(
+        path, ramp((3, 8, 8), np.uint8), imagej=True, resolution=(0.25, 0.25), metadata={"spacing": 40.0, "unit": "nm"}
+    )
+    stack = open_stack(path)
+    assert stack.voxel_size == pytest.approx((40.0, 4.0, 4.0)) and stack.unit == "nanometer"
+
+
+def test_open_tiff_folder_sorts_naturally(tmp_path):
+    for index in (10, 2, 1):
+        tifffile.imwrite(tmp_path / f"s{index}.tif", np.full((6, 7), index, np.uint8))
+    (tmp_path / "notes.txt").write_text("not a section")
+    stack = open_stack(tmp_path)
+    assert stack.shape == (3, 6, 7) and stack.data.numblocks == (3, 1, 1)
+    np.testing.assert_array_equal(stack.data[:, 0, 0].compute(), [1, 2, 10])
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_open_zarr_v2_and_v3_arrays(tmp_path, zarr_format):
+    data = ramp((4, 20, 24), np.uint8)
+    stack = open_stack(zarr_array(tmp_path / "raw.zarr", data, zarr_format))
+    assert isinstance(stack.data, da.Array) and stack.level == 0
+    np.testing.assert_array_equal(stack.data.compute(), data)
+    assert stack.voxel_size == (1.0, 1.0, 1.0) and stack.unit == "nanometer"
+
+
+def test_open_zarr_array_inside_group_by_dataset(tmp_path):
+    path = tmp_path / "group.zarr"
+    zarr.open_group(str(path), mode="w").create_array("raw", shape=(2, 8, 8), dtype=np.uint8)[...] = 7
+    assert open_stack(path, dataset="raw").data.compute().max() == 7
+    assert "raw" in raises_one_line(path, open_stack, path, match="without OME-Zarr multiscales")
+    raises_one_line(path, open_stack, path, dataset="missing", match="no array or group 'missing'")
+
+
+@pytest.mark.parametrize(("version", "axes"), [("0.4", "tczyx"), ("0.5", "zyx")])
+def test_open_ome_zarr_level_and_voxel_size(tmp_path, version, axes):
+    full = ramp((3, 16, 20), np.uint8)
+    levels = [full, full[:, ::2, ::2]]
+    path = tmp_path / "image.zarr"
+    write_ome_zarr(path, [level.reshape((1,) * (len(axes) - 3) + level.shape) for level in levels], version, axes)
+
+    stack = open_stack(path, level=1)
+    assert stack.shape == (3, 8, 10) and stack.level == 1
+    assert stack.voxel_size == (40.0, 8.0, 8.0) and stack.unit == "nanometer"
+    np.testing.assert_array_equal(stack.data.compute(), levels[1])
+    assert open_stack(path).voxel_size == (40.0, 4.0, 4.0)
+    raises_one_line(path, open_stack, path, level=2, match="level 2 out of range")
+
+
+def test_2d_input_is_a_clear_error(tmp_path):
+    tif = tmp_path / "section.tif"
+    tifffile.imwrite(tif, np.zeros((8, 9), np.uint8))
+    raises_one_line(tif, open_stack, tif, match=r"is 2D \(Y, X\).*expected a 3D stack \(Z, Y, X\)")
+    array = zarr_array(tmp_path / "section.zarr", np.zeros((8, 9), np.uint8), chunks=(8, 9))
+    raises_one_line(array, open_stack, array, match=r"is 2D \(Y, X\)")
+
+
+def test_4d_multichannel_is_a_clear_error(tmp_path):
+    channels = zarr_array(tmp_path / "channels.zarr", np.zeros((3, 2, 8, 8), np.uint8), chunks=(1, 1, 8, 8))
+    raises_one_line(channels, open_stack, channels, match="more than one channel")
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
+    raises_one_line(rgb, open_stack, rgb, match="more than one channel")
+    single = zarr_array(tmp_path / "single.zarr", ramp((3, 1, 8, 8), np.uint8), chunks=(1, 1, 8, 8))
+    np.testing.assert_array_equal(open_stack(single).data.compute(), ramp((3, 8, 8), np.uint8))
+
+
+def test_empty_stack_error(tmp_path):
+    empty = zarr_array(tmp_path / "empty.zarr", np.zeros((0, 8, 8), np.uint8))
+    raises_one_line(empty, open_stack, empty, match="is empty")
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    raises_one_line(folder, open_stack, folder, match="not a recognised stack")
+
+
+def test_non_numeric_dtype_error(tmp_path):
+    mask = zarr_array(tmp_path / "mask.zarr", np.zeros((2, 8, 8), bool))
+    raises_one_line(mask, open_stack, mask, match="has dtype bool")
+    text = tmp_path / "notes.tif"
+    text.write_text("hello")
+    raises_one_line(text, open_stack, text, match="not a recognised stack")
+
+
+def test_mismatched_tiff_folder_error(tmp_path):
+    tifffile.imwrite(tmp_path / "a1.tif", np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "a2.tif", np.zeros((8, 9), np.uint8))
+    message = raises_one_line(tmp_path, open_stack, tmp_path, match="differ in size")
+    assert "a1.tif" in message and "a2.tif" in message
+
+
+def test_missing_path_error(tmp_path):
+    missing = tmp_path / "no-such-stack.zarr"
+    raises_one_line(missing, open_stack, missing, match="does not exist")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_corrupt_chunk_names_section(tmp_path, zarr_format):
+    path = zarr_array(tmp_path / "raw.zarr", ramp((3, 8, 8)), zarr_format)
+    chunk = path / ("2.0.0" if zarr_format == 2 else "c/2/0/0")
+    chunk.write_bytes(b"not a blosc or zstd frame")
+    stack = open_stack(path)
+    np.testing.assert_array_equal(check_chunk(stack, 1), ramp((3, 8, 8))[1])
+    raises_one_line(path, check_chunk, stack, 2, match=r"section 2 could not be read \(")
+
+
+def test_non_finite_section_is_named(tmp_path):
+    data = np.ones((3, 4, 4), np.float32)
+    data[1, 2, 3] = np.nan
+    stack = open_stack(zarr_array(tmp_path / "float.zarr", data))
+    raises_one_line(stack.path, check_chunk, stack, 1, match="section 1 has 1 NaN or infinite")
+    assert np.isnan(check_chunk(stack, 1, require_finite=False)).sum() == 1
+
+
+def test_writer_pyramid_and_metadata_open_with_ome_zarr_py(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    data = RNG.integers(0, 256, (3, 40, 50), dtype=np.uint8)
+    out = tmp_path / "aligned.zarr"
+    writer = OmeZarrWriter.create(out, data.shape, np.uint8, (40, 4, 4), "nanometer", levels=3, attrs={"params": {}})
+    for z in range(3):
+        writer.write_section(z, data[z])
+    writer.mark_complete()
+    assert is_complete(out)
+
+    image = list(Reader(parse_url(str(out)))())[0]
+    assert [level.shape for level in image.data] == [(3, 40, 50), (3, 20, 25), (3, 10, 13)]
+    assert all(level.dtype == np.uint8 for level in image.data)
+    assert [(a["name"], a["type"], a["unit"]) for a in image.metadata["axes"]] == [
+        ("z", "space", "nanometer"),
+        ("y", "space", "nanometer"),
+        ("x", "space", "nanometer"),
+    ]
+    np.testing.assert_array_equal(image.data[0].compute(), data)
+    block_mean = data[:, :2, :2].reshape(3, -1).mean(axis=1)
+    np.testing.assert_array_equal(image.data[1][:, 0, 0].compute(), np.rint(block_mean))
+    assert image.data[2][:, 0, -1].compute().tolist() == data[:, :4, 48:].reshape(3, -1).mean(1).round().tolist()
+    assert zarr.open_array(str(out / "0")).chunks == (1, 40, 50)
+    level1 = open_stack(out, level=1)
+    assert level1.voxel_size == (40.0, 8.0, 8.0) and level1.unit == "nanometer"
+    translation = zarr.open_group(str(out)).attrs["multiscales"][0]["datasets"][1]["coordinateTransformations"][1]
+    assert translation == {"type": "translation", "translation": [0.0, 2.0, 2.0]}
+    auto = OmeZarrWriter.create(tmp_path / "auto.zarr", (2, 600, 700), np.uint16)
+    assert [a.shape for a in auto.arrays] == [(2, 600, 700), (2, 300, 350), (2, 150, 175)]
+
+
+def test_writer_rounds_float_sections_into_integer_output(tmp_path):
+    writer = OmeZarrWriter.create(tmp_path / "out.zarr", (1, 2, 2), np.uint8, levels=2)
+    writer.write_section(0, np.array([[-3.0, 1.4], [2.6, 300.0]]))
+    np.testing.assert_array_equal(writer.arrays[0][0], [[0, 1], [3, 255]])
+    assert writer.arrays[1][0].tolist() == [[65]]
+
+
+def test_writer_resume_keeps_done_sections(tmp_path):
+    out = tmp_path / "out.zarr"
+    data = ramp((4, 10, 12))
+    args = (out, data.shape, data.dtype, (40, 4, 4), "nanometer")
+    params = {"params": {"model": "tiny", "window": (3, 1)}}
+    first = OmeZarrWriter.create(*args, levels=2, attrs=params)
+    first.write_section(0, data[0])
+    first.write_section(2, data[2])
+    raises_one_line(out, first.mark_complete, match=r"2 section\(s\) not written \(first: 1\)")
+    del first  # the process is killed here
+
+    resumed = OmeZarrWriter.create(*args, levels=2, attrs=params)
+    assert resumed.done_sections().tolist() == [True, False, True, False]
+    assert not is_complete(out)
+    np.testing.assert_array_equal(resumed.arrays[0][2], data[2])
+    for z in np.flatnonzero(~resumed.done_sections()):
+        resumed.write_section(int(z), data[z])
+    resumed.mark_complete()
+    assert is_complete(out) and OmeZarrWriter.open(out).done_sections().all()
+    np.testing.assert_array_equal(open_stack(out).data.compute(), data)
+
+
+def test_writer_refuses_different_params_without_overwrite(tmp_path):
+    out = tmp_path / "out.zarr"
+    writer = OmeZarrWriter.create(out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 1}})
+    writer.write_section(0, np.ones((8, 8), np.uint8))
+    raises_one_line(
+        out, OmeZarrWriter.create, out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 2}}, match="different params"
+    )
+    fresh = OmeZarrWriter.create(out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 2}}, overwrite=True)
+    assert not fresh.done_sections().any() and fresh.attrs["params"] == {"lr": 2}
+
+    other = zarr_array(tmp_path / "other.zarr", np.zeros((2, 8, 8), np.uint8))
+    raises_one_line(other, OmeZarrWriter.create, other, (2, 8, 8), np.uint8, match="not an emalign output")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "keep.jpg").write_bytes(b"x")
+    raises_one_line(folder, OmeZarrWriter.create, folder, (2, 8, 8), np.uint8, overwrite=True, match="not a Zarr store")
+    assert (folder / "keep.jpg").exists()
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "out.zarr"
+    target.write_text("precious")
+    raises_one_line(target, OmeZarrWriter.create, target, (2, 8, 8), np.uint8, overwrite=True, match="is a file")
+    assert target.read_text() == "precious"
+
+
+def test_create_array_is_zarr_v2_zstd(tmp_path):
+    array = create_array(tmp_path / "fields.zarr", "global", (3, 2, 5, 6), (1, 2, 64, 64), np.float32, {"stride": 8})
+    assert array.metadata.zarr_format == 2 and array.chunks == (1, 2, 5, 6) and array.attrs["stride"] == 8
+    assert array.metadata.compressor.cname == "zstd"
+
+
+def test_import_roundtrip_uint16(tmp_path):
+    data = RNG.integers(0, 65535, (4, 33, 40), dtype=np.uint16)
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, data, imagej=True, resolution=(0.25, 0.25), metadata={"spacing": 40.0, "unit": "nm"})
+    dst = tmp_path / "raw.zarr"
+    assert import_stack(src, dst, levels=2, progress=False) == str(dst)
+    assert is_complete(dst)
+    stack = open_stack(dst)
+    assert stack.data.dtype == np.uint16 and stack.voxel_size == pytest.approx((40.0, 4.0, 4.0))
+    np.testing.assert_array_equal(stack.data.compute(), data)
+    assert open_stack(dst, level=1).shape == (4, 17, 20)
+    assert OmeZarrWriter.open(dst).attrs["input"]["shape"] == [4, 33, 40]
+
+    writer = OmeZarrWriter.open(dst)  # simulate a run killed while writing section 1
+    writer.arrays[0][1] = 0
+    writer.done[1] = False
+    import_stack(src, dst, levels=2, progress=False)
+    np.testing.assert_array_equal(open_stack(dst).data.compute(), data)
+
+    override = import_stack(src, tmp_path / "um.zarr", progress=False, voxel_size=(0.05, 0.01, 0.01), unit="micrometer")
+    assert open_stack(override).voxel_size == (0.05, 0.01, 0.01) and open_stack(override).unit == "micrometer"

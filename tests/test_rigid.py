@@ -1,0 +1,236 @@
+"""Rigid registration: phase correlation, rigid estimates, the chain baseline and the redundant solve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from emalign import fields, rigid
+
+FLYEM = Path(__file__).resolve().parents[2] / "shared" / "data" / "flyem_medulla_training_sample1.tif"
+
+
+def texture(shape: tuple[int, ...], seed: int = 0, sigma: tuple[float, ...] | float = 2.0) -> np.ndarray:
+    """Smoothed random texture (2D image or 3D volume whose z-neighbours differ), values in 1..255."""
+    rng = np.random.default_rng(seed)
+    fine = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(shape), np.asarray(sigma) * 4)
+    image = fine / fine.std() + 1.5 * coarse / coarse.std()
+    return np.clip(128 + 30 * image, 1, 255).astype(np.float32)
+
+
+def pull(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``image`` pulled by a ``(2, 3)`` affine through emalign.fields (zeros outside)."""
+    return fields.warp(image, fields.affine_field(matrix, image.shape))
+
+
+def inverse(matrix: np.ndarray) -> np.ndarray:
+    return np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+
+
+def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Warping by ``first`` then by ``second``."""
+    return (np.vstack([first, [0, 0, 1]]) @ np.vstack([second, [0, 0, 1]]))[:2]
+
+
+def displacement_error(estimated: np.ndarray, expected: np.ndarray, shape: tuple[int, int]) -> float:
+    """Largest difference (px) of two affines over the image."""
+    difference = rigid.affine_fields(np.stack([estimated, expected]), shape, stride=8)
+    return float(np.abs(difference[0] - difference[1]).max())
+
+
+def angle_error(estimated: np.ndarray, expected: np.ndarray) -> float:
+    """Rotation (degrees) of ``estimated`` relative to ``expected``."""
+    relative = compose(inverse(expected), estimated)
+    return float(np.rad2deg(np.arctan2(relative[1, 0], relative[0, 0])))
+
+
+def test_phase_correlation_recovers_subpixel_shift():
+    fixed = texture((128, 128))
+    for true in [(3.3, -5.7), (-0.45, 0.8), (40.25, -35.5)]:  # the last is about a third of the image
+        moving = fields.warp(fixed, np.broadcast_to(np.array(true, np.float32)[:, None, None], (2, 128, 128)))
+        # moving(p) = fixed(p + true), so moving(p - true) = fixed(p): the pull shift is -true.
+        shift, peak = rigid.phase_correlation(fixed, moving)
+        np.testing.assert_allclose(shift, -np.array(true), atol=0.05)
+        assert peak > 0.3
+
+
+def test_phase_correlation_ignores_zero_border():
+    image = texture((160, 160), seed=1)
+    true = np.array([6.4, -9.3])
+    moving = pull(image, rigid.rigid_matrix(0.0, -true, image.shape))
+    fixed = image.copy()
+    # The same no-data frame in both: unmasked, its edges would correlate best at zero shift.
+    for im in (fixed, moving):
+        im[:30], im[:, -25:] = 0, 0
+    shift, peak = rigid.phase_correlation(fixed, moving)
+    np.testing.assert_allclose(shift, true, atol=0.1)
+    # Explicit masks exclude valid-looking pixels too.
+    mask = np.ones(image.shape, bool)
+    mask[100:] = False
+    masked_shift, _ = rigid.phase_correlation(fixed, moving, mask_fixed=mask, mask_moving=mask)
+    np.testing.assert_allclose(masked_shift, true, atol=0.15)
+
+
+def test_phase_correlation_peak_is_a_confidence():
+    image = texture((128, 128), seed=2)
+    assert rigid.phase_correlation(image, image)[1] == pytest.approx(1.0, abs=1e-3)
+    assert rigid.phase_correlation(image, texture((128, 128), seed=3))[1] < 0.15
+    assert rigid.phase_correlation(image, np.zeros_like(image)) == (pytest.approx([0, 0]), 0.0)
+
+
+def test_estimate_rigid_recovers_rotation_and_shift():
+    volume = texture((3, 192, 192), seed=4, sigma=(1.5, 2, 2))  # neighbours share coarse structure only
+    truth = rigid.rigid_matrix(3.2, (12.5, -7.25), (192, 192))
+    for moving_slice in (0, 1):
+        estimate = rigid.estimate_rigid(volume[0], pull(volume[moving_slice], truth))
+        expected = inverse(truth)
+        assert abs(angle_error(estimate.matrix, expected)) < 0.05
+        assert displacement_error(estimate.matrix, expected, (192, 192)) < 0.3
+        angle, shift = rigid._angle_and_shift(expected, (192, 192))
+        assert estimate.angle_deg == pytest.approx(angle, abs=0.05)
+        np.testing.assert_allclose(estimate.shift, shift, atol=0.2)
+        np.testing.assert_allclose(estimate.matrix, rigid.rigid_matrix(estimate.angle_deg, estimate.shift, (192, 192)))
+        assert estimate.score > 0.3
+
+
+@pytest.mark.parametrize(("shape", "downsample"), [((192, 192), 4), ((191, 257), 3)])
+def test_estimate_rigid_downsampled_is_in_full_resolution_pixels(shape, downsample):
+    image = texture(shape, seed=5)
+    truth = rigid.rigid_matrix(-2.0, (20.0, 9.0), image.shape)
+    estimate = rigid.estimate_rigid(image, pull(image, truth), downsample=downsample)
+    assert displacement_error(estimate.matrix, inverse(truth), image.shape) < 0.4
+
+
+@pytest.mark.skipif(not FLYEM.exists(), reason=f"FlyEM sample not found at {FLYEM}")
+def test_estimate_rigid_on_flyem_neighbours():
+    tifffile = pytest.importorskip("tifffile")
+    volume = tifffile.imread(FLYEM).astype(np.float32)
+    shape = volume.shape[1:]
+    rng = np.random.default_rng(0)
+    for z in (30, 120, 200):
+        fixed, neighbour = volume[z], volume[z + 4]  # 40 nm apart: the content changes
+        truth = rigid.rigid_matrix(rng.uniform(-4, 4), rng.uniform(-20, 20, 2), shape)
+        # Oblique neurites move between sections, so the raw pair is itself ~1-2 px "misaligned";
+        # the estimate of the warped pair must be that raw estimate, moved by the known warp.
+        raw = rigid.estimate_rigid(fixed, neighbour)
+        assert abs(raw.angle_deg) < 1.0 and np.abs(raw.shift).max() < 4
+        warped = rigid.estimate_rigid(fixed, pull(neighbour, truth))
+        expected = compose(inverse(truth), raw.matrix)
+        assert abs(angle_error(warped.matrix, expected)) < 0.15
+        assert np.abs(warped.shift - rigid._angle_and_shift(expected, shape)[1]).max() < 0.4
+        assert 0.1 < warped.score < 0.9
+
+
+def test_rigid_chain_undoes_known_per_section_motion():
+    image = texture((128, 128), seed=6)
+    rng = np.random.default_rng(1)
+    motions = [rigid.rigid_matrix(rng.normal(0, 2), rng.normal(0, 8, 2), image.shape) for _ in range(6)]
+    stack = np.stack([pull(image, m) for m in motions])  # raw_z(p) = image(M_z p)
+    chain = rigid.rigid_chain(stack)
+    np.testing.assert_allclose(chain[0], np.eye(2, 3))
+    # aligned_z(p) = raw_z(T_z p) = image(M_z T_z p): M_z T_z must be one common map, M_0.
+    for motion, transform in zip(motions, chain, strict=True):
+        assert displacement_error(compose(motion, transform), motions[0], image.shape) < 0.3
+
+
+def test_affine_fields_are_per_section_pull_fields():
+    matrices = np.stack([rigid.rigid_matrix(a, (a, -a), (50, 40)) for a in (0.0, 1.0, -3.0)])
+    grid = rigid.affine_fields(matrices, (50, 40), stride=8)
+    assert grid.shape == (3, 2, 7, 5) and grid.dtype == np.float32
+    np.testing.assert_allclose(grid[2], fields.affine_field(matrices[2], (7, 5), stride=8))
+    np.testing.assert_allclose(rigid.affine_fields(matrices, (50, 40))[1], fields.affine_field(matrices[1], (50, 40)))
+
+
+def misaligned_stack(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sections of a textured volume, each moved by an independent rigid motion ``M_z``."""
+    volume = texture((n, size, size), seed=seed, sigma=(2.0, 2.0, 2.0))
+    rng = np.random.default_rng(seed)
+    motions = np.stack([rigid.rigid_matrix(rng.normal(0, 1), rng.normal(0, 15, 2), (size, size)) for _ in range(n)])
+    return np.stack([pull(volume[z], motions[z]) for z in range(n)]), motions
+
+
+def residual_spread(transforms: np.ndarray, motions: np.ndarray, shape: tuple[int, int]) -> float:
+    """RMS over sections of the residual field ``M_z T_z - I`` after removing its mean over z (px)."""
+    residual = rigid.affine_fields([compose(m, t) for m, t in zip(motions, transforms, strict=True)], shape, 16)
+    return float(np.sqrt(((residual - residual.mean(axis=0)) ** 2).sum(axis=1).mean()))
+
+
+def test_pairwise_rigid_and_solve_align_a_misaligned_stack():
+    stack, motions = misaligned_stack(10, 192, seed=7)
+    pairs = rigid.pairwise_rigid(stack, offsets=(1, 2), downsample=2)
+    assert [(z, j) for z, j, _, _ in pairs][:3] == [(1, 0), (2, 1), (2, 0)]
+    for z, j, matrix, score in pairs:
+        # raw_j(p) ~ raw_z(P p) with raw_z = volume_z o M_z: P = M_z^-1 M_j.
+        assert displacement_error(matrix, compose(inverse(motions[z]), motions[j]), (192, 192)) < 1.5
+        assert score > 0.3
+    transforms = rigid.solve_rigid(10, pairs, (192, 192))
+    assert residual_spread(transforms, motions, (192, 192)) < 0.6
+    assert residual_spread(np.tile(np.eye(2, 3), (10, 1, 1)), motions, (192, 192)) > 10
+
+
+def test_blank_section_is_bridged():
+    stack, motions = misaligned_stack(8, 128, seed=8)
+    stack[4] = 0
+    pairs = rigid.pairwise_rigid(stack, offsets=(1, 2, 3), downsample=2)
+    assert all(score == 0 for z, j, _, score in pairs if 4 in (z, j))
+    assert all(score > 0.2 for z, j, _, score in pairs if 4 not in (z, j))
+    transforms = rigid.solve_rigid(8, pairs, (128, 128))
+    keep = [z for z in range(8) if z != 4]
+    assert residual_spread(transforms[keep], motions[keep], (128, 128)) < 0.6
+    assert np.isfinite(transforms).all()
+
+
+def synthetic_pairs(
+    transforms: np.ndarray, offsets: tuple[int, ...], noise: float, rng: np.random.Generator, shape: tuple[int, int]
+) -> list[tuple[int, int, np.ndarray, float]]:
+    """Pairs ``P = T_z T_j^-1`` measured with independent noise (``noise`` px; angle noise alike at the rim)."""
+    pairs = []
+    for z in range(len(transforms)):
+        for k in offsets:
+            if z >= k:
+                error = rigid.rigid_matrix(rng.normal(0, np.rad2deg(noise / 100)), rng.normal(0, noise, 2), shape)
+                pairs.append((z, z - k, compose(compose(transforms[z], inverse(transforms[z - k])), error), 0.8))
+    return pairs
+
+
+def random_transforms(n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    return np.stack([rigid.rigid_matrix(rng.normal(0, 1), rng.normal(0, 15, 2), shape) for _ in range(n)])
+
+
+def test_solve_rigid_beats_chain_on_long_stack():
+    shape, rng = (256, 256), np.random.default_rng(9)
+    truth = random_transforms(60, shape, rng)  # aligned_z = raw_z o T_z
+    motions = np.stack([inverse(t) for t in truth])
+    pairs = synthetic_pairs(truth, (1, 2, 3), noise=0.5, rng=rng, shape=shape)
+    chain = np.zeros_like(truth)
+    chain[0] = np.eye(2, 3)
+    for z, j, matrix, _ in pairs:
+        if z - j == 1:
+            chain[z] = compose(matrix, chain[z - 1])
+    solved = rigid.solve_rigid(60, pairs, shape)
+    chain_error, solve_error = residual_spread(chain, motions, shape), residual_spread(solved, motions, shape)
+    assert solve_error < 0.5 * chain_error
+    assert solve_error < 1.0
+    # The gauge: no mean rotation or translation over the stack.
+    angles, shifts = zip(*(rigid._angle_and_shift(t, shape) for t in solved), strict=True)
+    assert abs(np.mean(angles)) < 1e-6 and np.abs(np.mean(shifts, axis=0)).max() < 1e-6
+
+
+def test_solve_rigid_down_weights_gross_outliers():
+    shape, rng = (256, 256), np.random.default_rng(10)
+    truth = random_transforms(30, shape, rng)
+    motions = np.stack([inverse(t) for t in truth])
+    pairs = synthetic_pairs(truth, (1, 2, 3), noise=0.2, rng=rng, shape=shape)
+    for i in rng.choice(len(pairs), 8, replace=False):  # failed matches: wild, with middling scores
+        z, j, _, _ = pairs[i]
+        pairs[i] = (z, j, rigid.rigid_matrix(rng.uniform(-10, 10), rng.uniform(-100, 100, 2), shape), 0.4)
+    assert residual_spread(rigid.solve_rigid(30, pairs, shape), motions, shape) < 0.5
+
+
+def test_solve_rigid_leaves_an_aligned_stack_alone():
+    pairs = [(z, z - k, np.eye(2, 3), 0.7) for z in range(12) for k in (1, 2, 3) if z >= k]
+    np.testing.assert_allclose(rigid.solve_rigid(12, pairs, (100, 120)), np.tile(np.eye(2, 3), (12, 1, 1)), atol=1e-9)
