@@ -41,11 +41,12 @@ def _plan_options(func):
         click.option("--block", default=16, show_default=True, help="sections per task"),
         click.option("--stitch-block", default=128, show_default=True, help="sections per stitch solve"),
         click.option("--stitch-overlap", default=32, show_default=True, help="overlap of stitch solves"),
-        click.option("--spring", default=0.05, show_default=True, help="stitch pull towards the prealignment"),
+        click.option("--spring", default=0.2, show_default=True, help="stitch pull towards the prealignment"),
+        click.option("--smoothing", default=16.0, show_default=True, help="Gaussian sigma of the network fields, px"),
         click.option("--tile", default=512, show_default=True, help="xy tile of the network, px"),
         click.option("--halo", default=64, show_default=True, help="xy tile overlap, px"),
-        click.option("--coarse-downsample", default=4, show_default=True, help="prealignment resolution factor"),
-        click.option("--trend-stiffness", default=1e7, show_default=True, help="prealignment trend along z"),
+        click.option("--coarse-downsample", default=2, show_default=True, help="prealignment resolution factor"),
+        click.option("--trend-stiffness", default=1e4, show_default=True, help="prealignment trend along z"),
         click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
         click.option("--skip", default="", help="bad sections to bridge, e.g. 12,40"),
         click.option("--level", default=0, show_default=True, help="input OME-Zarr level"),
@@ -83,6 +84,7 @@ def _params(opts: dict):
         stitch_block=opts["stitch_block"],
         stitch_overlap=opts["stitch_overlap"],
         spring=opts["spring"],
+        smoothing=opts["smoothing"],
         tile=opts["tile"],
         halo=opts["halo"],
         coarse_downsample=opts["coarse_downsample"],
@@ -130,12 +132,20 @@ def _stage_command(stage: str, help_text: str):
     @click.option("--z-range", default=None, help="START:STOP, the sections this run takes")
     @_friendly
     def command(input_path: str, output_path: str, z_range: str | None, **opts) -> None:
+        from emalign.cluster import check_scheduler, scheduler
+        from emalign.device import resolve_device
         from emalign.io import open_stack
         from emalign.pipeline import Workspace, run_stage
+        from emalign.pipeline.plan import parse_z_range
 
         params = _params(opts)
-        ws = Workspace.create(open_stack(input_path, level=params.level), output_path, params)
-        click.echo(run_stage(stage, ws, z_range, opts["scheduler"], opts["device"], not opts["quiet"]))
+        check_scheduler(opts["scheduler"])
+        resolve_device(opts["device"])
+        stack = open_stack(input_path, level=params.level)
+        parse_z_range(z_range, stack.shape[0])
+        ws = Workspace.create(stack, output_path, params)
+        with scheduler(opts["scheduler"]) as compute:
+            click.echo(run_stage(stage, ws, z_range, compute, opts["device"], not opts["quiet"]))
 
     command.__doc__ = help_text
     return main.command(name=stage)(command)
@@ -236,3 +246,7 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
         f"validation end-point error: {history['val_epe'][0]:.3f} -> {history['val_epe'][-1]:.3f} px "
         f"(no correction: {history['val_epe_identity'][-1]:.3f} px); best checkpoint: {Path(out_dir) / 'best.pt'}"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -20,8 +20,22 @@ from dask.delayed import Delayed
 from emalign.errors import EmalignError
 
 
-def _cores() -> int:
+SCHEDULERS = "threads[:N], sync, processes[:N], tcp://host:port or slurm"
+
+
+def cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_scheduler(spec: str) -> None:
+    """Refuse a malformed ``--scheduler`` before anything is created."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("threads", "processes", "sync") and (not arg or (arg.isdigit() and int(arg) > 0)):
+        return
+    if kind in ("tcp", "slurm") and (kind == "slurm") == (not arg):
+        return
+    raise EmalignError(f"--scheduler {spec!r}: expected {SCHEDULERS}")
 
 
 @contextlib.contextmanager
@@ -31,15 +45,16 @@ def scheduler(spec: str = "threads", jobqueue_options: dict | None = None) -> It
     Yields ``{"scheduler": ..., "num_workers": ...}`` for local schedulers, or
     ``{"scheduler": client}`` for distributed ones (the client is closed on exit).
     """
+    check_scheduler(spec)
     kind, _, arg = spec.partition(":")
     if kind in ("threads", "sync"):
-        workers = int(arg) if arg else (1 if kind == "sync" else _cores())
+        workers = int(arg) if arg else (1 if kind == "sync" else cores())
         yield {"scheduler": "threads" if kind == "threads" else "sync", "num_workers": workers}
         return
     from distributed import Client, LocalCluster
 
     if kind == "processes":
-        workers = int(arg) if arg else _cores()
+        workers = int(arg) if arg else cores()
         with (
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster,
             Client(cluster) as client,
@@ -64,7 +79,7 @@ def scheduler(spec: str = "threads", jobqueue_options: dict | None = None) -> It
             print(f"dask dashboard: {client.dashboard_link}")
             yield {"scheduler": client}
         return
-    raise EmalignError(f"--scheduler {spec!r}: expected threads[:N], sync, processes[:N], tcp://host:port or slurm")
+    raise EmalignError(f"--scheduler {spec!r}: expected {SCHEDULERS}")
 
 
 def run_tasks(tasks: Sequence[Delayed], compute_kwargs: dict, label: str, progress: bool = True) -> list:

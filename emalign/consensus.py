@@ -105,7 +105,9 @@ def solve_block(
 
 
 def smooth_trend(values: np.ndarray, stiffness: float, weights: np.ndarray | None = None) -> np.ndarray:
-    """Whittaker smoother along z: ``argmin_s sum_z w_z |v_z - s_z|^2 + stiffness * sum_z |s_{z-1} - 2 s_z + s_{z+1}|^2``.
+    """Whittaker smoother along z.
+
+    ``argmin_s sum_z w_z |v_z - s_z|^2 + stiffness * sum_z |s_{z-1} - 2 s_z + s_{z+1}|^2``.
 
     It penalises the curvature of a trajectory, not its slope: a linear trend passes
     unchanged, independent per-section jitter is removed. ``values (Z, ...)``; weights
@@ -122,12 +124,14 @@ def smooth_trend(values: np.ndarray, stiffness: float, weights: np.ndarray | Non
 
 
 def block_plan(length: int, block: int, overlap: int) -> list[tuple[int, int]]:
-    """Overlapping ``[start, stop)`` z-blocks covering ``length`` sections."""
+    """Overlapping ``[start, stop)`` z-blocks covering ``length`` sections; neighbours share ``overlap``.
+
+    Every block starts ``block - overlap`` after the previous one; the last may be shorter.
+    """
     if length <= block:
         return [(0, length)]
     step = block - overlap
-    starts = list(range(0, length - block, step)) + [length - block]
-    return [(s, s + block) for s in starts]
+    return [(s, min(s + block, length)) for s in range(0, length - overlap, step)]
 
 
 def blend_weights(start: int, stop: int, length: int, overlap: int) -> np.ndarray:

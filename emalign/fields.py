@@ -120,7 +120,7 @@ def rescale_torch(field: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     spatial = field.shape[2:]
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     out = F.interpolate(field, size=size, mode=mode, align_corners=True)
-    factors = [(n_out - 1) / max(n_in - 1, 1) for n_in, n_out in zip(spatial, size)]
+    factors = [(n_out - 1) / max(n_in - 1, 1) for n_in, n_out in zip(spatial, size, strict=True)]
     return out * torch.tensor(factors, dtype=out.dtype, device=out.device).view(1, -1, *([1] * len(size)))
 
 

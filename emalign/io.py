@@ -562,7 +562,9 @@ def import_stack(
     """Stream any readable stack into an OME-Zarr at `dst`, one section at a time; resumes a partial import."""
     stack = open_stack(src, level=level, dataset=dataset)
     voxel_size = [float(v) for v in (stack.voxel_size if voxel_size is None else voxel_size)]
-    unit = unit or stack.unit
+    if unit is not None and str(unit).strip().lower() not in _UNITS:
+        raise _err(dst, f"unit {unit!r} is not a known length unit (e.g. nanometer, nm, micrometer, um)")
+    unit = _UNITS[str(unit).strip().lower()] if unit is not None else stack.unit
     source = os.path.abspath(src)
     params = {
         "step": "import",

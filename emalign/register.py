@@ -67,7 +67,8 @@ def _stitched(
     k = model.config.references
     depth, height, width = stack.shape
     excluded = np.array([not np.any(section) for section in stack])
-    matrices = rigid.solve_rigid(depth, rigid.pairwise_rigid(stack, downsample=2))
+    pairs = rigid.pairwise_rigid(stack, downsample=2)
+    matrices = rigid.solve_rigid(depth, pairs, (height, width)) if depth > 1 else np.eye(2, 3)[None]
     coarse = rigid.affine_fields(matrices, (height, width))
     prealigned = np.stack([warp(stack[z].astype(np.float32), coarse[z]) for z in range(depth)])
     grid = (len(range(0, height, stride)), len(range(0, width, stride)))

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         scaler.step(opt)
         scaler.update()
         schedule.step()
-        running.append(float(loss))
+        running.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}", epe=f"{float(terms['epe']):.2f}")
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             metrics = validate(model, val_batches, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = 
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         model = FAEMReg(FAEMRegConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state"])
-    except (KeyError, RuntimeError, TypeError, OSError) as err:
+    except (KeyError, RuntimeError, TypeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise EmalignError(f"{path}: not a valid emalign checkpoint ({type(err).__name__})") from None
     return model.to(device).eval()
 

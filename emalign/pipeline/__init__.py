@@ -13,7 +13,8 @@ import time
 
 import dask
 
-from emalign.cluster import run_tasks, scheduler
+from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
+from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.io import Stack, open_stack
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
@@ -23,7 +24,7 @@ from emalign.pipeline.render import render_block
 from emalign.pipeline.stitch import stitch
 from emalign.pipeline.store import Workspace, open_workspace
 
-__all__ = ["AlignParams", "Plan", "Workspace", "align", "open_workspace", "run_stage"]
+__all__ = ["STAGES", "AlignParams", "Plan", "Workspace", "align", "open_workspace", "run_stage"]
 
 
 def _stack(ws: Workspace) -> Stack:
@@ -55,44 +56,48 @@ def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> 
     return [i for i, block in enumerate(blocks) if block in wanted and not done[i]]
 
 
+STAGES = ("prealign", "estimate", "stitch", "render", "qc")
+
+
 def run_stage(
     stage: str,
     ws: Workspace,
     z_range: str | None = None,
-    scheduler_spec: str = "threads",
+    compute: dict | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> str:
     """Run one stage (``prealign``, ``estimate``, ``stitch``, ``render``, ``qc``) on a z-range of the stack.
 
-    Returns a one-line (or, for qc, a few-line) report.
+    ``compute``: the dask compute arguments from :func:`emalign.cluster.scheduler` (default:
+    the threaded scheduler). Returns a one-line (for qc, a few-line) report.
     """
-    depth = ws.plan.shape[0]
-    zr = parse_z_range(z_range, depth)
+    if stage not in STAGES:
+        raise EmalignError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    zr = parse_z_range(z_range, ws.plan.shape[0])
     if stage == "stitch":
         if not ws.stage_done("stitch").all():
             stitch(ws)
         return "stitch: global fields written"
     if stage == "qc":
         return run_qc(ws, _stack(ws))
+    if stage == "estimate":
+        ws.require("prealign")
+    if stage == "render":
+        ws.require("stitch")
+    compute = compute or {"scheduler": "threads", "num_workers": cores()}
     todo = _blocks_todo(ws, stage, zr)
-    with scheduler(scheduler_spec) as compute:
-        workers = compute.get("num_workers") or 1
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        if stage == "prealign":
-            tasks = [dask.delayed(_prealign_task)(ws.path, i) for i in todo]
-        elif stage == "estimate":
-            ws.require("prealign")
-            tasks = [dask.delayed(_estimate_task)(ws.path, i, device, threads) for i in todo]
-        elif stage == "render":
-            ws.require("stitch")
-            tasks = [dask.delayed(_render_task)(ws.path, i) for i in todo]
-        else:
-            raise EmalignError(f"unknown stage {stage!r}")
-        run_tasks(tasks, compute, f"{stage} ({len(todo)} blocks)", progress and bool(todo))
+    threads = max(1, cores() // (compute.get("num_workers") or 1))
+    if stage == "prealign":
+        tasks = [dask.delayed(_prealign_task)(ws.path, i) for i in todo]
+    elif stage == "estimate":
+        tasks = [dask.delayed(_estimate_task)(ws.path, i, device, threads) for i in todo]
+    else:
+        tasks = [dask.delayed(_render_task)(ws.path, i) for i in todo]
+    run_tasks(tasks, compute, f"{stage} ({len(todo)} blocks)", progress and bool(todo))
     if stage == "prealign" and ws.stage_done("prealign").all():
-        flags = solve_prealignment(ws)
-        return f"prealign: {len(todo)} block(s) done; global rigid solve done; {int((flags != 0).sum())} flagged section(s)"
+        flagged = int((solve_prealignment(ws) != 0).sum())
+        return f"prealign: {len(todo)} block(s) done; global rigid solve done; {flagged} flagged section(s)"
     if stage == "render" and ws.writer.done_sections().all():
         ws.writer.mark_complete()
         return f"render: {len(todo)} block(s) written; output complete"
@@ -110,16 +115,16 @@ def align(
 ) -> tuple[Workspace, dict[str, float], str]:
     """Align a stack end to end into an OME-Zarr; returns the workspace, seconds per stage and the QC summary."""
     params = params or AlignParams()
+    check_scheduler(scheduler_spec)
+    resolve_device(device)
     stack = open_stack(input_path, level=params.level)
     ws = Workspace.create(stack, output_path, params, overwrite=overwrite)
     seconds: dict[str, float] = {}
-    for stage in ("prealign", "estimate", "stitch", "render"):
-        start = time.perf_counter()
-        message = run_stage(stage, ws, None, scheduler_spec, device, progress)
-        seconds[stage] = time.perf_counter() - start
-        if progress:
-            print(message)
-    start = time.perf_counter()
-    report = run_stage("qc", ws)
-    seconds["qc"] = time.perf_counter() - start
-    return ws, seconds, report
+    with scheduler(scheduler_spec) as compute:
+        for stage in STAGES:
+            start = time.perf_counter()
+            message = run_stage(stage, ws, None, compute, device, progress)
+            seconds[stage] = time.perf_counter() - start
+            if progress and stage != "qc":
+                print(message)
+    return ws, seconds, message

@@ -17,6 +17,7 @@ import functools
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from emalign import consensus, models, rigid
 from emalign.device import resolve_device
@@ -40,6 +41,17 @@ def section_stats(section: np.ndarray) -> tuple[float, float]:
     return fraction, float(values.std() / scale)
 
 
+class CheckedSections:
+    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors)."""
+
+    def __init__(self, stack: Stack, start: int, stop: int):
+        self.stack, self.start = stack, start
+        self.shape = (stop - start, *stack.shape[1:])
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return check_chunk(self.stack, self.start + z)
+
+
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Statistics and pairwise rigid estimates of the sections of block ``index``."""
     start, stop = ws.plan.blocks()[index]
@@ -49,7 +61,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     ws.array("sections/stats")[start:stop] = stats
     first = max(start - max(OFFSETS), 0)
     pairs = rigid.pairwise_rigid(
-        stack.data[first:stop], OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg
+        CheckedSections(stack, first, stop), OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg
     )
     table = np.full((stop - start, len(OFFSETS), 7), np.nan)
     for z, j, matrix, score in pairs:
@@ -94,6 +106,11 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     return flags
 
 
+def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of a ``(2, gy, gx)`` field over y, x (sigma in grid cells; 0: unchanged)."""
+    return ndimage.gaussian_filter(field, (0, sigma, sigma), mode="nearest") if sigma > 0 else field
+
+
 @functools.lru_cache(maxsize=4)
 def _model(name: str, device: str) -> models.FAEMReg:
     return models.load(name, resolve_device(device))
@@ -126,6 +143,6 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
         batch = todo[first : first + BATCH]
         windows = np.stack([np.stack([prealigned[i] for i in consensus.neighbour_indices(z, depth, k)]) for z in batch])
         fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH)
-        for z, field in zip(batch, fields):
-            relative[z] = field[:, ::s, ::s]
+        for z, field in zip(batch, fields, strict=True):
+            relative[z] = smooth_field(field[:, ::s, ::s], params.smoothing / s)
     ws.mark_done("estimate", index)

@@ -22,11 +22,13 @@ class AlignParams:
         block: sections per estimate/render task.
         stitch_block, stitch_overlap: z-block length and overlap of the stitch solve.
         spring: pull of the stitch towards the prealigned geometry.
+        smoothing: Gaussian sigma (full-resolution px) applied to each network field
+            before the stitch (misalignment is smooth; this removes estimation noise).
         tile, halo: xy tile size and overlap (px) of the network's estimate.
         coarse_downsample: block-mean factor of the rigid prealignment.
         trend_stiffness: curvature weight (sections^4) of the prealignment's trend along z:
-            what follows the trend is kept as content drift, the rest corrected. At 1e7 the
-            trend is straight over ~100 sections and bends over many hundreds.
+            what follows the trend is kept as content drift, the rest corrected (larger: a
+            straighter trend; 1e4 bends over a few tens of sections).
         max_rotation_deg: largest rotation the prealignment searches.
         skip: sections the user marks as bad (bridged and written through unchanged).
         level: input OME-Zarr level to align.
@@ -37,11 +39,12 @@ class AlignParams:
     block: int = 16
     stitch_block: int = 128
     stitch_overlap: int = 32
-    spring: float = 0.05
+    spring: float = 0.2
+    smoothing: float = 16.0
     tile: int = 512
     halo: int = 64
-    coarse_downsample: int = 4
-    trend_stiffness: float = 1e7
+    coarse_downsample: int = 2
+    trend_stiffness: float = 1e4
     max_rotation_deg: float = 10.0
     skip: tuple[int, ...] = ()
     level: int = 0

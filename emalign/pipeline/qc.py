@@ -49,7 +49,7 @@ def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
                 "corr_before": before[z],
                 "corr_after": after[z],
                 "field_rms_px": float(np.sqrt(np.mean(np.sum(field**2, 0)))),
-                "folding_pct": folding_percent(field) if min(field.shape[1:]) > 1 else 0.0,
+                "folding_pct": folding_percent(field / ws.params.stride) if min(field.shape[1:]) > 1 else 0.0,
             }
         )
     return rows

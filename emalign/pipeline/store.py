@@ -58,9 +58,13 @@ class Workspace:
         """Create the output for ``stack`` (or reopen it when params match, to resume)."""
         params.validate()
         plan = Plan(stack.shape, params)
+        source = {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
+        existing = _existing_input(out)
+        if existing is not None and existing != source and not overwrite:
+            raise EmalignError(f"{out}: holds the alignment of another input ({existing['path']}); use --overwrite")
         attrs = {
             "version": __version__,
-            "input": {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)},
+            "input": source,
             "params": params.to_dict(),
             "plan": plan.to_dict(),
             "model": {"name": params.model, "sha256": models.checksum(params.model)},
@@ -87,9 +91,10 @@ class Workspace:
                 {"type": "scale", "scale": [voxel_size[0], 1.0, voxel_size[1] * stride, voxel_size[2] * stride]}
             ],
         }
+        block = plan.params.block  # arrays written by parallel block tasks: one chunk per block, no shared chunk
         create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
-        create_array(out, "sections/stats", (depth, 2), (4096, 2), np.float32)
-        create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (256, len(OFFSETS), 7), np.float64)
+        create_array(out, "sections/stats", (depth, 2), (block, 2), np.float32)
+        create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
         for name in ("relative", "global"):
             create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
@@ -116,6 +121,14 @@ class Workspace:
 
     def flags(self) -> np.ndarray:
         return np.asarray(self.array("sections/flags")[:], np.uint8)
+
+
+def _existing_input(out: str | os.PathLike) -> dict | None:
+    """The ``input`` record of an existing emalign output at ``out`` (None if there is none)."""
+    try:
+        return dict(zarr.open_group(str(out), mode="r").attrs["emalign"]["input"])
+    except Exception:
+        return None
 
 
 def open_workspace(out: str | os.PathLike) -> Workspace:

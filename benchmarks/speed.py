@@ -1,0 +1,109 @@
+"""End-to-end throughput and peak memory of `emalign align` (read, prealign, estimate, stitch, render, write).
+
+    python benchmarks/speed.py [--sections 100] [--size 448] [--repeat 3] [--grow 10]
+
+Builds a procedural EM-like stack with known misalignment (Zarr input), runs `emalign align`
+in a fresh process per run, and reports the median wall time, MPx/s of input and the peak
+resident memory of that process. ``--grow N`` adds a row for a stack N times longer in z
+(the same sections repeated), to show that memory stays flat as stacks grow in z.
+Writes a Markdown table to benchmarks/results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from emalign import synth
+
+RESULTS = Path(__file__).parent / "results"
+
+_CHILD = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+seconds = time.perf_counter() - start
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+"""
+
+
+def make_input(path: Path, sections: int, size: int, repeat_z: int = 1) -> tuple[int, int, int]:
+    """A misaligned procedural stack as a Zarr array (1 x size x size chunks), repeated ``repeat_z`` times in z."""
+    _, case = synth.demo_stack((sections, size, size), seed=0, z_step=4.0)
+    shape = (sections * repeat_z, size, size)
+    array = zarr.open_array(str(path), mode="w", shape=shape, chunks=(1, size, size), dtype=np.uint8, zarr_format=2)
+    for r in range(repeat_z):
+        array[r * sections : (r + 1) * sections] = case.stack if r % 2 == 0 else case.stack[::-1]
+    return shape
+
+
+def run_align(src: Path, out: Path, extra: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of one `emalign align` process."""
+    cmd = [sys.executable, "-m", "emalign.cli", "align", str(src), str(out), "--overwrite", "--quiet", *extra]
+    line = subprocess.run([sys.executable, "-c", _CHILD, *cmd], capture_output=True, text=True, check=True).stdout
+    seconds, rss_kib, code = line.split()
+    if int(code) != 0:
+        raise RuntimeError(f"emalign align failed ({code}) on {src}")
+    return float(seconds), float(rss_kib) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", type=int, default=100)
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row (median reported)")
+    parser.add_argument("--grow", type=int, default=10, help="z growth factor of the second row (0: none)")
+    parser.add_argument("--extra", default="", help="extra `emalign align` options, e.g. '--device cuda'")
+    parser.add_argument("--out", default=str(RESULTS / "speed.md"))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for grow in [1] + ([args.grow] if args.grow > 1 else []):
+            src = Path(tmp) / f"input-{grow}.zarr"
+            shape = make_input(src, args.sections, args.size, grow)
+            runs = [
+                run_align(src, Path(tmp) / "out.zarr", args.extra.split())
+                for _ in range(args.repeat if grow == 1 else 1)
+            ]
+            seconds = statistics.median(r[0] for r in runs)
+            rss = max(r[1] for r in runs)
+            mpx = np.prod(shape) / 1e6
+            rows.append(
+                {
+                    "shape": shape,
+                    "mpx": mpx,
+                    "seconds": seconds,
+                    "mpx_per_s": mpx / seconds,
+                    "peak_mib": rss,
+                    "runs": len(runs),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [
+        f"emalign align, end to end (read, prealign, estimate, stitch, render, write), {time.strftime('%Y-%m-%d')}",
+        "",
+        "| stack (z, y, x) | MPx | runs | median s | MPx/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {' x '.join(map(str, r['shape']))} | {r['mpx']:.1f} | {r['runs']} | {r['seconds']:.1f} | "
+            f"{r['mpx_per_s']:.2f} | {r['peak_mib']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

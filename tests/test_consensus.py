@@ -1,0 +1,248 @@
+"""Reconciling relative section estimates into one correction per section (emalign/consensus.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from emalign import consensus
+from emalign.train import reference_weights
+
+torch.set_num_threads(1)
+
+
+def _apply(matrix: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``A c`` for corrections ``c (Z, ...)`` with any trailing shape."""
+    return np.tensordot(matrix, values, axes=(1, 0))
+
+
+def _without_line(values: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+    """``values (Z, ...)`` minus its least-squares line ``a + b z`` (the consensus' null space), per column."""
+    z = np.arange(len(values), dtype=float) if z is None else np.asarray(z, float)
+    basis = np.stack([np.ones_like(z), z], 1)
+    flat = values.reshape(len(values), -1)
+    coef, *_ = np.linalg.lstsq(basis, flat, rcond=None)
+    return (flat - basis @ coef).reshape(values.shape)
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
+
+
+# --- indices and weights -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("index", "length", "expected"),
+    [(-1, 5, 1), (5, 5, 3), (-6, 5, 2), (9, 5, 1), (0, 5, 0), (4, 5, 4), (3, 1, 0), (-2, 2, 0), (2, 2, 0)],
+)
+def test_reflect_mirrors_indices_into_the_stack(index, length, expected):
+    assert consensus.reflect(index, length) == expected
+
+
+def test_neighbour_indices_are_a_symmetric_window_reflected_at_the_ends():
+    assert consensus.neighbour_indices(5, 10, 3) == [2, 3, 4, 5, 6, 7, 8]
+    assert consensus.neighbour_indices(0, 10, 3) == [3, 2, 1, 0, 1, 2, 3]
+    assert consensus.neighbour_indices(9, 10, 3) == [6, 7, 8, 9, 8, 7, 6]
+    assert consensus.neighbour_indices(1, 10, 2) == [1, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("z", [0, 1, 5, 9])
+def test_window_weights_sum_to_one_and_favour_the_nearest(z):
+    weights = consensus.window_weights(z, 10, 3, np.zeros(10, bool))
+    assert z not in weights
+    assert abs(sum(weights.values()) - 1.0) < 1e-12
+    by_distance = {}
+    for index, w in weights.items():
+        by_distance[abs(index - z)] = by_distance.get(abs(index - z), 0.0) + w
+    assert by_distance[1] > by_distance[2] > by_distance[3]
+
+
+def test_window_weights_of_an_interior_section_are_the_trained_slot_weights():
+    slots = reference_weights(3, symmetric=True)
+    weights = consensus.window_weights(5, 12, 3, np.zeros(12, bool))
+    assert weights == pytest.approx({5 + d: slots[3 + d] for d in (-3, -2, -1, 1, 2, 3)})
+
+
+def test_window_weights_exclude_excluded_sections_and_renormalise():
+    excluded = np.zeros(12, bool)
+    excluded[[4, 7]] = True
+    weights = consensus.window_weights(5, 12, 3, excluded)
+    assert set(weights) == {2, 3, 6, 8}
+    assert abs(sum(weights.values()) - 1.0) < 1e-12
+    full = consensus.window_weights(5, 12, 3, np.zeros(12, bool))
+    assert weights[6] / weights[3] == pytest.approx(full[6] / full[3])
+
+
+def test_window_weights_are_empty_without_usable_references():
+    excluded = np.ones(6, bool)
+    excluded[2] = False
+    assert consensus.window_weights(2, 6, 2, excluded) == {}
+
+
+def test_window_weights_never_reference_the_section_itself_in_short_stacks():
+    assert consensus.window_weights(0, 2, 3, np.zeros(2, bool)) == {1: pytest.approx(1.0)}
+
+
+# --- the consensus system ----------------------------------------------------------------------------------
+
+
+def test_consensus_matrix_rows_annihilate_constants_and_interior_rows_linear_ramps():
+    matrix = consensus.consensus_matrix(0, 30, 3, np.zeros(30, bool))
+    z = np.arange(30.0)
+    np.testing.assert_allclose(matrix @ np.ones(30), 0.0, atol=1e-12)
+    np.testing.assert_allclose((matrix @ z)[3:-3], 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(matrix), 1.0)
+
+
+def test_consensus_matrix_zeroes_rows_of_excluded_sections_and_of_windows_leaving_the_block():
+    excluded = np.zeros(40, bool)
+    excluded[20] = True
+    matrix = consensus.consensus_matrix(10, 30, 3, excluded)
+    zero_rows = np.flatnonzero(~matrix.any(1)) + 10
+    assert list(zero_rows) == [10, 11, 12, 20, 27, 28, 29]
+    assert not matrix[:, 20 - 10].any()  # nobody references the excluded section
+
+
+def test_solve_block_recovers_corrections_up_to_a_line_in_z():
+    rng = np.random.default_rng(0)
+    length, k = 40, 3
+    excluded = np.zeros(length, bool)
+    truth = rng.normal(0, 2.0, (length, 2, 3, 4))
+    relative = _apply(consensus.consensus_matrix(0, length, k, excluded), truth)
+    solved = consensus.solve_block(relative.astype(np.float32), k, excluded, spring=1e-6)
+    assert solved.shape == truth.shape and solved.dtype == np.float32
+    assert _rms(_without_line(solved - truth)) < 1e-3 * _rms(truth)
+
+
+def test_solve_block_ignores_the_estimates_of_excluded_sections():
+    rng = np.random.default_rng(1)
+    length, k = 40, 3
+    excluded = np.zeros(length, bool)
+    excluded[[10, 25]] = True
+    truth = rng.normal(0, 2.0, (length, 2))
+    relative = _apply(consensus.consensus_matrix(0, length, k, excluded), truth)
+    relative[[10, 25]] = 1000.0  # garbage from blank sections
+    solved = consensus.solve_block(relative, k, excluded, spring=1e-6)
+    kept = np.flatnonzero(~excluded)
+    assert _rms(_without_line(solved[kept] - truth[kept], kept)) < 1e-3 * _rms(truth)
+    assert np.all(np.isfinite(solved)) and np.abs(solved[[10, 25]]).max() < 1e-3
+
+
+def test_solve_block_of_an_inner_block_satisfies_its_equations():
+    rng = np.random.default_rng(2)
+    length, k, start, stop = 60, 3, 20, 45
+    excluded = np.zeros(length, bool)
+    truth = rng.normal(0, 2.0, (stop - start, 2))
+    matrix = consensus.consensus_matrix(start, stop, k, excluded)
+    solved = consensus.solve_block(_apply(matrix, truth), k, excluded, spring=1e-6, start=start)
+    np.testing.assert_allclose(_apply(matrix, solved), _apply(matrix, truth), atol=1e-3)
+
+
+def test_a_strong_spring_keeps_corrections_near_zero():
+    relative = np.random.default_rng(3).normal(0, 1.0, (30, 2))
+    excluded = np.zeros(30, bool)
+    weak = consensus.solve_block(relative, 3, excluded, spring=0.01)
+    strong = consensus.solve_block(relative, 3, excluded, spring=100.0)
+    assert _rms(strong) < 0.05 * _rms(weak)
+
+
+def test_stitched_residual_does_not_grow_with_z_while_chaining_random_walks():
+    """300 sections with independent offsets; noisy relative estimates; stitching vs cumsum of pair differences."""
+    rng = np.random.default_rng(4)
+    length, k, noise, spring = 300, 3, 0.3, 0.05
+    excluded = np.zeros(length, bool)
+    offsets = rng.normal(0, 2.0, (length, 2, 8))  # 16 independent grid points per section
+    matrix = consensus.consensus_matrix(0, length, k, excluded)
+    relative = _apply(matrix, offsets) + rng.normal(0, noise, offsets.shape)
+    stitched = consensus.solve_block(relative, k, excluded, spring)
+
+    # the same solved in overlapping blocks, blended (normalised by the summed blend weights)
+    total, norm = np.zeros_like(offsets), np.zeros(length)
+    for start, stop in consensus.block_plan(length, 64, 16):
+        weights = consensus.blend_weights(start, stop, length, 16)
+        total[start:stop] += (
+            consensus.solve_block(relative[start:stop], k, excluded, spring, start) * weights[:, None, None]
+        )
+        norm[start:stop] += weights
+    blocked = total / norm[:, None, None]
+
+    pairs = np.diff(offsets, axis=0) + rng.normal(0, noise, (length - 1, *offsets.shape[1:]))
+    chained = np.concatenate([offsets[:1], offsets[:1] + np.cumsum(pairs, axis=0)])
+
+    third = length // 3
+    for estimate in (stitched, blocked):
+        residual = estimate - offsets
+        assert _rms(residual[-third:]) < 1.3 * _rms(residual[:third])  # does not grow with z
+        assert _rms(residual) < 0.5 * _rms(offsets)  # and is well below no correction
+    chain_residual = chained - offsets
+    assert _rms(chain_residual[-third:]) > 1.6 * _rms(chain_residual[:third])  # random walk
+    assert _rms(stitched - offsets) < 0.5 * _rms(chain_residual)
+    assert _rms(blocked - stitched) < 0.2 * _rms(stitched - offsets)
+
+
+# --- blocks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "block", "overlap"), [(90, 30, 10), (70, 30, 10), (100, 30, 10), (300, 64, 16)])
+def test_block_plan_covers_the_stack_with_overlapping_blocks(length, block, overlap):
+    plan = consensus.block_plan(length, block, overlap)
+    assert plan[0][0] == 0 and plan[-1][1] == length
+    assert all(0 < stop - start <= block for start, stop in plan)
+    for (_, stop), (start, _) in zip(plan[:-1], plan[1:], strict=True):
+        assert stop - start >= overlap
+
+
+def test_block_plan_of_a_short_stack_is_one_block():
+    assert consensus.block_plan(20, 30, 10) == [(0, 20)]
+    assert consensus.block_plan(30, 30, 10) == [(0, 30)]
+
+
+def _summed_blend(length: int, block: int, overlap: int) -> np.ndarray:
+    total = np.zeros(length)
+    for start, stop in consensus.block_plan(length, block, overlap):
+        weights = consensus.blend_weights(start, stop, length, overlap)
+        assert weights.shape == (stop - start,) and np.all(weights > 0)
+        total[start:stop] += weights
+    return total
+
+
+@pytest.mark.parametrize(("length", "block", "overlap"), [(90, 30, 10), (70, 30, 10), (30, 30, 10), (20, 30, 10)])
+def test_blend_weights_of_overlapping_blocks_sum_to_one(length, block, overlap):
+    np.testing.assert_allclose(_summed_blend(length, block, overlap), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("length", "block", "overlap"), [(100, 30, 10), (300, 64, 16), (45, 30, 10)])
+def test_blend_weights_sum_to_one_when_the_last_block_is_shifted_back(length, block, overlap):
+    np.testing.assert_allclose(_summed_blend(length, block, overlap), 1.0, atol=1e-12)
+
+
+# --- smoothing along z -------------------------------------------------------------------------------------
+
+
+def test_smooth_trend_passes_a_straight_line_unchanged():
+    z = np.arange(50.0)
+    line = np.stack([2.0 + 0.3 * z, -1.0 - 0.1 * z], 1)
+    np.testing.assert_allclose(consensus.smooth_trend(line, stiffness=1e4), line, atol=1e-6)
+
+
+def test_smooth_trend_removes_white_jitter():
+    rng = np.random.default_rng(5)
+    z = np.arange(200.0)
+    trend = np.stack([0.05 * z, 5 * np.sin(z / 60.0)], 1)
+    jitter = rng.normal(0, 1.0, trend.shape)
+    smooth = consensus.smooth_trend(trend + jitter, stiffness=1e3)
+    assert _rms(smooth - trend) < 0.3 * _rms(jitter)
+
+
+def test_smooth_trend_ignores_sections_of_zero_weight():
+    z = np.arange(30.0)
+    line = 1.0 + 0.5 * z
+    values = line.copy()
+    values[12] = 1000.0
+    weights = np.ones(30)
+    weights[12] = 0
+    np.testing.assert_allclose(consensus.smooth_trend(values, 1e3, weights), line, atol=1e-6)
+
+
+def test_smooth_trend_of_two_sections_is_their_mean():
+    np.testing.assert_allclose(consensus.smooth_trend(np.array([[1.0], [3.0]]), 10.0), [[2.0], [2.0]])

@@ -1,0 +1,387 @@
+"""The streaming pipeline through its Python API: align, run_stage, Workspace, AlignParams.
+
+Stacks are tiny (12 x 96 x 96) and ``block=4`` so there are several blocks per stage; dask runs
+with the ``sync`` scheduler so tasks are run in this thread (monkeypatching works, timings are stable).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import emalign.pipeline as pipeline
+from emalign import models
+from emalign.cluster import scheduler
+from emalign.errors import EmalignError
+from emalign.fields import folding_percent, resample
+from emalign.io import downsample2, is_complete, open_stack
+from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
+from emalign.pipeline import AlignParams, Workspace, align, open_workspace, run_stage
+from emalign.pipeline.qc import COLUMNS
+from emalign.synth import demo_stack
+
+SHAPE = (12, 96, 96)
+PARAMS = AlignParams(block=4)
+RUN = {"scheduler_spec": "sync", "device": "cpu", "progress": False}
+STAGE = {"compute": {"scheduler": "sync", "num_workers": 1}, "device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Give each network task one torch thread (the pipeline gives it cpu_count // workers).
+
+    Results do not depend on it; speed does: on a CPU shared with other work, 2 OpenMP threads per
+    task measured up to 60x slower than 1.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "cores", lambda: 1)
+        yield
+
+
+def one_line_error(path, func, *args, match: str | None = None, **kwargs) -> str:
+    """Call func, expect an EmalignError whose message is one line naming `path`; return the message."""
+    with pytest.raises(EmalignError, match=match) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+def level0(out: Path) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out), mode="r")["0"][:])
+
+
+def global_fields(out: Path) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out), mode="r")["fields/global"][:])
+
+
+def upsampled(fields: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    return np.stack([resample(f, stride, 1, shape) for f in fields])
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A misaligned synthetic stack with its ground truth, written as a TIFF."""
+    folder = tmp_path_factory.mktemp("input")
+    _, misaligned = demo_stack(SHAPE, seed=1)
+    path = folder / "stack.tif"
+    tifffile.imwrite(path, misaligned.stack, photometric="minisblack")
+    return path, misaligned
+
+
+@pytest.fixture(scope="module")
+def aligned(case, tmp_path_factory):
+    """One uninterrupted alignment of `case`, shared by the tests that only read it."""
+    path, _ = case
+    out = tmp_path_factory.mktemp("aligned") / "out.zarr"
+    ws, seconds, report = align(path, out, PARAMS, **RUN)
+    return out, ws, seconds, report
+
+
+# --- the output -------------------------------------------------------------------------------------------
+
+
+def test_align_writes_a_complete_ome_zarr_of_the_input_shape_and_dtype(case, aligned):
+    path, misaligned = case
+    out, ws, seconds, report = aligned
+    assert is_complete(out)
+    assert set(seconds) == {"prealign", "estimate", "stitch", "render", "qc"}
+    assert "sections: 12" in report
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].shape == misaligned.stack.shape
+    assert group["0"].dtype == misaligned.stack.dtype
+    assert ws.writer.done_sections().all()
+    for stage in ("prealign", "estimate", "stitch"):
+        assert ws.stage_done(stage).all()
+    assert len(ws.stage_done("estimate")) == 3  # 12 sections in blocks of 4
+
+
+def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    out, *_ = aligned
+    location = parse_url(str(out))
+    assert location is not None
+    nodes = list(Reader(location)())
+    assert nodes and any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
+    node = nodes[0]
+    assert [axis["name"] for axis in node.metadata["axes"]] == ["z", "y", "x"]
+    assert [tuple(level.shape) for level in node.data] == [SHAPE]  # 96 px: a single level
+    np.testing.assert_array_equal(np.asarray(node.data[0]), level0(out))
+    multiscales = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]
+    assert multiscales["version"] == "0.4"
+
+
+def test_align_records_provenance_params_plan_model_and_input(case, aligned):
+    path, _ = case
+    out, ws, *_ = aligned
+    meta = dict(zarr.open_group(str(out), mode="r").attrs["emalign"])
+    assert meta["complete"] is True
+    assert meta["params"] == PARAMS.to_dict()
+    assert AlignParams.from_dict(meta["params"]) == PARAMS
+    assert meta["plan"]["shape"] == list(SHAPE)
+    assert meta["plan"]["blocks"] == [[0, 4], [4, 8], [8, 12]]
+    assert meta["plan"]["grid_shape"] == [12, 12]
+    assert meta["model"]["name"] == "faemreg-small"
+    assert meta["model"]["sha256"] == models.checksum("faemreg-small")
+    digest = hashlib.sha256(models.checkpoint_path("faemreg-small").read_bytes()).hexdigest()
+    assert digest.startswith(meta["model"]["sha256"])
+    assert meta["input"] == {"path": str(path.resolve()), "shape": list(SHAPE), "dtype": "uint8"}
+    assert ws.input_path == str(path.resolve())
+    reopened = open_workspace(out)
+    assert reopened.params == PARAMS and reopened.plan.shape == SHAPE
+
+
+def test_align_writes_qc_table_with_one_row_per_section_and_a_plot(aligned):
+    out, *_ = aligned
+    with open(out / "qc.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert (
+        tuple(reader.fieldnames)
+        == COLUMNS
+        == ("z", "flags", "corr_before", "corr_after", "field_rms_px", "folding_pct")
+    )
+    assert [int(row["z"]) for row in rows] == list(range(SHAPE[0]))
+    assert all(row["flags"] == "" for row in rows)
+    assert rows[0]["corr_before"] == "nan"
+    for row in rows[1:]:
+        assert -1 <= float(row["corr_before"]) <= 1 and -1 <= float(row["corr_after"]) <= 1
+        assert float(row["field_rms_px"]) > 0
+    assert (out / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_aligned_adjacent_correlation_is_higher_than_raw(case, aligned):
+    _, misaligned = case
+    out, *_ = aligned
+    raw = np.nanmedian(adjacent_correlation(misaligned.stack))
+    after = np.nanmedian(adjacent_correlation(level0(out)))
+    assert raw < 0.3
+    assert after > raw + 0.25
+
+
+def test_global_fields_recover_the_ground_truth_much_better_than_no_alignment(case, aligned):
+    _, misaligned = case
+    out, ws, *_ = aligned
+    fields = upsampled(global_fields(out), ws.params.stride, SHAPE[1:])
+    error = alignment_metrics(residual_fields(misaligned.fields, fields), estimate=fields)
+    baseline = alignment_metrics(residual_fields(misaligned.fields, np.zeros_like(fields)))
+    # measured: rms 1.9 px vs 15.5 px without alignment
+    assert baseline["rms"] > 10
+    assert error["rms"] < 0.3 * baseline["rms"]
+    assert error["adj"] < 0.3 * baseline["adj"]
+    assert error["fold"] == 0.0
+
+
+def test_qc_folding_is_measured_in_full_resolution_pixels(aligned, tmp_path):
+    reference, *_ = aligned
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    ws = Workspace(out)
+    (gy, gx), stride = ws.plan.grid_shape, ws.params.stride
+    stretch = np.zeros((2, gy, gx), np.float32)
+    stretch[1] = -0.5 * stride * np.arange(gx)[None, :]  # p -> p + u(p) halves x: Jacobian determinant 0.5
+    assert folding_percent(resample(stretch, stride, 1, SHAPE[1:])) == 0.0
+    ws.array("fields/global")[3] = stretch
+    run_stage("qc", ws, **STAGE)
+    with open(out / "qc.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[3]["field_rms_px"]) > 0
+    assert float(rows[3]["folding_pct"]) == 0.0
+
+
+def test_pyramid_levels_are_listed_in_multiscales_and_are_2x_means(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    _, misaligned = demo_stack((4, 264, 264), seed=4)
+    path = tmp_path / "wide.tif"
+    tifffile.imwrite(path, misaligned.stack, photometric="minisblack")
+    out = tmp_path / "wide.zarr"
+    align(path, out, AlignParams(block=2), **RUN)
+    assert is_complete(out)
+    group = zarr.open_group(str(out), mode="r")
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1"]
+    assert datasets[1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
+    assert group["1"].shape == (4, 132, 132)
+    top, half = np.asarray(group["0"][:]), np.asarray(group["1"][:])
+    for z in range(4):
+        np.testing.assert_array_equal(half[z], downsample2(top[z]))
+    node = next(iter(Reader(parse_url(str(out)))()))
+    assert [tuple(level.shape) for level in node.data] == [(4, 264, 264), (4, 132, 132)]
+
+
+# --- resuming ---------------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_partial_estimate_matches_the_uninterrupted_run(case, aligned, tmp_path, monkeypatch):
+    path, _ = case
+    reference, *_ = aligned
+    out = tmp_path / "resumed.zarr"
+    ws = Workspace.create(open_stack(path), out, PARAMS)
+    run_stage("prealign", ws, **STAGE)
+    run_stage("estimate", ws, "0:8", **STAGE)
+    assert ws.stage_done("prealign").tolist() == [True] * 3
+    assert ws.stage_done("estimate").tolist() == [True, True, False]
+    assert not ws.stage_done("stitch").any()
+    assert not ws.writer.done_sections().any()
+    assert not is_complete(out)
+
+    calls: dict[str, list[int]] = {"prealign": [], "estimate": [], "render": []}
+
+    def recording(stage, func):
+        def wrapper(ws, stack, index, *args, **kwargs):
+            calls[stage].append(index)
+            return func(ws, stack, index, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "prealign_block", recording("prealign", pipeline.prealign_block))
+    monkeypatch.setattr(pipeline, "estimate_block", recording("estimate", pipeline.estimate_block))
+    monkeypatch.setattr(pipeline, "render_block", recording("render", pipeline.render_block))
+    align(path, out, PARAMS, **RUN)
+    assert calls["prealign"] == [] and calls["estimate"] == [2]
+    assert sorted(calls["render"]) == [0, 1, 2]
+    assert is_complete(out)
+    np.testing.assert_array_equal(level0(out), level0(reference))
+    np.testing.assert_array_equal(global_fields(out), global_fields(reference))
+
+    calls = {"prealign": [], "estimate": [], "render": []}
+    align(path, out, PARAMS, **RUN)  # a finished output: nothing is recomputed
+    assert calls == {"prealign": [], "estimate": [], "render": []}
+    assert is_complete(out)
+
+
+def test_run_stage_refuses_to_run_a_stage_before_the_one_it_needs(case, tmp_path):
+    path, _ = case
+    out = tmp_path / "early.zarr"
+    ws = Workspace.create(open_stack(path), out, PARAMS)
+    one_line_error(out, run_stage, "estimate", ws, match="prealign", **STAGE)
+    one_line_error(out, run_stage, "stitch", ws, match="estimate", **STAGE)
+    one_line_error(out, run_stage, "render", ws, match="stitch", **STAGE)
+    with pytest.raises(EmalignError, match="selects no section"):
+        run_stage("prealign", ws, "5:2", **STAGE)
+    with pytest.raises(EmalignError, match="START:STOP"):
+        run_stage("prealign", ws, "five", **STAGE)
+    assert not ws.stage_done("prealign").any()
+    assert not is_complete(out)
+
+
+def test_run_stage_rejects_an_unknown_stage_with_an_emalign_error(aligned):
+    _, ws, *_ = aligned
+    with pytest.raises(EmalignError, match="unknown stage"):
+        run_stage("bogus", ws, **STAGE)
+
+
+def test_open_workspace_of_a_missing_output_is_a_one_line_error(tmp_path):
+    one_line_error(tmp_path / "nothing.zarr", open_workspace, tmp_path / "nothing.zarr", match="no such output")
+
+
+# --- parameters -------------------------------------------------------------------------------------------
+
+
+def test_an_output_made_with_other_params_is_refused_unless_overwrite(case, aligned, tmp_path):
+    path, _ = case
+    reference, *_ = aligned
+    before = dict(zarr.open_group(str(reference), mode="r").attrs["emalign"])
+    one_line_error(reference, align, path, reference, AlignParams(block=4, stride=16), match="different params", **RUN)
+    assert dict(zarr.open_group(str(reference), mode="r").attrs["emalign"]) == before
+    assert is_complete(reference)
+
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, demo_stack((6, 64, 64), seed=2)[1].stack, photometric="minisblack")
+    other = AlignParams(block=2, stride=16, skip=(3,))
+    one_line_error(out, align, small, out, other, match="another input|different params", **RUN)
+    ws, _, _ = align(small, out, other, overwrite=True, **RUN)
+    assert is_complete(out)
+    meta = zarr.open_group(str(out), mode="r").attrs["emalign"]
+    assert meta["params"] == other.to_dict()
+    assert meta["input"]["path"] == str(small.resolve())
+    assert ws.params == other
+    assert ws.plan.grid_shape == (4, 4)
+    assert ws.flags()[3] == 4  # skipped
+    assert level0(out).shape == (6, 64, 64)
+
+
+def test_invalid_params_are_refused_before_anything_is_written(case, tmp_path):
+    path, _ = case
+    out = tmp_path / "bad-plan.zarr"
+    with pytest.raises(EmalignError, match="bad plan"):
+        align(path, out, AlignParams(tile=64, halo=32), **RUN)
+    with pytest.raises(EmalignError, match="stitch overlap"):
+        align(path, out, AlignParams(stitch_block=8, stitch_overlap=8), **RUN)
+    assert not out.exists()
+
+
+def test_an_output_of_another_input_with_the_same_params_is_refused(aligned, tmp_path):
+    reference, *_ = aligned
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(other, demo_stack(SHAPE, seed=7)[1].stack, photometric="minisblack")
+    one_line_error(out, align, other, out, PARAMS, **RUN)
+
+
+# --- bad sections -----------------------------------------------------------------------------------------
+
+
+def test_blank_and_skipped_sections_are_flagged_passed_through_and_bridged(case, tmp_path):
+    _, misaligned = case
+    raw = misaligned.stack.copy()
+    raw[5] = 0
+    path = tmp_path / "bad.tif"
+    tifffile.imwrite(path, raw, photometric="minisblack")
+    out = tmp_path / "bad.zarr"
+    ws, _, report = align(path, out, AlignParams(block=4, skip=(9,)), **RUN)
+    assert is_complete(out)
+    assert "flagged: 2" in report
+
+    with open(out / "qc.csv", newline="") as handle:
+        rows = {int(row["z"]): row for row in csv.DictReader(handle)}
+    assert {z: row["flags"] for z, row in rows.items() if row["flags"]} == {5: "blank", 9: "skipped"}
+    assert ws.flags()[5] == 1 and ws.flags()[9] == 4
+
+    result = level0(out)
+    np.testing.assert_array_equal(result[5], raw[5])
+    np.testing.assert_array_equal(result[9], raw[9])
+    assert not np.array_equal(result[4], raw[4]) and not np.array_equal(result[10], raw[10])
+    assert float(rows[9]["field_rms_px"]) == 0.0 and float(rows[5]["field_rms_px"]) == 0.0
+
+    # neighbours: aligned with their own neighbours, and with each other across the gap
+    for z in (4, 7, 8, 11):
+        assert float(rows[z]["corr_after"]) > float(rows[z]["corr_before"]) + 0.1
+    for a, b in ((4, 6), (8, 10)):
+        assert adjacent_correlation(result[[a, b]])[0] > adjacent_correlation(raw[[a, b]])[0] + 0.1
+    fields = upsampled(global_fields(out), ws.params.stride, SHAPE[1:])
+    error = alignment_metrics(residual_fields(misaligned.fields, fields), exclude=[5, 9])
+    baseline = alignment_metrics(residual_fields(misaligned.fields, np.zeros_like(fields)), exclude=[5, 9])
+    assert error["rms"] < 0.3 * baseline["rms"]
+
+
+def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):
+    _, misaligned = demo_stack((48, 64, 64), seed=5)
+    path = tmp_path / "many.tif"
+    tifffile.imwrite(path, misaligned.stack, photometric="minisblack")
+    results = {}
+    for spec in ("sync", "threads:8"):
+        ws = Workspace.create(open_stack(path), tmp_path / f"many-{spec[:4]}.zarr", AlignParams(block=1))
+        with scheduler(spec) as compute:
+            run_stage("prealign", ws, compute=compute, device="cpu", progress=False)
+        results[spec] = ws
+    sequential, concurrent = results["sync"], results["threads:8"]
+    stats = np.asarray(concurrent.array("sections/stats")[:])
+    assert (stats[:, 0] > 0).all(), f"sections with lost statistics: {np.flatnonzero(stats[:, 0] == 0)}"
+    for name in ("sections/stats", "coarse/pairs", "coarse/matrices", "sections/flags"):
+        np.testing.assert_array_equal(concurrent.array(name)[:], sequential.array(name)[:], err_msg=name)
