@@ -19,7 +19,6 @@ from dask.delayed import Delayed
 
 from emalign.errors import EmalignError
 
-
 SCHEDULERS = "threads[:N], sync, processes[:N], tcp://host:port or slurm"
 
 
