@@ -101,13 +101,16 @@ def main() -> None:
     """Align serial-section EM stacks (Zarr, OME-Zarr, TIFF) into OME-Zarr."""
 
 
+def _stack_command(func):
+    """``IN OUT`` plus the plan and run options, and one-line errors: what align and every stage take."""
+    for decorator in (_friendly, _run_options, _plan_options, click.argument("output_path", metavar="OUT")):
+        func = decorator(func)
+    return click.argument("input_path", metavar="IN")(func)
+
+
 @main.command()
-@click.argument("input_path", metavar="IN")
-@click.argument("output_path", metavar="OUT")
-@_plan_options
-@_run_options
 @click.option("--overwrite", is_flag=True, help="replace an OUT made with other parameters")
-@_friendly
+@_stack_command
 def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
     """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, render, qc (resumes a killed run)."""
     from emalign.pipeline import align as run_align
@@ -125,12 +128,8 @@ def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
 
 
 def _stage_command(stage: str, help_text: str):
-    @click.argument("input_path", metavar="IN")
-    @click.argument("output_path", metavar="OUT")
-    @_plan_options
-    @_run_options
     @click.option("--z-range", default=None, help="START:STOP, the sections this run takes")
-    @_friendly
+    @_stack_command
     def command(input_path: str, output_path: str, z_range: str | None, **opts) -> None:
         from emalign.cluster import check_scheduler, scheduler
         from emalign.device import resolve_device

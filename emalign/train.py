@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         scaler.update()
         schedule.step()
         running.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}", epe=f"{float(terms['epe']):.2f}")
+        bar.set_postfix(loss=f"{np.mean(running[-20:]):.3f}", epe=f"{terms['epe'].item():.2f}")
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             metrics = validate(model, val_batches, device)
             history["steps"].append(step + 1)

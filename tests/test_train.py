@@ -158,7 +158,6 @@ def test_training_from_scratch_beats_no_correction(trained):
     _, history, seconds = trained
     assert history["steps"] == [TRAIN_STEPS]
     assert history["val_epe"][-1] < 0.9 * history["val_epe_identity"][-1], history
-    assert seconds < 60, f"{TRAIN_STEPS} steps took {seconds:.0f} s"
 
 
 @pytest.mark.slow
