@@ -306,11 +306,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
     val_batches = [
         val_sampler.sample(min(8, cfg.val_windows), z_step=cfg.val_z_step) for _ in range(max(1, cfg.val_windows // 8))
     ]
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / max(cfg.steps, 1))) * 0.95 + 0.05
-    )
-    for _ in range(start):
-        schedule.step()
+
+    def cosine(step: int) -> float:  # of the absolute step, so a resumed run continues the same schedule
+        return 0.5 * (1 + math.cos(math.pi * min(step + start, cfg.steps) / max(cfg.steps, 1))) * 0.95 + 0.05
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)

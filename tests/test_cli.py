@@ -20,7 +20,6 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-import emalign.pipeline as pipeline
 from emalign.cli import main
 from emalign.io import is_complete, open_stack
 from emalign.pipeline import AlignParams
@@ -30,18 +29,6 @@ SHAPE = (12, 96, 96)
 BLOCK = ["--block", "4", "--quiet"]
 SYNC = [*BLOCK, "--scheduler", "sync"]  # one block at a time: a predictable order of the work
 COMMANDS = ("align", "import", "prealign", "estimate", "stitch", "render", "qc", "demo", "train")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Give each network task one torch thread (the pipeline gives it cpu_count // workers).
-
-    Results do not depend on it; speed does: on a CPU shared with other work, 2 OpenMP threads per
-    task measured up to 60x slower than 1.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "cores", lambda: 1)
-        yield
 
 
 def invoke(*args: object):
@@ -403,3 +390,6 @@ def test_a_killed_align_resumes_to_the_uninterrupted_result(stack, reference, tm
     assert {z: chunk.stat().st_mtime_ns for z, chunk in chunks.items()} == stamps  # done blocks not recomputed
     np.testing.assert_array_equal(level0(out), level0(ref))
     np.testing.assert_array_equal(global_fields(out), global_fields(ref))
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from helpers import one_line_error
 
 from emalign import io
-from emalign.errors import EmalignError
 from emalign.io import OmeZarrWriter, check_chunk, create_array, import_stack, is_complete, open_stack
 
 RNG = np.random.default_rng(0)
@@ -17,16 +17,6 @@ RNG = np.random.default_rng(0)
 
 def ramp(shape: tuple[int, ...], dtype=np.uint16) -> np.ndarray:
     return (np.arange(np.prod(shape)) % np.iinfo(dtype).max).astype(dtype).reshape(shape)
-
-
-def raises_one_line(path, func, *args, match: str = "", **kwargs) -> str:
-    """Call func, expect an EmalignError whose message is one line naming `path`; return the message."""
-    with pytest.raises(EmalignError, match=match) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    assert str(path) in message
-    return message
 
 
 def zarr_array(path: Path, data: np.ndarray, zarr_format: int = 2, chunks=(1, 8, 8)) -> Path:
@@ -116,8 +106,8 @@ def test_open_zarr_array_inside_group_by_dataset(tmp_path):
     path = tmp_path / "group.zarr"
     zarr.open_group(str(path), mode="w").create_array("raw", shape=(2, 8, 8), dtype=np.uint8)[...] = 7
     assert open_stack(path, dataset="raw").data.compute().max() == 7
-    assert "raw" in raises_one_line(path, open_stack, path, match="without OME-Zarr multiscales")
-    raises_one_line(path, open_stack, path, dataset="missing", match="no array or group 'missing'")
+    assert "raw" in one_line_error(path, open_stack, path, match="without OME-Zarr multiscales")
+    one_line_error(path, open_stack, path, dataset="missing", match="no array or group 'missing'")
 
 
 @pytest.mark.parametrize(("version", "axes"), [("0.4", "tczyx"), ("0.5", "zyx")])
@@ -132,53 +122,53 @@ def test_open_ome_zarr_level_and_voxel_size(tmp_path, version, axes):
     assert stack.voxel_size == (40.0, 8.0, 8.0) and stack.unit == "nanometer"
     np.testing.assert_array_equal(stack.data.compute(), levels[1])
     assert open_stack(path).voxel_size == (40.0, 4.0, 4.0)
-    raises_one_line(path, open_stack, path, level=2, match="level 2 out of range")
+    one_line_error(path, open_stack, path, level=2, match="level 2 out of range")
 
 
 def test_2d_input_is_a_clear_error(tmp_path):
     tif = tmp_path / "section.tif"
     tifffile.imwrite(tif, np.zeros((8, 9), np.uint8))
-    raises_one_line(tif, open_stack, tif, match=r"is 2D \(Y, X\).*expected a 3D stack \(Z, Y, X\)")
+    one_line_error(tif, open_stack, tif, match=r"is 2D \(Y, X\).*expected a 3D stack \(Z, Y, X\)")
     array = zarr_array(tmp_path / "section.zarr", np.zeros((8, 9), np.uint8), chunks=(8, 9))
-    raises_one_line(array, open_stack, array, match=r"is 2D \(Y, X\)")
+    one_line_error(array, open_stack, array, match=r"is 2D \(Y, X\)")
 
 
 def test_4d_multichannel_is_a_clear_error(tmp_path):
     channels = zarr_array(tmp_path / "channels.zarr", np.zeros((3, 2, 8, 8), np.uint8), chunks=(1, 1, 8, 8))
-    raises_one_line(channels, open_stack, channels, match="more than one channel")
+    one_line_error(channels, open_stack, channels, match="more than one channel")
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
-    raises_one_line(rgb, open_stack, rgb, match="more than one channel")
+    one_line_error(rgb, open_stack, rgb, match="more than one channel")
     single = zarr_array(tmp_path / "single.zarr", ramp((3, 1, 8, 8), np.uint8), chunks=(1, 1, 8, 8))
     np.testing.assert_array_equal(open_stack(single).data.compute(), ramp((3, 8, 8), np.uint8))
 
 
 def test_empty_stack_error(tmp_path):
     empty = zarr_array(tmp_path / "empty.zarr", np.zeros((0, 8, 8), np.uint8))
-    raises_one_line(empty, open_stack, empty, match="is empty")
+    one_line_error(empty, open_stack, empty, match="is empty")
     folder = tmp_path / "nothing"
     folder.mkdir()
-    raises_one_line(folder, open_stack, folder, match="not a recognised stack")
+    one_line_error(folder, open_stack, folder, match="not a recognised stack")
 
 
 def test_non_numeric_dtype_error(tmp_path):
     mask = zarr_array(tmp_path / "mask.zarr", np.zeros((2, 8, 8), bool))
-    raises_one_line(mask, open_stack, mask, match="has dtype bool")
+    one_line_error(mask, open_stack, mask, match="has dtype bool")
     text = tmp_path / "notes.tif"
     text.write_text("hello")
-    raises_one_line(text, open_stack, text, match="not a recognised stack")
+    one_line_error(text, open_stack, text, match="not a recognised stack")
 
 
 def test_mismatched_tiff_folder_error(tmp_path):
     tifffile.imwrite(tmp_path / "a1.tif", np.zeros((8, 8), np.uint8))
     tifffile.imwrite(tmp_path / "a2.tif", np.zeros((8, 9), np.uint8))
-    message = raises_one_line(tmp_path, open_stack, tmp_path, match="differ in size")
+    message = one_line_error(tmp_path, open_stack, tmp_path, match="differ in size")
     assert "a1.tif" in message and "a2.tif" in message
 
 
 def test_missing_path_error(tmp_path):
     missing = tmp_path / "no-such-stack.zarr"
-    raises_one_line(missing, open_stack, missing, match="does not exist")
+    one_line_error(missing, open_stack, missing, match="does not exist")
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -188,14 +178,14 @@ def test_corrupt_chunk_names_section(tmp_path, zarr_format):
     chunk.write_bytes(b"not a blosc or zstd frame")
     stack = open_stack(path)
     np.testing.assert_array_equal(check_chunk(stack, 1), ramp((3, 8, 8))[1])
-    raises_one_line(path, check_chunk, stack, 2, match=r"section 2 could not be read \(")
+    one_line_error(path, check_chunk, stack, 2, match=r"section 2 could not be read \(")
 
 
 def test_non_finite_section_is_named(tmp_path):
     data = np.ones((3, 4, 4), np.float32)
     data[1, 2, 3] = np.nan
     stack = open_stack(zarr_array(tmp_path / "float.zarr", data))
-    raises_one_line(stack.path, check_chunk, stack, 1, match="section 1 has 1 NaN or infinite")
+    one_line_error(stack.path, check_chunk, stack, 1, match="section 1 has 1 NaN or infinite")
     assert np.isnan(check_chunk(stack, 1, require_finite=False)).sum() == 1
 
 
@@ -247,7 +237,7 @@ def test_writer_resume_keeps_done_sections(tmp_path):
     first = OmeZarrWriter.create(*args, levels=2, attrs=params)
     first.write_section(0, data[0])
     first.write_section(2, data[2])
-    raises_one_line(out, first.mark_complete, match=r"2 section\(s\) not written \(first: 1\)")
+    one_line_error(out, first.mark_complete, match=r"2 section\(s\) not written \(first: 1\)")
     del first  # the process is killed here
 
     resumed = OmeZarrWriter.create(*args, levels=2, attrs=params)
@@ -265,25 +255,25 @@ def test_writer_refuses_different_params_without_overwrite(tmp_path):
     out = tmp_path / "out.zarr"
     writer = OmeZarrWriter.create(out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 1}})
     writer.write_section(0, np.ones((8, 8), np.uint8))
-    raises_one_line(
+    one_line_error(
         out, OmeZarrWriter.create, out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 2}}, match="different params"
     )
     fresh = OmeZarrWriter.create(out, (2, 8, 8), np.uint8, attrs={"params": {"lr": 2}}, overwrite=True)
     assert not fresh.done_sections().any() and fresh.attrs["params"] == {"lr": 2}
 
     other = zarr_array(tmp_path / "other.zarr", np.zeros((2, 8, 8), np.uint8))
-    raises_one_line(other, OmeZarrWriter.create, other, (2, 8, 8), np.uint8, match="not an emalign output")
+    one_line_error(other, OmeZarrWriter.create, other, (2, 8, 8), np.uint8, match="not an emalign output")
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "keep.jpg").write_bytes(b"x")
-    raises_one_line(folder, OmeZarrWriter.create, folder, (2, 8, 8), np.uint8, overwrite=True, match="not a Zarr store")
+    one_line_error(folder, OmeZarrWriter.create, folder, (2, 8, 8), np.uint8, overwrite=True, match="not a Zarr store")
     assert (folder / "keep.jpg").exists()
 
 
 def test_output_path_that_is_a_file_is_refused(tmp_path):
     target = tmp_path / "out.zarr"
     target.write_text("precious")
-    raises_one_line(target, OmeZarrWriter.create, target, (2, 8, 8), np.uint8, overwrite=True, match="is a file")
+    one_line_error(target, OmeZarrWriter.create, target, (2, 8, 8), np.uint8, overwrite=True, match="is a file")
     assert target.read_text() == "precious"
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from helpers import one_line_error
 
 import emalign.pipeline as pipeline
 from emalign import models
@@ -31,28 +32,6 @@ SHAPE = (12, 96, 96)
 PARAMS = AlignParams(block=4)
 RUN = {"scheduler_spec": "sync", "device": "cpu", "progress": False}
 STAGE = {"compute": {"scheduler": "sync", "num_workers": 1}, "device": "cpu", "progress": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Give each network task one torch thread (the pipeline gives it cpu_count // workers).
-
-    Results do not depend on it; speed does: on a CPU shared with other work, 2 OpenMP threads per
-    task measured up to 60x slower than 1.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "cores", lambda: 1)
-        yield
-
-
-def one_line_error(path, func, *args, match: str | None = None, **kwargs) -> str:
-    """Call func, expect an EmalignError whose message is one line naming `path`; return the message."""
-    with pytest.raises(EmalignError, match=match) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    assert str(path) in message
-    return message
 
 
 def level0(out: Path) -> np.ndarray:
@@ -385,3 +364,6 @@ def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):
     assert (stats[:, 0] > 0).all(), f"sections with lost statistics: {np.flatnonzero(stats[:, 0] == 0)}"
     for name in ("sections/stats", "coarse/pairs", "coarse/matrices", "sections/flags"):
         np.testing.assert_array_equal(concurrent.array(name)[:], sequential.array(name)[:], err_msg=name)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -123,28 +123,37 @@ def _conv(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int) -> torch.Tensor:
+def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, strip: int = 32) -> torch.Tensor:
     """Cost volume between one moving feature map and every section of a feature stack.
 
     Args:
         moving: ``(N, C, H, W)`` features of the (warped) moving section.
         stack: ``(N, C, D, H, W)`` features of every section.
         radius: offsets ``-radius..radius`` in y and x.
+        strip: rows computed at a time (keeps the temporaries in cache; results do not depend on it).
 
     Returns:
         ``(N, (2r+1)^2, D, H, W)``: the correlation (over channels) of ``moving(p)`` and
-        ``stack_d(p + o)``, each feature vector centred and unit-normalised, in [-1, 1].
+        ``stack_d(p + o)``, each feature vector centred and unit-normalised, in [-1, 1];
+        offset ``o = (dy, dx)`` is channel ``(dy + r) * (2r + 1) + (dx + r)``.
     """
     moving = F.normalize(moving - moving.mean(1, keepdim=True), dim=1)
     stack = F.normalize(stack - stack.mean(1, keepdim=True), dim=1)
-    height, width = moving.shape[-2:]
+    n, _, depth, height, width = stack.shape
+    size = 2 * radius + 1
     padded = F.pad(stack, (radius, radius, radius, radius))
-    costs = []
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            shifted = padded[..., dy : dy + height, dx : dx + width]
-            costs.append((shifted * moving.unsqueeze(2)).sum(1))
-    return torch.stack(costs, dim=1)
+    rows = []
+    for y0 in range(0, height, strip):
+        y1 = min(y0 + strip, height)
+        centre = moving[:, :, None, y0:y1]
+        slab = padded[:, :, :, y0 : y1 + 2 * radius]
+        costs = [
+            (slab[:, :, :, dy : dy + y1 - y0, dx : dx + width] * centre).sum(1)
+            for dy in range(size)
+            for dx in range(size)
+        ]
+        rows.append(torch.stack(costs, dim=1))
+    return torch.cat(rows, dim=3)
 
 
 def patch_descriptors(images: torch.Tensor, size: int) -> torch.Tensor:
