@@ -42,14 +42,20 @@ def section_stats(section: np.ndarray) -> tuple[float, float]:
 
 
 class CheckedSections:
-    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors)."""
+    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors).
 
-    def __init__(self, stack: Stack, start: int, stop: int):
-        self.stack, self.start = stack, start
+    Records :func:`section_stats` (on a ``step``-subsampled grid) of every section it reads.
+    """
+
+    def __init__(self, stack: Stack, start: int, stop: int, step: int):
+        self.stack, self.start, self.step = stack, start, step
         self.shape = (stop - start, *stack.shape[1:])
+        self.stats: dict[int, tuple[float, float]] = {}
 
     def __getitem__(self, z: int) -> np.ndarray:
-        return check_chunk(self.stack, self.start + z)
+        section = check_chunk(self.stack, self.start + z)
+        self.stats[self.start + z] = section_stats(section[:: self.step, :: self.step])
+        return section
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
@@ -57,12 +63,10 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     start, stop = ws.plan.blocks()[index]
     params = ws.params
     step = params.coarse_downsample
-    stats = np.array([section_stats(check_chunk(stack, z)[::step, ::step]) for z in range(start, stop)])
-    ws.array("sections/stats")[start:stop] = stats
     first = max(start - max(OFFSETS), 0)
-    pairs = rigid.pairwise_rigid(
-        CheckedSections(stack, first, stop), OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg
-    )
+    sections = CheckedSections(stack, first, stop, step)
+    pairs = rigid.pairwise_rigid(sections, OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg)
+    ws.array("sections/stats")[start:stop] = np.array([sections.stats[z] for z in range(start, stop)])
     table = np.full((stop - start, len(OFFSETS), 7), np.nan)
     for z, j, matrix, score in pairs:
         z, j = z + first, j + first
