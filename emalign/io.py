@@ -383,8 +383,9 @@ def downsample2(section: np.ndarray) -> np.ndarray:
     return cast_to_dtype(mean, section.dtype)
 
 
-def _emalign_attrs(path: Path) -> dict | None:
+def emalign_attrs(path: str | os.PathLike) -> dict | None:
     """attrs["emalign"] of an emalign output at `path`, or None if it is not one."""
+    path = Path(path)
     if not _is_zarr(path):
         return None
     try:
@@ -396,7 +397,7 @@ def _emalign_attrs(path: Path) -> dict | None:
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True if `path` is an emalign output whose every section has been written and marked complete."""
-    return bool((_emalign_attrs(Path(path)) or {}).get("complete"))
+    return bool((emalign_attrs(Path(path)) or {}).get("complete"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -465,7 +466,7 @@ class OmeZarrWriter:
             raise _err(path, f"cannot create an output of shape {shape} with {levels} pyramid level(s)")
         if p.is_file():
             raise _err(path, "exists and is a file; expected a folder for the OME-Zarr output")
-        existing = _emalign_attrs(p)
+        existing = emalign_attrs(p)
         if existing is not None and not overwrite:
             if existing.get("params") != attrs.get("params"):
                 raise _err(
@@ -518,7 +519,7 @@ class OmeZarrWriter:
         """Open an existing emalign output to resume writing."""
         if not Path(path).exists():
             raise _err(path, "does not exist")
-        if _emalign_attrs(Path(path)) is None:
+        if emalign_attrs(Path(path)) is None:
             raise _err(path, "is not an emalign OME-Zarr output")
         return cls(str(path), zarr.open_group(str(path), mode="r+"))
 

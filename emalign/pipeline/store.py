@@ -27,7 +27,7 @@ import zarr
 
 from emalign import __version__, models
 from emalign.errors import EmalignError
-from emalign.io import OmeZarrWriter, Stack, create_array
+from emalign.io import OmeZarrWriter, Stack, create_array, emalign_attrs
 from emalign.pipeline.plan import AlignParams, Plan
 
 OFFSETS = (1, 2, 3)
@@ -59,7 +59,7 @@ class Workspace:
         params.validate()
         plan = Plan(stack.shape, params)
         source = {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
-        existing = _existing_input(out)
+        existing = (emalign_attrs(out) or {}).get("input")
         if existing is not None and existing != source and not overwrite:
             raise EmalignError(f"{out}: holds the alignment of another input ({existing['path']}); use --overwrite")
         attrs = {
@@ -121,14 +121,6 @@ class Workspace:
 
     def flags(self) -> np.ndarray:
         return np.asarray(self.array("sections/flags")[:], np.uint8)
-
-
-def _existing_input(out: str | os.PathLike) -> dict | None:
-    """The ``input`` record of an existing emalign output at ``out`` (None if there is none)."""
-    try:
-        return dict(zarr.open_group(str(out), mode="r").attrs["emalign"]["input"])
-    except Exception:
-        return None
 
 
 def open_workspace(out: str | os.PathLike) -> Workspace:
