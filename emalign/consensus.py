@@ -20,9 +20,16 @@ prealigned geometry (it fixes what the equations cannot see and damps the slow w
 that noisy relative estimates would add). Every grid point shares one ``Z x Z`` system,
 so a block of sections costs one small dense solve. Long stacks are solved in
 overlapping z-blocks, blended linearly across the overlaps.
+
+A stack may fall apart into segments that share no content (lost sections, two blocks
+imaged separately): ``breaks`` lists the first section of every segment after the first.
+Windows never reach across a break (they reflect at it, as at the ends of the stack), so
+no equation links two segments; each keeps its own prealigned frame.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse
@@ -40,12 +47,23 @@ def reflect(index: int, length: int) -> int:
     return period - index if index >= length else index
 
 
-def neighbour_indices(z: int, length: int, references: int) -> list[int]:
-    """The stack indices a symmetric window around ``z`` shows, depth order, edges reflected."""
-    return [reflect(z + d, length) for d in range(-references, references + 1)]
+def segment(z: int, length: int, breaks: Sequence[int] = ()) -> tuple[int, int]:
+    """``[start, stop)`` of the segment holding section ``z`` (``breaks``: first sections of later segments)."""
+    start = max((b for b in breaks if b <= z), default=0)
+    stop = min((b for b in breaks if b > z), default=length)
+    return start, stop
 
 
-def window_weights(z: int, length: int, references: int, excluded: np.ndarray) -> dict[int, float]:
+def neighbour_indices(z: int, length: int, references: int, breaks: Sequence[int] = ()) -> list[int]:
+    """The stack indices a symmetric window around ``z`` shows, depth order, reflected at the
+    ends of the stack and at breaks."""
+    start, stop = segment(z, length, breaks)
+    return [start + reflect(z + d - start, stop - start) for d in range(-references, references + 1)]
+
+
+def window_weights(
+    z: int, length: int, references: int, excluded: np.ndarray, breaks: Sequence[int] = ()
+) -> dict[int, float]:
     """``{section: weight}`` of the frame the network aligns section ``z`` to.
 
     Excluded sections get no weight (they are blanked in the network's input) and the
@@ -53,7 +71,7 @@ def window_weights(z: int, length: int, references: int, excluded: np.ndarray) -
     """
     slots = reference_weights(references, symmetric=True)
     weights: dict[int, float] = {}
-    for slot, index in enumerate(neighbour_indices(z, length, references)):
+    for slot, index in enumerate(neighbour_indices(z, length, references, breaks)):
         if slot == references or excluded[index] or index == z:
             continue
         weights[index] = weights.get(index, 0.0) + float(slots[slot])
@@ -61,7 +79,9 @@ def window_weights(z: int, length: int, references: int, excluded: np.ndarray) -
     return {index: w / total for index, w in weights.items()} if total > 0 else {}
 
 
-def consensus_matrix(start: int, stop: int, references: int, excluded: np.ndarray) -> np.ndarray:
+def consensus_matrix(
+    start: int, stop: int, references: int, excluded: np.ndarray, breaks: Sequence[int] = ()
+) -> np.ndarray:
     """``A`` for the sections ``[start, stop)`` of a stack of ``len(excluded)``.
 
     ``(A c)_z = c_z - sum_d w_d c_{z+d}``; a row is zero for an excluded section and for a
@@ -70,7 +90,7 @@ def consensus_matrix(start: int, stop: int, references: int, excluded: np.ndarra
     length = len(excluded)
     matrix = np.zeros((stop - start, stop - start))
     for z in range(start, stop):
-        weights = window_weights(z, length, references, excluded)
+        weights = window_weights(z, length, references, excluded, breaks)
         if excluded[z] or not weights or min(weights) < start or max(weights) >= stop:
             continue
         matrix[z - start, z - start] = 1.0
@@ -80,7 +100,12 @@ def consensus_matrix(start: int, stop: int, references: int, excluded: np.ndarra
 
 
 def solve_block(
-    relative: np.ndarray, references: int, excluded: np.ndarray, spring: float, start: int = 0
+    relative: np.ndarray,
+    references: int,
+    excluded: np.ndarray,
+    spring: float,
+    start: int = 0,
+    breaks: Sequence[int] = (),
 ) -> np.ndarray:
     """Global corrections of a block of sections from their relative estimates.
 
@@ -92,13 +117,14 @@ def solve_block(
             own (blank, damaged), blanked in the estimator's input.
         spring: weight of the pull towards the prealigned geometry (``c = 0``).
         start: index of the block's first section in the stack.
+        breaks: first sections of the stack's later segments (see the module docstring).
 
     Returns:
         ``(B, ...)`` corrections ``c_z`` (pull, same units as ``relative``); excluded
         sections get whatever their neighbours imply, which the spring keeps near 0.
     """
     count = relative.shape[0]
-    matrix = consensus_matrix(start, start + count, references, np.asarray(excluded, bool))
+    matrix = consensus_matrix(start, start + count, references, np.asarray(excluded, bool), breaks)
     normal = matrix.T @ matrix + spring * np.eye(count)
     rhs = matrix.T @ relative.reshape(count, -1).astype(np.float64)
     return np.linalg.solve(normal, rhs).reshape(relative.shape).astype(np.float32)
@@ -151,6 +177,7 @@ __all__ = [
     "consensus_matrix",
     "neighbour_indices",
     "reflect",
+    "segment",
     "smooth_trend",
     "solve_block",
     "window_weights",

@@ -19,6 +19,10 @@ from emalign.register import register_sections
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLYEM = ("flyem_medulla_training_sample1.tif", "flyem_medulla_training_sample2.tif")
 
+ISBI = "isbi2012_train_volume.tif"
+NO_MISALIGNMENT = {"shift": 0.0, "rotation_deg": 0.0, "scale": 0.0, "elastic": 0.0}
+"""``misalignment`` of :func:`evaluate` for the "do no harm" case: the aligned stack as it is."""
+
 Aligner = Callable[[np.ndarray], np.ndarray]
 """Takes a misaligned ``(Z, Y, X)`` stack, returns ``(Z, 2, Y, X)`` pull fields."""
 
@@ -123,6 +127,8 @@ def markdown_table(results: dict[str, dict], title: str = "") -> str:
 
 __all__ = [
     "FLYEM",
+    "ISBI",
+    "NO_MISALIGNMENT",
     "SHARED_DATA",
     "emalign_aligner",
     "evaluate",

@@ -46,6 +46,18 @@ def test_neighbour_indices_are_a_symmetric_window_reflected_at_the_ends():
     assert consensus.neighbour_indices(1, 10, 2) == [1, 0, 1, 2, 3]
 
 
+def test_windows_reflect_at_a_break_as_at_the_ends_of_the_stack():
+    assert consensus.segment(6, 12, (5,)) == (5, 12)
+    assert consensus.neighbour_indices(5, 12, 3, (5,)) == [8, 7, 6, 5, 6, 7, 8]
+    assert consensus.neighbour_indices(4, 12, 2, (5,)) == [2, 3, 4, 3, 2]
+
+
+def test_no_consensus_equation_links_sections_across_a_break():
+    matrix = consensus.consensus_matrix(0, 12, 3, np.zeros(12, bool), breaks=(5,))
+    assert not matrix[:5, 5:].any() and not matrix[5:, :5].any()
+    np.testing.assert_allclose(matrix.sum(1), 0.0, atol=1e-12)
+
+
 @pytest.mark.parametrize("z", [0, 1, 5, 9])
 def test_window_weights_sum_to_one_and_favour_the_nearest(z):
     weights = consensus.window_weights(z, 10, 3, np.zeros(10, bool))

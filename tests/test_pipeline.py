@@ -25,6 +25,7 @@ from emalign.fields import folding_percent, resample
 from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, run_stage
+from emalign.pipeline.estimate import find_breaks
 from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
 
@@ -347,6 +348,32 @@ def test_blank_and_skipped_sections_are_flagged_passed_through_and_bridged(case,
     error = alignment_metrics(residual_fields(misaligned.fields, fields), exclude=[5, 9])
     baseline = alignment_metrics(residual_fields(misaligned.fields, np.zeros_like(fields)), exclude=[5, 9])
     assert error["rms"] < 0.3 * baseline["rms"]
+
+
+def test_a_stack_of_two_unrelated_blocks_is_split_at_the_break_and_each_part_aligned(tmp_path):
+    parts = [demo_stack((8, 96, 96), seed=seed)[1] for seed in (1, 2)]
+    raw = np.concatenate([p.stack for p in parts])
+    truth = np.concatenate([p.fields for p in parts])
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, raw, photometric="minisblack")
+    out = tmp_path / "two.zarr"
+    ws, _, report = align(path, out, PARAMS, **RUN)
+    assert ws.breaks() == (8,) and not ws.excluded().any()
+    with open(out / "qc.csv", newline="") as handle:
+        assert {int(r["z"]): r["flags"] for r in csv.DictReader(handle) if r["flags"]} == {8: "break"}
+    fields = upsampled(global_fields(out), ws.params.stride, raw.shape[1:])
+    for part in (slice(0, 8), slice(8, 16)):
+        error = alignment_metrics(residual_fields(truth[part], fields[part]))
+        baseline = alignment_metrics(residual_fields(truth[part], np.zeros_like(fields[part])))
+        assert error["rms"] < 0.3 * baseline["rms"]
+
+
+def test_breaks_need_every_pair_across_the_gap_to_fail():
+    scores = np.full((10, 3), 0.5)
+    scores[4, :] = scores[5, 1:] = scores[6, 2] = 0.02  # every pair across the gap 3 | 4
+    assert find_breaks(scores, np.zeros(10, bool), 0.1) == [4]
+    scores[5, 1] = 0.4  # 5 still matches 3: the content continues, section 4 alone is poor
+    assert find_breaks(scores, np.zeros(10, bool), 0.1) == []
 
 
 def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):

@@ -4,7 +4,8 @@ prealign
     per z-block: section statistics (blank detection) and rigid pairwise estimates of each
     section against the 3 before it, at low resolution; then, once every block is done,
     one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
-    removed (:func:`emalign.rigid.detrend_rigid`), and damaged sections are flagged.
+    removed (:func:`emalign.rigid.detrend_rigid`); damaged sections are flagged, and breaks
+    (no content continues across them) split the stack into independently solved segments.
 estimate
     per z-block: the network on the symmetric window of every section, all sections warped
     by their prealignment (each section is read and warped once per block), the fields
@@ -24,7 +25,7 @@ from emalign.device import resolve_device
 from emalign.fields import affine_field, warp
 from emalign.inference import predict_windows
 from emalign.io import Stack, check_chunk
-from emalign.pipeline.store import FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
+from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
 
 BATCH = 4
 """Windows per network call."""
@@ -76,8 +77,43 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     ws.mark_done("prealign", index)
 
 
+def _best_scores(scores: np.ndarray) -> np.ndarray:
+    """``(Z,)`` best pair score of each section, over its pairs with earlier and later sections."""
+    depth = len(scores)
+    best = np.zeros(depth)
+    for z in range(depth):
+        near = [scores[z, i] for i, k in enumerate(OFFSETS) if z - k >= 0]
+        near += [scores[z + k, i] for i, k in enumerate(OFFSETS) if z + k < depth]
+        best[z] = max(near, default=0.0)
+    return best
+
+
+def find_breaks(scores: np.ndarray, bad: np.ndarray, threshold: float) -> list[int]:
+    """Sections ``b`` where the stack falls apart: every pair of good sections across the gap
+    between ``b - 1`` and ``b`` scores below ``threshold`` (content does not continue; the
+    pipeline uses half the median score of adjacent pairs, which unrelated sections stay under).
+
+    Args:
+        scores: ``(Z, len(OFFSETS))`` pair scores, ``[z, i]`` for the pair ``(z, z - OFFSETS[i])``.
+        bad: ``(Z,)`` sections whose pairs do not count (blank, damaged, skipped).
+        threshold: the score a real neighbour pair exceeds.
+    """
+    depth = len(scores)
+    breaks = []
+    for b in range(1, depth):
+        across = [
+            scores[z, i]
+            for z in range(b, min(b + max(OFFSETS), depth))
+            for i, k in enumerate(OFFSETS)
+            if 0 <= z - k < b and not bad[z] and not bad[z - k]
+        ]
+        if across and max(across) < threshold:
+            breaks.append(b)
+    return breaks
+
+
 def solve_prealignment(ws: Workspace) -> np.ndarray:
-    """Flag bad sections and solve the global rigid prealignment; returns the flags."""
+    """Flag bad sections and breaks, and solve the rigid prealignment of each segment; returns the flags."""
     ws.require("prealign")
     depth = ws.plan.shape[0]
     stats = np.asarray(ws.array("sections/stats")[:])
@@ -87,23 +123,26 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     skipped = [z for z in ws.params.skip if 0 <= z < depth]
     flags[skipped] |= FLAG_SKIPPED
     scores = np.nan_to_num(table[..., 6])
-    best = np.zeros(depth)
-    for z in range(depth):
-        near = [scores[z, i] for i, k in enumerate(OFFSETS) if z - k >= 0]
-        near += [scores[z + k, i] for i, k in enumerate(OFFSETS) if z + k < depth]
-        best[z] = max(near, default=0.0)
+    best = _best_scores(scores)
     typical = np.median(best[flags == 0]) if (flags == 0).any() else 0.0
     flags[(flags == 0) & (best < 0.25 * typical)] |= FLAG_DAMAGED
     bad = flags != 0
-    pairs = []
-    for z in range(depth):
-        for i, k in enumerate(OFFSETS):
-            if z - k >= 0 and np.isfinite(table[z, i, 6]):
-                score = 0.0 if bad[z] or bad[z - k] else table[z, i, 6]
-                pairs.append((z, z - k, table[z, i, :6].reshape(2, 3), score))
+    neighbours = [scores[z, 0] for z in range(1, depth) if not bad[z] and not bad[z - 1]]
+    breaks = find_breaks(scores, bad, 0.5 * np.median(neighbours)) if neighbours else []
+    flags[breaks] |= FLAG_BREAK
     shape = ws.plan.shape[1:]
-    matrices = rigid.solve_rigid(depth, pairs, shape) if depth > 1 else np.eye(2, 3)[None]
-    matrices = rigid.detrend_rigid(matrices, shape, ws.params.trend_stiffness, weights=(~bad).astype(float))
+    matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
+    for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
+        pairs = []
+        for z in range(start, stop):
+            for i, k in enumerate(OFFSETS):
+                if z - k >= start and np.isfinite(table[z, i, 6]):
+                    score = 0.0 if bad[z] or bad[z - k] else table[z, i, 6]
+                    pairs.append((z - start, z - k - start, table[z, i, :6].reshape(2, 3), score))
+        if stop - start > 1:
+            solved = rigid.solve_rigid(stop - start, pairs, shape)
+            weights = (~bad[start:stop]).astype(float)
+            matrices[start:stop] = rigid.detrend_rigid(solved, shape, ws.params.trend_stiffness, weights=weights)
     matrices[bad] = np.eye(2, 3)
     ws.array("coarse/matrices")[:] = matrices
     ws.array("sections/flags")[:] = flags
@@ -129,23 +168,23 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
     model = _model(params.model, device)
     k = model.config.references
     depth = plan.shape[0]
-    flags = ws.flags()
+    excluded, breaks = ws.excluded(), ws.breaks()
     matrices = np.asarray(ws.array("coarse/matrices")[:])
-    needed = sorted({i for z in range(start, stop) for i in consensus.neighbour_indices(z, depth, k)})
+    windows_of = {z: consensus.neighbour_indices(z, depth, k, breaks) for z in range(start, stop)}
     prealigned = {}
-    for z in needed:
-        if flags[z]:
+    for z in sorted({i for window in windows_of.values() for i in window}):
+        if excluded[z]:
             prealigned[z] = np.zeros(plan.shape[1:], np.float32)
             continue
         section = check_chunk(stack, z).astype(np.float32)
         prealigned[z] = warp(section, affine_field(matrices[z], section.shape))
-    todo = [z for z in range(start, stop) if not flags[z]]
+    todo = [z for z in range(start, stop) if not excluded[z]]
     relative = ws.array("fields/relative")
     s = params.stride
     dev = resolve_device(device)
     for first in range(0, len(todo), BATCH):
         batch = todo[first : first + BATCH]
-        windows = np.stack([np.stack([prealigned[i] for i in consensus.neighbour_indices(z, depth, k)]) for z in batch])
+        windows = np.stack([np.stack([prealigned[i] for i in windows_of[z]]) for z in batch])
         fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH)
         for z, field in zip(batch, fields, strict=True):
             relative[z] = smooth_field(field[:, ::s, ::s], params.smoothing / s)

@@ -45,13 +45,13 @@ def render_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Render and write the sections of block ``index`` not yet written; flagged ones pass through unchanged."""
     ws.require("stitch")
     start, stop = ws.plan.blocks()[index]
-    flags = ws.flags()
-    done = ws.writer.done_sections()
+    excluded = ws.excluded()
+    done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section
     fields = ws.array("fields/global")
     for z in range(start, stop):
-        if done[z]:
+        if done[z - start]:
             continue
-        if flags[z]:
+        if excluded[z]:
             section = check_chunk(stack, z, require_finite=False)
         else:
             section = render_section(stack, z, np.asarray(fields[z]), ws.params.stride)

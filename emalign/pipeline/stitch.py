@@ -20,14 +20,16 @@ def stitch(ws: Workspace) -> None:
     params, plan = ws.params, ws.plan
     depth = plan.shape[0]
     k = models.load(params.model).config.references
-    excluded = ws.flags() != 0
+    excluded, breaks = ws.excluded(), ws.breaks()
     relative, output = ws.array("fields/relative"), ws.array("fields/global")
     matrices = np.asarray(ws.array("coarse/matrices")[:])
     grid = plan.grid_shape
     blocks = consensus.block_plan(depth, params.stitch_block, params.stitch_overlap)
     carry: dict[int, tuple[np.ndarray, float]] = {}
     for start, stop in blocks:
-        solved = consensus.solve_block(np.asarray(relative[start:stop]), k, excluded, params.spring, start)
+        solved = consensus.solve_block(
+            np.asarray(relative[start:stop]), k, excluded, params.spring, start, breaks
+        )
         weights = consensus.blend_weights(start, stop, depth, params.stitch_overlap)
         for offset, z in enumerate(range(start, stop)):
             value, weight = solved[offset] * weights[offset], weights[offset]

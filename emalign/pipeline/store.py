@@ -3,7 +3,8 @@
 Layout (one Zarr v2 group, NGFF 0.4 at its root)::
 
     OUT/0, OUT/1, ...          aligned pyramid (emalign.io.OmeZarrWriter), OUT/done per section
-    OUT/sections/flags         (Z,) uint8: 1 blank, 2 damaged, 4 skipped by the user
+    OUT/sections/flags         (Z,) uint8: 1 blank, 2 damaged, 4 skipped by the user, 8 break (first
+                               section of a segment that matches nothing before it)
     OUT/sections/stats         (Z, 2) float32: valid fraction, contrast (std / 255 or range)
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, full-res px)
@@ -31,8 +32,10 @@ from emalign.io import OmeZarrWriter, Stack, create_array, emalign_attrs
 from emalign.pipeline.plan import AlignParams, Plan
 
 OFFSETS = (1, 2, 3)
-FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED = 1, 2, 4
-FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped"}
+FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
+FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped", FLAG_BREAK: "break"}
+EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
+"""Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
 STAGES = ("prealign", "estimate", "stitch")
 
 
@@ -121,6 +124,14 @@ class Workspace:
 
     def flags(self) -> np.ndarray:
         return np.asarray(self.array("sections/flags")[:], np.uint8)
+
+    def excluded(self) -> np.ndarray:
+        """``(Z,)`` bool: sections bridged and written through unchanged (blank, damaged, skipped)."""
+        return (self.flags() & EXCLUDING) != 0
+
+    def breaks(self) -> tuple[int, ...]:
+        """First sections of the stack's later segments (see :mod:`emalign.consensus`)."""
+        return tuple(int(z) for z in np.flatnonzero(self.flags() & FLAG_BREAK))
 
 
 def open_workspace(out: str | os.PathLike) -> Workspace:
