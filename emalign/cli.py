@@ -247,5 +247,17 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
     )
 
 
+@main.command()
+@click.argument("path", metavar="PATH")
+@_friendly
+def view(path: str) -> None:
+    """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window."""
+    try:
+        from emalign.napari.view import main as open_napari
+    except ImportError as err:
+        raise EmalignError(f"{path}: viewing needs {err.name} (not installed): pip install 'emalign[napari]'") from None
+    open_napari(path)
+
+
 if __name__ == "__main__":
     main()
