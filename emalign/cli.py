@@ -65,9 +65,53 @@ def _run_options(func):
         ),
         click.option("--quiet", is_flag=True, help="no progress bars"),
     ]
+    func = _slurm_options(func)
     for option in reversed(options):
         func = option(func)
     return func
+
+
+SLURM_HELP = "SLURM options (--scheduler slurm; unset: from ~/.config/dask/jobqueue.yaml)"
+
+
+def _slurm_options(func):
+    """The SLURM jobs of ``--scheduler slurm`` (dask-jobqueue); listed under their own heading in --help."""
+    options = [
+        click.option("--slurm-cores", type=int, help="CPU cores per job"),
+        click.option("--slurm-memory", help="memory per job, e.g. 32GiB"),
+        click.option("--slurm-processes", type=int, help="dask worker processes per job"),
+        click.option("--slurm-walltime", help="time limit per job, e.g. 04:00:00"),
+        click.option("--slurm-partition", help="partition (queue)"),
+        click.option("--slurm-account", help="account to charge"),
+        click.option("--slurm-job-extra", multiple=True, help="extra #SBATCH option, e.g. --gres=gpu:1 (repeatable)"),
+        click.option("--slurm-prologue", multiple=True, help="shell line run before a worker starts (repeatable)"),
+        click.option("--slurm-min-jobs", default=1, show_default=True, help="adaptive scaling: fewest jobs"),
+        click.option("--slurm-max-jobs", default=8, show_default=True, help="adaptive scaling: most jobs"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class _Command(click.Command):
+    """A command whose --help lists the ``--slurm-*`` options in a section of their own."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list] = {"Options": [], SLURM_HELP: []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                sections[SLURM_HELP if (param.name or "").startswith("slurm_") else "Options"].append(record)
+        for title, rows in sections.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _jobqueue(opts: dict) -> dict:
+    from emalign.cluster import slurm_options
+
+    return slurm_options(**{key.removeprefix("slurm_"): value for key, value in opts.items() if key[:6] == "slurm_"})
 
 
 def _params(opts: dict):
@@ -101,6 +145,9 @@ def main() -> None:
     """Align serial-section EM stacks (Zarr, OME-Zarr, TIFF) into OME-Zarr."""
 
 
+main.command_class = _Command
+
+
 def _stack_command(func):
     """``IN OUT`` plus the plan and run options, and one-line errors: what align and every stage take."""
     for decorator in (_friendly, _run_options, _plan_options, click.argument("output_path", metavar="OUT")):
@@ -116,8 +163,9 @@ def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
     from emalign.pipeline import align as run_align
 
     start = time.perf_counter()
+    params, jobqueue = _params(opts), _jobqueue(opts)
     ws, seconds, report = run_align(
-        input_path, output_path, _params(opts), opts["scheduler"], opts["device"], overwrite, not opts["quiet"]
+        input_path, output_path, params, opts["scheduler"], opts["device"], overwrite, not opts["quiet"], jobqueue
     )
     total = time.perf_counter() - start
     depth, height, width = ws.plan.shape
@@ -143,7 +191,7 @@ def _stage_command(stage: str, help_text: str):
         stack = open_stack(input_path, level=params.level)
         parse_z_range(z_range, stack.shape[0])
         ws = Workspace.create(stack, output_path, params)
-        with scheduler(opts["scheduler"]) as compute:
+        with scheduler(opts["scheduler"], _jobqueue(opts)) as compute:
             click.echo(run_stage(stage, ws, z_range, compute, opts["device"], not opts["quiet"]))
 
     command.__doc__ = help_text

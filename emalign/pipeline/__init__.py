@@ -31,14 +31,27 @@ def _stack(ws: Workspace) -> Stack:
     return open_stack(ws.input_path, level=ws.params.level)
 
 
+def _finished(ws: Workspace, stage: str, index: int) -> bool:
+    """Block ``index`` already has its completion marker (a retried task, or one rerun for a lost worker)."""
+    return bool(ws.array(f"stages/{stage}")[index])
+
+
 def _prealign_task(out: str, index: int) -> None:
     ws = Workspace(out)
-    prealign_block(ws, _stack(ws), index)
+    if not _finished(ws, "prealign", index):
+        prealign_block(ws, _stack(ws), index)
 
 
 def _estimate_task(out: str, index: int, device: str, threads: int) -> None:
     ws = Workspace(out)
-    estimate_block(ws, _stack(ws), index, device=device, threads=threads)
+    if not _finished(ws, "estimate", index):
+        estimate_block(ws, _stack(ws), index, device=device, threads=threads)
+
+
+def _stitch_task(out: str) -> None:
+    ws = Workspace(out)
+    if not _finished(ws, "stitch", 0):
+        stitch(ws)
 
 
 def _render_task(out: str, index: int) -> None:
@@ -75,9 +88,12 @@ def run_stage(
     if stage not in STAGES:
         raise EmalignError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     zr = parse_z_range(z_range, ws.plan.shape[0])
+    compute = compute or {"scheduler": "threads", "num_workers": cores()}
+    path = os.path.abspath(ws.path)  # tasks may run on other machines, in another working directory
     if stage == "stitch":
         if not ws.stage_done("stitch").all():
-            stitch(ws)
+            ws.require("estimate")
+            run_tasks([dask.delayed(_stitch_task)(path)], compute, "stitch", progress=False)
         return "stitch: global fields written"
     if stage == "qc":
         return run_qc(ws, _stack(ws))
@@ -85,15 +101,14 @@ def run_stage(
         ws.require("prealign")
     if stage == "render":
         ws.require("stitch")
-    compute = compute or {"scheduler": "threads", "num_workers": cores()}
     todo = _blocks_todo(ws, stage, zr)
-    threads = max(1, cores() // (compute.get("num_workers") or 1))
+    threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
     if stage == "prealign":
-        tasks = [dask.delayed(_prealign_task)(ws.path, i) for i in todo]
+        tasks = [dask.delayed(_prealign_task)(path, i) for i in todo]
     elif stage == "estimate":
-        tasks = [dask.delayed(_estimate_task)(ws.path, i, device, threads) for i in todo]
+        tasks = [dask.delayed(_estimate_task)(path, i, device, threads) for i in todo]
     else:
-        tasks = [dask.delayed(_render_task)(ws.path, i) for i in todo]
+        tasks = [dask.delayed(_render_task)(path, i) for i in todo]
     run_tasks(tasks, compute, f"{stage} ({len(todo)} blocks)", progress and bool(todo))
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())
@@ -112,15 +127,19 @@ def align(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    jobqueue_options: dict | None = None,
 ) -> tuple[Workspace, dict[str, float], str]:
-    """Align a stack end to end into an OME-Zarr; returns the workspace, seconds per stage and the QC summary."""
+    """Align a stack end to end into an OME-Zarr; returns the workspace, seconds per stage and the QC summary.
+
+    ``jobqueue_options``: SLURM job settings for ``scheduler_spec="slurm"`` (:func:`emalign.cluster.slurm_options`).
+    """
     params = params or AlignParams()
     check_scheduler(scheduler_spec)
     resolve_device(device)
     stack = open_stack(input_path, level=params.level)
     ws = Workspace.create(stack, output_path, params, overwrite=overwrite)
     seconds: dict[str, float] = {}
-    with scheduler(scheduler_spec) as compute:
+    with scheduler(scheduler_spec, jobqueue_options) as compute:
         for stage in STAGES:
             start = time.perf_counter()
             message = run_stage(stage, ws, None, compute, device, progress)
