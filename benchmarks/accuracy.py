@@ -1,6 +1,6 @@
 """Accuracy on EM stacks with known misalignment (EVALUATION.md), all methods in one run.
 
-    python benchmarks/accuracy.py [--model faemreg-small] [--quick]
+    pip install -e ".[bench]" && python benchmarks/accuracy.py [--model faemreg-small] [--quick]
 
 Every table has two parts: the misaligned stack (shifts ~15 px, rotations ~1 deg, scale ~1 %,
 elastic ~2 px at ~100 px) and the same stack left aligned ("do no harm": what each method
@@ -48,6 +48,7 @@ def main() -> None:
         aligners = {
             "no alignment": evaluate.no_alignment,
             "pairwise-rigid chain": evaluate.rigid_chain,
+            "rigid chain + TV-L1 flow chain (scikit-image)": evaluate.tvl1_chain,
             f"emalign {args.model}, sequential (paper inference)": evaluate.emalign_aligner("sequential", args.model),
             f"emalign {args.model}, `emalign align`": evaluate.pipeline_aligner(tmp, AlignParams(model=args.model)),
         }

@@ -48,6 +48,26 @@ def rigid_chain(stack: np.ndarray) -> np.ndarray:
     return rigid.affine_fields(rigid.rigid_chain(stack), stack.shape[1:])
 
 
+def tvl1_chain(stack: np.ndarray) -> np.ndarray:
+    """The classic elastic baseline: the rigid chain, then TV-L1 optical flow (scikit-image) of each
+    section against the previous aligned one, chained (each section is pulled onto its neighbour)."""
+    from skimage.registration import optical_flow_tvl1
+
+    from emalign.fields import compose, warp
+
+    coarse = rigid_chain(stack)
+    unit = np.float32(1.0 / max(float(np.max(stack)), 1e-12))  # TV-L1's default weights expect intensities in [0, 1]
+    fields = np.zeros_like(coarse)
+    fields[0] = coarse[0]
+    previous = warp(stack[0] * unit, fields[0])
+    for z in range(1, len(stack)):
+        prealigned = warp(stack[z] * unit, coarse[z])
+        flow = optical_flow_tvl1(previous, prealigned).astype(np.float32)
+        fields[z] = compose(coarse[z], flow)
+        previous = warp(stack[z] * unit, fields[z])
+    return fields
+
+
 def emalign_aligner(method: str = "stitched", model: str = "faemreg-small", **options) -> Aligner:
     """emalign's in-memory engine as an :data:`Aligner`."""
 
@@ -136,4 +156,5 @@ __all__ = [
     "no_alignment",
     "pipeline_aligner",
     "rigid_chain",
+    "tvl1_chain",
 ]
