@@ -1,6 +1,5 @@
 """The accuracy harness (emalign/evaluate.py): baselines and the evaluate loop on small synthetic stacks."""
 
-import numpy as np
 import pytest
 
 from emalign import evaluate

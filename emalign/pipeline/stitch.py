@@ -27,9 +27,7 @@ def stitch(ws: Workspace) -> None:
     blocks = consensus.block_plan(depth, params.stitch_block, params.stitch_overlap)
     carry: dict[int, tuple[np.ndarray, float]] = {}
     for start, stop in blocks:
-        solved = consensus.solve_block(
-            np.asarray(relative[start:stop]), k, excluded, params.spring, start, breaks
-        )
+        solved = consensus.solve_block(np.asarray(relative[start:stop]), k, excluded, params.spring, start, breaks)
         weights = consensus.blend_weights(start, stop, depth, params.stitch_overlap)
         for offset, z in enumerate(range(start, stop)):
             value, weight = solved[offset] * weights[offset], weights[offset]
