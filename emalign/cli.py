@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from emalign.errors import EmalignError
+from emalign.volumetric.cli import volume
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
@@ -50,6 +51,9 @@ def _plan_options(func):
         click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
         click.option("--skip", default="", help="bad sections to bridge, e.g. 12,40"),
         click.option("--level", default=0, show_default=True, help="input OME-Zarr level"),
+        click.option(
+            "--adapt", default=0, show_default=True, help="fine-tune the model on this stack for N steps first (0: off)"
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -136,6 +140,7 @@ def _params(opts: dict):
         max_rotation_deg=opts["max_rotation"],
         skip=skip,
         level=opts["level"],
+        adapt=opts["adapt"],
     )
 
 
@@ -199,6 +204,7 @@ def _stage_command(stage: str, help_text: str):
 
 
 _stage_command("prealign", "Stage 1: section statistics, pairwise rigid estimates, global rigid solve.")
+_stage_command("adapt", "Stage 1b (--adapt N): fine-tune the model on this stack, unsupervised.")
 _stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
 _stage_command("stitch", "Stage 3: reconcile the relative fields into one global field per section.")
 _stage_command("render", "Stage 4: warp the sections and write the aligned pyramid.")
@@ -305,6 +311,9 @@ def view(path: str) -> None:
     except ImportError as err:
         raise EmalignError(f"{path}: viewing needs {err.name} (not installed): pip install 'emalign[napari]'") from None
     open_napari(path)
+
+
+main.add_command(volume)
 
 
 if __name__ == "__main__":

@@ -275,9 +275,18 @@ def _initial_model(cfg: TrainConfig) -> FAEMReg:
     return models.load(name).train()
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    volumes: Sequence[np.ndarray] = (),
+    val_volumes: Sequence[np.ndarray] = (),
+) -> dict:
     """Train (or fine-tune) a serial network; checkpoints ``last.pt`` and ``best.pt`` in ``out``.
 
+    ``volumes`` / ``val_volumes``: aligned ``(Z, Y, X)`` arrays used besides ``cfg.data`` /
+    instead of ``cfg.val_data`` (test-time adaptation passes the stack being aligned).
     Returns the validation history ``{"steps": [...], "val_epe": [...], ...}``.
     """
     out = Path(out)
@@ -296,10 +305,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         model.load_state_dict(ckpt["state"])
         opt.load_state_dict(ckpt["optimizer"])
         start, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
-    train_volumes = [load_volume(p) for p in cfg.data] + procedural_volumes(
-        cfg.procedural, cfg.procedural_shape, cfg.seed
+    train_volumes = (
+        [load_volume(p) for p in cfg.data]
+        + list(volumes)
+        + procedural_volumes(cfg.procedural, cfg.procedural_shape, cfg.seed)
     )
-    val_volumes = [load_volume(p) for p in cfg.val_data] or procedural_volumes(1, cfg.procedural_shape, cfg.seed + 1000)
+    val_volumes = (
+        list(val_volumes)
+        or [load_volume(p) for p in cfg.val_data]
+        or procedural_volumes(1, cfg.procedural_shape, cfg.seed + 1000)
+    )
     k = model.config.references
     sampler = WindowSampler(train_volumes, k, cfg, seed=cfg.seed + start)
     val_sampler = WindowSampler(val_volumes, k, cfg, seed=12345)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 from helpers import one_line_error
 
@@ -25,6 +26,7 @@ from emalign.fields import folding_percent, resample
 from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, run_stage
+from emalign.pipeline.adapt import longest_run
 from emalign.pipeline.estimate import find_breaks
 from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
@@ -366,6 +368,40 @@ def test_a_stack_of_two_unrelated_blocks_is_split_at_the_break_and_each_part_ali
         error = alignment_metrics(residual_fields(truth[part], fields[part]))
         baseline = alignment_metrics(residual_fields(truth[part], np.zeros_like(fields[part])))
         assert error["rms"] < 0.3 * baseline["rms"]
+
+
+def test_adapt_fine_tunes_a_checkpoint_on_the_stack_records_it_and_estimates_with_it(case, aligned, tmp_path):
+    path, misaligned = case
+    out = tmp_path / "adapted.zarr"
+    ws, seconds, _ = align(path, out, AlignParams(block=4, adapt=3), **RUN)
+    assert "adapt" in seconds and is_complete(out) and ws.model == str(out / "model" / "adapted.pt")
+    ckpt = torch.load(out / "model" / "adapted.pt", map_location="cpu", weights_only=False)
+    record = ckpt["adaptation"]
+    assert record["base_model"] == "faemreg-small" and record["steps"] == 3
+    assert record["input"] == str(path.resolve()) and record["sample"]["sections"] == [0, SHAPE[0]]
+    base = models.load("faemreg-small").state_dict()
+    assert any(not torch.equal(base[key], value) for key, value in ckpt["state"].items())
+    assert not (out / "model" / "run").exists()
+    assert not np.array_equal(global_fields(out), global_fields(aligned[0]))
+    error = alignment_metrics(residual_fields(misaligned.fields, upsampled(global_fields(out), 8, SHAPE[1:])))
+    baseline = alignment_metrics(residual_fields(misaligned.fields, np.zeros_like(misaligned.fields)))
+    assert error["rms"] < 0.3 * baseline["rms"]
+
+
+def test_estimate_waits_for_adaptation_when_it_is_asked_for(case, tmp_path):
+    path, _ = case
+    ws = Workspace.create(open_stack(path), tmp_path / "wait.zarr", AlignParams(block=4, adapt=2))
+    run_stage("prealign", ws, **STAGE)
+    with pytest.raises(EmalignError, match="run `emalign adapt` first"):
+        run_stage("estimate", ws, **STAGE)
+
+
+def test_the_longest_run_of_good_sections_is_trimmed_about_its_centre():
+    excluded = np.zeros(20, bool)
+    excluded[[3, 15]] = True
+    assert longest_run(excluded, 100) == (4, 15)
+    assert longest_run(excluded, 5) == (7, 12)
+    assert longest_run(np.ones(4, bool), 5) == (0, 0)
 
 
 def test_breaks_need_every_pair_across_the_gap_to_fail():

@@ -1,4 +1,4 @@
-"""The streaming alignment pipeline: prealign -> estimate -> stitch -> render -> qc.
+"""The streaming alignment pipeline: prealign -> (adapt) -> estimate -> stitch -> render -> qc.
 
 Each stage works on z-blocks as independent dask tasks that read their input from the
 stack and the output folder and write their results straight to Zarr (nothing large is
@@ -17,6 +17,7 @@ from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.io import Stack, open_stack
+from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
 from emalign.pipeline.qc import run_qc
@@ -48,6 +49,12 @@ def _estimate_task(out: str, index: int, device: str, threads: int) -> None:
         estimate_block(ws, _stack(ws), index, device=device, threads=threads)
 
 
+def _adapt_task(out: str, device: str, progress: bool) -> None:
+    ws = Workspace(out)
+    if not _finished(ws, "adapt", 0):
+        adapt_model(ws, _stack(ws), device, progress)
+
+
 def _stitch_task(out: str) -> None:
     ws = Workspace(out)
     if not _finished(ws, "stitch", 0):
@@ -69,7 +76,7 @@ def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> 
     return [i for i, block in enumerate(blocks) if block in wanted and not done[i]]
 
 
-STAGES = ("prealign", "estimate", "stitch", "render", "qc")
+STAGES = ("prealign", "adapt", "estimate", "stitch", "render", "qc")
 
 
 def run_stage(
@@ -97,8 +104,17 @@ def run_stage(
         return "stitch: global fields written"
     if stage == "qc":
         return run_qc(ws, _stack(ws))
+    if stage == "adapt":
+        if not ws.params.adapt:
+            return "adapt: off (--adapt 0)"
+        if not ws.stage_done("adapt").all():
+            ws.require("prealign")
+            run_tasks([dask.delayed(_adapt_task)(path, device, progress)], compute, "adapt", progress=False)
+        return f"adapt: {ws.params.adapt} steps on this stack; model {ws.model}"
     if stage == "estimate":
         ws.require("prealign")
+        if ws.params.adapt:
+            ws.require("adapt")
     if stage == "render":
         ws.require("stitch")
     todo = _blocks_todo(ws, stage, zr)
@@ -141,6 +157,8 @@ def align(
     seconds: dict[str, float] = {}
     with scheduler(scheduler_spec, jobqueue_options) as compute:
         for stage in STAGES:
+            if stage == "adapt" and not params.adapt:
+                continue
             start = time.perf_counter()
             message = run_stage(stage, ws, None, compute, device, progress)
             seconds[stage] = time.perf_counter() - start

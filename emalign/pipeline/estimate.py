@@ -15,6 +15,7 @@ estimate
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,8 +156,14 @@ def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _model(name: str, device: str) -> models.FAEMReg:
+def _cached_model(name: str, device: str, stamp: float) -> models.FAEMReg:
     return models.load(name, resolve_device(device))
+
+
+def _model(name: str, device: str) -> models.FAEMReg:
+    """The network, loaded once per process (again when its checkpoint file changes, e.g. re-adapted)."""
+    path = Path(name)
+    return _cached_model(name, device, path.stat().st_mtime if path.is_file() else 0.0)
 
 
 def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto", threads: int | None = None) -> None:
@@ -165,7 +172,7 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
         torch.set_num_threads(threads)
     start, stop = ws.plan.blocks()[index]
     params, plan = ws.params, ws.plan
-    model = _model(params.model, device)
+    model = _model(ws.model, device)
     k = model.config.references
     depth = plan.shape[0]
     excluded, breaks = ws.excluded(), ws.breaks()

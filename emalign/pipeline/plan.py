@@ -32,6 +32,7 @@ class AlignParams:
         max_rotation_deg: largest rotation the prealignment searches.
         skip: sections the user marks as bad (bridged and written through unchanged).
         level: input OME-Zarr level to align.
+        adapt: steps of test-time adaptation (fine-tuning the model on this stack first; 0: off).
     """
 
     model: str = "faemreg-small"
@@ -48,6 +49,7 @@ class AlignParams:
     max_rotation_deg: float = 10.0
     skip: tuple[int, ...] = ()
     level: int = 0
+    adapt: int = 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -64,6 +66,8 @@ class AlignParams:
                 f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
                 "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
             )
+        if self.adapt < 0:
+            raise EmalignError(f"bad plan: --adapt {self.adapt} must be 0 (off) or a number of steps")
         if not 0 <= self.stitch_overlap < self.stitch_block:
             raise EmalignError(
                 f"bad plan: stitch overlap {self.stitch_overlap} must be below the block {self.stitch_block}"

@@ -17,6 +17,31 @@ from emalign.pipeline.store import Workspace
 RENDER_TILE = 2048
 
 
+def render_region(
+    stack: Stack, z: int, field: np.ndarray, stride: int, origin: tuple[int, int], shape: tuple[int, int]
+) -> np.ndarray:
+    """The ``shape`` region at ``origin`` (y0, x0) of section ``z`` pulled by ``field (2, gy, gx)``, float32.
+
+    Only the part of the raw section the region pulls from is read; pixels pulled from outside are 0.
+    """
+    height, width = stack.shape[1:]
+    y0, x0 = origin
+    coords = resample(field, stride, 1, shape, origin=origin)
+    coords[0] += np.arange(y0, y0 + shape[0], dtype=np.float32)[:, None]
+    coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
+    lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
+    hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + 2
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
+    if np.any(hi <= lo):
+        return np.zeros(shape, np.float32)
+    try:
+        source = np.asarray(stack.data[z, lo[0] : hi[0], lo[1] : hi[1]], np.float32)
+    except Exception as exc:
+        raise EmalignError(f"{stack.path}: section {z} could not be read ({type(exc).__name__})") from exc
+    coords -= lo.reshape(2, 1, 1).astype(np.float32)
+    return sample(source, coords)
+
+
 def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: int = RENDER_TILE) -> np.ndarray:
     """Section ``z`` of ``stack`` pulled by ``field (2, gy, gx)`` (stride ``stride``), the input dtype."""
     height, width = stack.shape[1:]
@@ -24,20 +49,7 @@ def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: i
     for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
             shape = (min(tile, height - y0), min(tile, width - x0))
-            coords = resample(field, stride, 1, shape, origin=(y0, x0))
-            coords[0] += np.arange(y0, y0 + shape[0], dtype=np.float32)[:, None]
-            coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
-            lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
-            hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + 2
-            lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
-            if np.any(hi <= lo):
-                continue
-            try:
-                source = np.asarray(stack.data[z, lo[0] : hi[0], lo[1] : hi[1]], np.float32)
-            except Exception as exc:
-                raise EmalignError(f"{stack.path}: section {z} could not be read ({type(exc).__name__})") from exc
-            coords -= lo.reshape(2, 1, 1).astype(np.float32)
-            out[y0 : y0 + shape[0], x0 : x0 + shape[1]] = sample(source, coords)
+            out[y0 : y0 + shape[0], x0 : x0 + shape[1]] = render_region(stack, z, field, stride, (y0, x0), shape)
     return cast_to_dtype(out, stack.dtype)
 
 

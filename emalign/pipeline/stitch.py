@@ -19,7 +19,7 @@ def stitch(ws: Workspace) -> None:
     ws.require("estimate")
     params, plan = ws.params, ws.plan
     depth = plan.shape[0]
-    k = models.load(params.model).config.references
+    k = models.load(ws.model).config.references
     excluded, breaks = ws.excluded(), ws.breaks()
     relative, output = ws.array("fields/relative"), ws.array("fields/global")
     matrices = np.asarray(ws.array("coarse/matrices")[:])

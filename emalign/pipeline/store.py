@@ -11,6 +11,7 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
     OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (prealignment included)
     OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming
+    OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
 attrs["emalign"] holds the version, input, params, plan, model checksum and ``complete``.
@@ -36,7 +37,7 @@ FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
 FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped", FLAG_BREAK: "break"}
 EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
 """Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
-STAGES = ("prealign", "estimate", "stitch")
+STAGES = ("prealign", "adapt", "estimate", "stitch")
 
 
 def flag_text(flags: int) -> str:
@@ -103,7 +104,7 @@ class Workspace:
             create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
         n_blocks = len(plan.blocks())
         for stage in STAGES:
-            create_array(out, f"stages/{stage}", (n_blocks if stage != "stitch" else 1,), (1,), bool)
+            create_array(out, f"stages/{stage}", (1 if stage in ("adapt", "stitch") else n_blocks,), (1,), bool)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -124,6 +125,17 @@ class Workspace:
 
     def flags(self) -> np.ndarray:
         return np.asarray(self.array("sections/flags")[:], np.uint8)
+
+    @property
+    def adapted_model_path(self) -> Path:
+        path = Path(self.path) / "model" / "adapted.pt"
+        path.parent.mkdir(exist_ok=True)
+        return path
+
+    @property
+    def model(self) -> str:
+        """The checkpoint the estimate uses: the adapted one under ``--adapt``, else ``params.model``."""
+        return str(self.adapted_model_path) if self.params.adapt else self.params.model
 
     def excluded(self) -> np.ndarray:
         """``(Z,)`` bool: sections bridged and written through unchanged (blank, damaged, skipped)."""

@@ -1,0 +1,124 @@
+"""Stage 1b (``--adapt N``): fine-tune the network on the stack it is about to align, without labels.
+
+The rigidly prealigned input is the training data. Windows of adjacent sections cut from it
+get the synthetic misalignment of :mod:`emalign.train` (exact targets) and the unsupervised
+local-NCC term towards their references, so the network learns this stack's texture,
+contrast and section-to-section change before it estimates anything. Only a bounded sample
+is read: the longest run of good sections (at most :data:`SECTIONS`), cropped to at most
+:data:`SIZE` px about the centre, so memory does not grow with the stack. The adapted
+checkpoint is written to ``OUT/model/adapted.pt`` with its provenance and used by the
+estimate stage.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emalign import models
+from emalign.errors import EmalignError
+from emalign.fields import affine_field
+from emalign.io import Stack
+from emalign.pipeline.render import render_region
+from emalign.pipeline.store import Workspace
+from emalign.train import TrainConfig, train
+
+SECTIONS = 48
+SIZE = 384
+FIELD_STRIDE = 16  # grid of the affine fields the sample is rendered with (exact for an affine map)
+
+
+def longest_run(excluded: np.ndarray, limit: int) -> tuple[int, int]:
+    """``[start, stop)`` of the longest run of non-excluded sections, trimmed to ``limit`` about its centre."""
+    best, start = (0, 0), None
+    for z, bad in enumerate([*np.asarray(excluded, bool), True]):
+        if not bad and start is None:
+            start = z
+        elif bad and start is not None:
+            best = max(best, (start, z), key=lambda run: run[1] - run[0])
+            start = None
+    lo, hi = best
+    trim = max(0, (hi - lo) - limit)
+    return lo + trim // 2, hi - (trim - trim // 2)
+
+
+def adaptation_sample(ws: Workspace, stack: Stack) -> tuple[np.ndarray, dict]:
+    """The prealigned sample ``(Z', Y', X')`` float32 the network adapts to, and where it came from."""
+    start, stop = longest_run(ws.excluded(), SECTIONS)
+    height, width = stack.shape[1:]
+    shape = (min(SIZE, height), min(SIZE, width))
+    origin = ((height - shape[0]) // 2, (width - shape[1]) // 2)
+    matrices = np.asarray(ws.array("coarse/matrices")[:])
+    grid = (math.ceil(height / FIELD_STRIDE), math.ceil(width / FIELD_STRIDE))
+    sample = np.stack(
+        [
+            render_region(stack, z, affine_field(matrices[z], grid, stride=FIELD_STRIDE), FIELD_STRIDE, origin, shape)
+            for z in range(start, stop)
+        ]
+    )
+    return sample, {"sections": [start, stop], "origin": list(origin), "shape": list(shape)}
+
+
+def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int], device: str = "auto") -> TrainConfig:
+    """Fine-tuning settings for a stack sample: adjacent sections, the pipeline's residual motion, small lr."""
+    depth, height, width = sample_shape
+    cfg = TrainConfig(
+        model=model,
+        procedural=0,
+        z_steps=(1,),
+        same_section_start=0.0,
+        same_section_end=0.0,
+        symmetric_fraction=1.0,
+        steps=steps,
+        batch=4,
+        crop=128,
+        lr=2e-4,
+        similarity_weight=0.5,
+        shift=1.5,
+        rotation_deg=0.3,
+        val_every=steps,
+        val_windows=8,
+        val_z_step=1,
+        device=device,
+    )
+    margin = 2 * math.ceil(3 * cfg.shift + 3 * cfg.elastic + cfg.crop * math.radians(3 * cfg.rotation_deg) + 4)
+    crop = min(cfg.crop, min(height, width) - margin) // 8 * 8
+    if crop < 32 or depth < 2:
+        raise EmalignError(
+            f"--adapt: the sample ({depth} good sections of {height} x {width} px) is too small to adapt on"
+        )
+    return TrainConfig(**{**cfg.to_dict(), "crop": crop})
+
+
+def adapt_model(ws: Workspace, stack: Stack, device: str = "auto", progress: bool = True) -> Path:
+    """Fine-tune ``ws.params.model`` on the prealigned stack for ``ws.params.adapt`` steps; returns the checkpoint."""
+    params = ws.params
+    sample, origin = adaptation_sample(ws, stack)
+    cfg = adaptation_config(params.model, params.adapt, sample.shape, device)
+    runs = Path(ws.path) / "model" / "run"
+    if runs.exists():
+        shutil.rmtree(runs)  # a killed adaptation starts over: the result must not depend on where it stopped
+    history = train(cfg, runs, resume=False, progress=progress, volumes=[sample], val_volumes=[sample])
+    ckpt = torch.load(runs / "best.pt", map_location="cpu", weights_only=False)
+    ckpt["adaptation"] = {
+        "base_model": params.model,
+        "base_sha256": models.checksum(params.model),
+        "input": ws.input_path,
+        "steps": params.adapt,
+        "sample": origin,
+        "val_epe_px": history["val_epe"][-1],
+        "val_epe_no_correction_px": history["val_epe_identity"][-1],
+    }
+    target = ws.adapted_model_path
+    torch.save(ckpt, target.with_suffix(".tmp"))
+    target.with_suffix(".tmp").replace(target)
+    shutil.rmtree(runs)
+    ws.mark_done("adapt", 0)
+    return target
+
+
+__all__ = ["adapt_model", "adaptation_config", "adaptation_sample", "longest_run"]
