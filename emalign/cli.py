@@ -7,7 +7,10 @@ workflow can fan the stages out. Bad input ends with a one-line ``error: ...`` a
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,8 +23,24 @@ from emalign.volumetric.cli import volume
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
 
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+"""OSError numbers that say the output location cannot take the writes (full, read-only, no permission)."""
+
+
+def _os_error_line(err: OSError, output: str | None) -> str | None:
+    """One line for a write that the file system refused, naming OUT; None for any other OSError (a bug)."""
+    if err.errno not in _UNWRITABLE:
+        return None
+    name = os.fsdecode(err.filename) if err.filename is not None else None
+    name = re.sub(r"\.[0-9a-f]{32}\.partial$", "", name) if name else name  # zarr writes via a temporary file
+    if output is None or (name is not None and not Path(name).resolve().is_relative_to(Path(output).resolve())):
+        return f"{name or output}: {err.strerror}"
+    inside = f" (writing {Path(name).resolve().relative_to(Path(output).resolve())})" if name else ""
+    return f"{output}: {err.strerror}{inside}; the output is incomplete: fix that and run the same command to resume"
+
+
 def _friendly(func):
-    """Turn EmalignError (bad input) into one line on stderr and exit status 2."""
+    """Turn EmalignError (bad input) and refused writes (disk full, read-only) into one line on stderr, exit 2."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -29,6 +48,12 @@ def _friendly(func):
             return func(*args, **kwargs)
         except EmalignError as err:
             click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:
+            line = _os_error_line(err, kwargs.get("output_path"))
+            if line is None:
+                raise
+            click.echo(f"error: {' '.join(line.split())}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -51,6 +76,7 @@ def _plan_options(func):
         click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
         click.option("--skip", default="", help="bad sections to bridge, e.g. 12,40"),
         click.option("--level", default=0, show_default=True, help="input OME-Zarr level"),
+        click.option("--mask", default="", help="mask stack (TIFF/Zarr, IN's shape), non-zero = invalid pixels"),
         click.option(
             "--adapt", default=0, show_default=True, help="fine-tune the model on this stack for N steps first (0: off)"
         ),
@@ -141,6 +167,7 @@ def _params(opts: dict):
         skip=skip,
         level=opts["level"],
         adapt=opts["adapt"],
+        mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
     )
 
 

@@ -22,7 +22,7 @@ import emalign.pipeline as pipeline
 from emalign import models
 from emalign.cluster import scheduler
 from emalign.errors import EmalignError
-from emalign.fields import folding_percent, resample
+from emalign.fields import compose, folding_percent, resample, warp
 from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, run_stage
@@ -402,6 +402,41 @@ def test_the_longest_run_of_good_sections_is_trimmed_about_its_centre():
     assert longest_run(excluded, 100) == (4, 15)
     assert longest_run(excluded, 5) == (7, 12)
     assert longest_run(np.ones(4, bool), 5) == (0, 0)
+
+
+def test_a_cracked_section_is_aligned_piece_by_piece_and_the_field_jumps_across_the_crack(case, tmp_path):
+    _, misaligned = case
+    z, crack, jump = 6, slice(44, 48), np.array([5.0, -4.0], np.float32)
+    raw, truth = misaligned.stack.copy(), misaligned.fields.copy()
+    constant = np.broadcast_to(jump[:, None, None], truth[z].shape).copy()
+    moved, moved_truth = warp(raw[z].astype(np.float32), constant), compose(truth[z], constant)
+    raw[z, crack.stop :] = np.clip(np.round(moved[crack.stop :]), 1, 255).astype(np.uint8)
+    truth[z][:, crack.stop :] = moved_truth[:, crack.stop :]
+    raw[z, crack] = 255  # the crack, imaged white: saturated, detected as invalid
+    path = tmp_path / "cracked.tif"
+    tifffile.imwrite(path, raw, photometric="minisblack")
+    ws, _, _ = align(path, tmp_path / "cracked.zarr", PARAMS, **RUN)
+    fields = upsampled(global_fields(tmp_path / "cracked.zarr"), ws.params.stride, SHAPE[1:])
+    residual = residual_fields(truth, fields)
+    against_neighbours = residual[z] - (residual[z - 1] + residual[z + 1]) / 2
+    white = np.flatnonzero((level0(tmp_path / "cracked.zarr")[z] == 255).mean(1) > 0.5)  # the crack, aligned
+    top, bottom = int(white.min()), int(white.max()) + 1
+    above, below = slice(max(top - 24, 8), top - 8), slice(bottom + 8, min(bottom + 24, SHAPE[1] - 8))
+    for rows in (above, below):  # each piece lines up with the sections around it (smeared: ~1.9 px above)
+        assert np.sqrt(np.mean(against_neighbours[:, rows, 12:-12] ** 2)) < 1.7
+    field = fields[z][:, :, 12:-12]
+    step = field[:, below].mean((1, 2)) - field[:, above].mean((1, 2))
+    assert np.dot(step, -jump) > 0.3 * np.dot(jump, jump)  # the pieces move apart, as the tear did
+    edge = field[:, bottom + 8].mean(1) - field[:, top - 8].mean(1)  # one field grid cell from the crack
+    assert np.dot(edge, -jump) > 0.8 * np.dot(step, -jump)  # ... right at the crack, not smeared around it
+
+
+def test_a_user_mask_of_another_shape_is_a_one_line_error(case, tmp_path):
+    path, _ = case
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, np.zeros((SHAPE[0], 10, 10), np.uint8))
+    params = AlignParams(block=4, mask=str(mask))
+    one_line_error(mask, align, path, tmp_path / "masked.zarr", params, match="does not match", **RUN)
 
 
 def test_breaks_need_every_pair_across_the_gap_to_fail():

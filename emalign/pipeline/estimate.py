@@ -23,9 +23,11 @@ from scipy import ndimage
 
 from emalign import consensus, models, rigid
 from emalign.device import resolve_device
-from emalign.fields import affine_field, warp
+from emalign.errors import EmalignError
+from emalign.fields import affine_field, compose, warp
 from emalign.inference import predict_windows
-from emalign.io import Stack, check_chunk
+from emalign.io import Stack, check_chunk, open_stack
+from emalign.masks import invalid_pixels, pieces, piecewise_field
 from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
 
 BATCH = 4
@@ -44,20 +46,39 @@ def section_stats(section: np.ndarray) -> tuple[float, float]:
 
 
 class CheckedSections:
-    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors).
+    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors),
+    invalid pixels (:func:`emalign.masks.invalid_pixels`, with the user's mask) set to 0 (no data).
 
-    Records :func:`section_stats` (on a ``step``-subsampled grid) of every section it reads.
+    Records :func:`section_stats` (on a ``step``-subsampled grid, before masking) of every section it reads.
     """
 
-    def __init__(self, stack: Stack, start: int, stop: int, step: int):
-        self.stack, self.start, self.step = stack, start, step
+    def __init__(self, stack: Stack, start: int, stop: int, step: int, mask: Stack | None = None):
+        self.stack, self.start, self.step, self.mask = stack, start, step, mask
         self.shape = (stop - start, *stack.shape[1:])
         self.stats: dict[int, tuple[float, float]] = {}
 
     def __getitem__(self, z: int) -> np.ndarray:
-        section = check_chunk(self.stack, self.start + z)
-        self.stats[self.start + z] = section_stats(section[:: self.step, :: self.step])
+        raw, section = read_masked(self.stack, self.start + z, self.mask)
+        self.stats[self.start + z] = section_stats(raw[:: self.step, :: self.step])
         return section
+
+
+def user_mask(ws: Workspace, stack: Stack) -> Stack | None:
+    """The user's mask stack (``--mask``), checked against the input's shape; None without one."""
+    if not ws.params.mask:
+        return None
+    mask = open_stack(ws.params.mask)
+    if mask.shape != stack.shape:
+        raise EmalignError(f"{ws.params.mask}: mask of shape {mask.shape} does not match the stack's {stack.shape}")
+    return mask
+
+
+def read_masked(stack: Stack, z: int, mask: Stack | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Section ``z`` as read, and as float32 with its invalid pixels (detected, and the user's ``mask``) at 0."""
+    raw = check_chunk(stack, z)
+    section = raw.astype(np.float32)
+    section[invalid_pixels(raw, None if mask is None else check_chunk(mask, z))] = 0
+    return raw, section
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
@@ -66,7 +87,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     params = ws.params
     step = params.coarse_downsample
     first = max(start - max(OFFSETS), 0)
-    sections = CheckedSections(stack, first, stop, step)
+    sections = CheckedSections(stack, first, stop, step, user_mask(ws, stack))
     pairs = rigid.pairwise_rigid(sections, OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg)
     ws.array("sections/stats")[start:stop] = np.array([sections.stats[z] for z in range(start, stop)])
     table = np.full((stop - start, len(OFFSETS), 7), np.nan)
@@ -166,6 +187,22 @@ def _model(name: str, device: str) -> models.FAEMReg:
     return _cached_model(name, device, path.stat().st_mtime if path.is_file() else 0.0)
 
 
+def _piece_field(
+    model: models.FAEMReg, window: np.ndarray, piece: np.ndarray, device: torch.device, params
+) -> np.ndarray:
+    """Field ``(2, Y, X)`` of one piece of a cracked moving section (the middle of ``window``), the rest
+    blanked. A piece can sit further from its neighbours than the whole section's rigid fit suggests,
+    so the estimate is refined once: the piece is warped by the first field and matched again."""
+    k = len(window) // 2
+    window = window.copy()
+    moving = window[k] * piece
+    window[k] = moving
+    first = predict_windows(model, window[None], device, tile=params.tile, halo=params.halo)[0]
+    window[k] = warp(moving, first)
+    second = predict_windows(model, window[None], device, tile=params.tile, halo=params.halo)[0]
+    return compose(first, second)
+
+
 def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto", threads: int | None = None) -> None:
     """Relative fields of the sections of block ``index`` (symmetric windows, prealigned)."""
     if threads:
@@ -177,22 +214,33 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
     depth = plan.shape[0]
     excluded, breaks = ws.excluded(), ws.breaks()
     matrices = np.asarray(ws.array("coarse/matrices")[:])
+    mask = user_mask(ws, stack)
     windows_of = {z: consensus.neighbour_indices(z, depth, k, breaks) for z in range(start, stop)}
     prealigned = {}
     for z in sorted({i for window in windows_of.values() for i in window}):
         if excluded[z]:
             prealigned[z] = np.zeros(plan.shape[1:], np.float32)
             continue
-        section = check_chunk(stack, z).astype(np.float32)
+        _, section = read_masked(stack, z, mask)
         prealigned[z] = warp(section, affine_field(matrices[z], section.shape))
-    todo = [z for z in range(start, stop) if not excluded[z]]
     relative = ws.array("fields/relative")
-    s = params.stride
+    s, sigma = params.stride, params.smoothing
     dev = resolve_device(device)
-    for first in range(0, len(todo), BATCH):
-        batch = todo[first : first + BATCH]
+    whole = []
+    for z in range(start, stop):
+        if excluded[z]:
+            continue
+        labels, count = pieces(prealigned[z] != 0)
+        if count < 2:
+            whole.append(z)
+            continue
+        window = np.stack([prealigned[i] for i in windows_of[z]])
+        estimates = [_piece_field(model, window, labels == piece, dev, params) for piece in range(1, count + 1)]
+        relative[z] = piecewise_field(estimates, labels, s, sigma)
+    for first in range(0, len(whole), BATCH):
+        batch = whole[first : first + BATCH]
         windows = np.stack([np.stack([prealigned[i] for i in windows_of[z]]) for z in batch])
         fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH)
         for z, field in zip(batch, fields, strict=True):
-            relative[z] = smooth_field(field[:, ::s, ::s], params.smoothing / s)
+            relative[z] = smooth_field(field[:, ::s, ::s], sigma / s)
     ws.mark_done("estimate", index)

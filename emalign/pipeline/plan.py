@@ -33,6 +33,8 @@ class AlignParams:
         skip: sections the user marks as bad (bridged and written through unchanged).
         level: input OME-Zarr level to align.
         adapt: steps of test-time adaptation (fine-tuning the model on this stack first; 0: off).
+        mask: path of a mask stack of the input's shape, non-zero where pixels are invalid (cracks,
+            folds, debris); detected invalid pixels (no data, saturated, featureless) are added.
     """
 
     model: str = "faemreg-small"
@@ -50,6 +52,7 @@ class AlignParams:
     skip: tuple[int, ...] = ()
     level: int = 0
     adapt: int = 0
+    mask: str = ""
 
     def to_dict(self) -> dict:
         data = asdict(self)
