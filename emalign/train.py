@@ -142,6 +142,11 @@ def reference_weights(references: int, symmetric: bool) -> np.ndarray:
     return weights / weights.sum()
 
 
+def window_margin(cfg: TrainConfig) -> int:
+    """Pixels cut around a training crop so that its misalignment never pulls from outside the window."""
+    return int(math.ceil(3 * cfg.shift + 3 * cfg.elastic + cfg.crop * math.radians(3 * cfg.rotation_deg) + 4))
+
+
 class WindowSampler:
     """Draws training windows with exact target fields from aligned volumes."""
 
@@ -153,9 +158,7 @@ class WindowSampler:
         self.cfg = config
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        self.margin = int(
-            math.ceil(3 * config.shift + 3 * config.elastic + config.crop * math.radians(3 * config.rotation_deg) + 4)
-        )
+        self.margin = window_margin(config)
         big = config.crop + 2 * self.margin
         for v in self.volumes:
             if v.ndim != 3 or min(v.shape[1:]) < big or v.shape[0] < 2:

@@ -25,7 +25,7 @@ from emalign.fields import affine_field
 from emalign.io import Stack
 from emalign.pipeline.render import render_region
 from emalign.pipeline.store import Workspace
-from emalign.train import TrainConfig, train
+from emalign.train import TrainConfig, train, window_margin
 
 SECTIONS = 48
 SIZE = 384
@@ -85,8 +85,7 @@ def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int]
         val_z_step=1,
         device=device,
     )
-    margin = 2 * math.ceil(3 * cfg.shift + 3 * cfg.elastic + cfg.crop * math.radians(3 * cfg.rotation_deg) + 4)
-    crop = min(cfg.crop, min(height, width) - margin) // 8 * 8
+    crop = min(cfg.crop, min(height, width) - 2 * window_margin(cfg)) // 8 * 8
     if crop < 32 or depth < 2:
         raise EmalignError(
             f"--adapt: the sample ({depth} good sections of {height} x {width} px) is too small to adapt on"
