@@ -5,13 +5,18 @@ Arrays are (z, y, x). Bad input raises `EmalignError` with a one-line message na
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,13 @@ import tifffile
 import zarr
 from tqdm import tqdm
 
-from emalign.errors import EmalignError
+from emalign.errors import EmalignError, IncompleteOutputWarning
 
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 SECTION_CHUNKS = (1, 512, 512)
 PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at most this many pixels
 DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
+MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _UNITS = {
@@ -56,6 +62,8 @@ class Stack:
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
     unit: str = "nanometer"
     level: int = 0
+    locate: Callable[[int], str] | None = None
+    """Names the file or the damaged chunk(s) of section z, for read errors (a picklable callable, or None)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -77,9 +85,51 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+class _TiffLog(logging.Filter):
+    """Keeps tifffile's log records (warnings about damaged files) off stderr in threads reading through emalign."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        messages = getattr(self.local, "messages", None)
+        if messages is None:
+            return True
+        messages.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_TiffLog())
+
+
+@contextlib.contextmanager
+def _tiff_messages() -> Iterator[list[str]]:
+    """Collect (instead of print) what tifffile logs in this thread inside the block."""
+    outer = getattr(_TiffLog.local, "messages", None)
+    _TiffLog.local.messages = messages = []
+    try:
+        yield messages
+    finally:
+        _TiffLog.local.messages = outer
+
+
 def _natural_key(path: Path) -> list[Any]:
     """Sort key that puts 'img2' before 'img10'."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name.lower())]
+
+
+def _os_reason(exc: OSError) -> str:
+    """`No space left on device` style text of an OSError (the file it concerns left out)."""
+    return exc.strerror or _reason(exc)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise EmalignError unless a file can be created (and removed) in the existing folder `path`."""
+    probe = Path(path) / f".emalign-write-test-{os.getpid()}-{threading.get_ident()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _err(path, f"cannot write the output here ({_os_reason(exc)})") from exc
 
 
 def _is_zarr(path: Path) -> bool:
@@ -136,25 +186,36 @@ def _read_raw_section(path: str, offset: int, dtype: np.dtype, shape: tuple[int,
 
 def _read_tiff_section(path: str, level: int, lead: tuple[int, ...], shape: tuple[int, int], z: int) -> np.ndarray:
     """Section z of a TIFF series (`lead`: indices of dropped singleton axes before Z)."""
-    return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)
+    with _tiff_messages():
+        return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)
 
 
 def _read_tiff_file(files: tuple[str, ...], shape: tuple[int, int], z: int) -> np.ndarray:
-    return tifffile.imread(files[z]).reshape(shape)
+    with _tiff_messages():
+        return tifffile.imread(files[z]).reshape(shape)
+
+
+def _tiff_file_name(files: tuple[str, ...], z: int) -> str:
+    return Path(files[z]).name
 
 
 def _tiff_header(path: Path) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None]], str, tuple, str]:
     """From the header only: per pyramid level (shape, dtype, contiguous data offset or None), byte order,
     voxel size and unit (from ImageJ calibration when present)."""
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tiff_messages() as messages, tifffile.TiffFile(path) as tif:
             levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset) for s in tif.series[0].levels]
+            damaged = [m for m in messages if "failed" in m]  # e.g. "shaped series failed to reshape": pages lost
+            if damaged:
+                raise _err(path, f"is truncated or damaged (tifffile: {re.sub(r'^<[^>]*> *', '', damaged[0])[:200]})")
             imagej = tif.imagej_metadata or {}
             unit = _UNITS.get(str(imagej.get("unit", "")).strip().lower())
             xres, yres = tif.pages[0].resolution
             if unit and xres > 0 and yres > 0:
                 return levels, tif.byteorder, (float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit
             return levels, tif.byteorder, (1.0, 1.0, 1.0), "nanometer"
+    except EmalignError:
+        raise
     except Exception as exc:
         raise _err(path, f"is not a recognised stack (not a readable TIFF: {_reason(exc)})") from exc
 
@@ -200,9 +261,11 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
     shape2, dtype = expected
     shape3 = (len(files), *shape2)
     _kept_axes(str(path), shape3, dtype)
-    reader = functools.partial(_read_tiff_file, tuple(str(f) for f in files), shape2)
+    names = tuple(str(f) for f in files)
+    reader = functools.partial(_read_tiff_file, names, shape2)
     _, _, voxel_size, unit = headers[0]
-    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level)
+    locate = functools.partial(_tiff_file_name, names)
+    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, locate)
 
 
 def _multiscales(attrs: Any) -> dict | None:
@@ -250,13 +313,32 @@ def _open_zarr(path: Path, level: int, dataset: str | None) -> Stack:
     else:
         array = node
     keep = _kept_axes(str(path), array.shape, array.dtype, names)
+    if len(array.chunks) != array.ndim or min(array.chunks) < 1:
+        raise _err(path, f"is not a readable Zarr store (invalid chunk shape {tuple(array.chunks)})")
     chunks = [
         min(s, c * max(1, DASK_XY // c)) if axis >= array.ndim - 2 else c
         for axis, (s, c) in enumerate(zip(array.shape, array.chunks, strict=True))
     ]
     data = da.from_zarr(array, chunks=tuple(chunks))[tuple(slice(None) if a in keep else 0 for a in range(array.ndim))]
     voxel_size = tuple(float(scale[a]) for a in keep) if scale is not None else (1.0, 1.0, 1.0)
-    return Stack(data, str(path), voxel_size, unit, level)
+    return Stack(data, str(path), voxel_size, unit, level, functools.partial(_bad_zarr_chunks, array, keep[0]))
+
+
+def _bad_zarr_chunks(array: zarr.Array, z_axis: int, z: int) -> str:
+    """The keys (relative to the store) of the chunks of section z that cannot be read, e.g. "chunk 0/3.0.0"."""
+    ranges = [
+        [z // c] if axis == z_axis else range(-(-s // c)) if axis > z_axis else [0]
+        for axis, (s, c) in enumerate(zip(array.shape, array.chunks, strict=True))
+    ]
+    bad = []
+    for coords in itertools.product(*ranges):
+        try:
+            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, array.chunks, strict=True))]
+        except Exception:
+            bad.append("/".join(p for p in (array.path, array.metadata.encode_chunk_key(coords)) if p))
+            if len(bad) == 3:
+                break
+    return f"chunk{'s' * (len(bad) > 1)} {', '.join(bad)}" if bad else ""
 
 
 def open_stack(path: str | os.PathLike, level: int = 0, dataset: str | None = None) -> Stack:
@@ -271,15 +353,45 @@ def open_stack(path: str | os.PathLike, level: int = 0, dataset: str | None = No
     if p.is_file():
         return _open_tiff(p, level)
     if _is_zarr(p):
-        return _open_zarr(p, level, dataset)
+        stack = _open_zarr(p, level, dataset)
+        warn_if_incomplete(p)
+        return stack
     return _open_tiff_folder(p, level)
 
 
+def warn_if_incomplete(path: str | os.PathLike, stacklevel: int = 3) -> None:
+    """Warn (IncompleteOutputWarning) if `path` is an emalign output (alignment or import) whose run has not
+    finished: its unwritten sections read as zeros."""
+    attrs = emalign_attrs(Path(path))
+    if attrs is None or attrs.get("complete"):
+        return
+    try:
+        done = np.asarray(zarr.open_array(str(Path(path) / "done"), mode="r")[:], bool)
+        written = f"{int(done.sum())} of {done.size} sections written"
+    except Exception:
+        written = "not all sections written"
+    warnings.warn(
+        f"{path}: an unfinished emalign output ({written}; the rest read as zeros); "
+        "run the command that made it again to finish it",
+        IncompleteOutputWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def check_finite(section: np.ndarray, path: str, z: int) -> None:
-    """Raise EmalignError if a float section holds NaN or infinite values."""
+    """Raise EmalignError if a section holds NaN or infinite values, or values beyond +-MAX_ABS_VALUE (the
+    alignment computes in float32 and sums squares of pixel values: larger values would overflow)."""
     if section.dtype.kind == "f" and not np.isfinite(section).all():
         bad = int(section.size - np.count_nonzero(np.isfinite(section)))
         raise _err(path, f"section {z} has {bad} NaN or infinite pixel(s)")
+    if section.size and section.dtype.itemsize >= 4:
+        peak = max(abs(float(section.min())), abs(float(section.max())))
+        if peak > MAX_ABS_VALUE:
+            raise _err(
+                path,
+                f"section {z} has values up to {peak:.3g}; emalign needs |values| <= {MAX_ABS_VALUE:.0e} "
+                "(rescale the stack)",
+            )
 
 
 def check_array(array: Any, name: str = "array") -> np.ndarray:
@@ -295,14 +407,22 @@ def check_array(array: Any, name: str = "array") -> np.ndarray:
     return array
 
 
-def check_chunk(stack: Stack, z: int, require_finite: bool = True) -> np.ndarray:
-    """Read section z of `stack` into memory; any read/decode error becomes an EmalignError naming the section."""
+def check_chunk(
+    stack: Stack, z: int, require_finite: bool = True, region: tuple[slice, slice] | None = None
+) -> np.ndarray:
+    """Read section z of `stack` (or its (y, x) `region`) into memory; a read/decode error becomes an EmalignError
+    naming the section and, where it can be found, the file or chunk. `require_finite`: :func:`check_finite` too."""
     if not 0 <= z < stack.shape[0]:
         raise _err(stack.path, f"section {z} out of range (the stack has {stack.shape[0]} sections)")
     try:
-        section = np.asarray(stack.data[z].compute())
+        section = np.asarray((stack.data[z] if region is None else stack.data[z][region]).compute())
     except Exception as exc:
-        raise _err(stack.path, f"section {z} could not be read ({_reason(exc)})") from exc
+        where = ""
+        if stack.locate is not None:
+            with contextlib.suppress(Exception):
+                where = stack.locate(z)
+        where = f"{where}: " if where else ""
+        raise _err(stack.path, f"section {z} could not be read ({where}{_reason(exc)})") from exc
     if require_finite:
         check_finite(section, stack.path, z)
     return section
@@ -473,6 +593,7 @@ class OmeZarrWriter:
                     path, "holds an emalign output made with different params; pass overwrite=True to replace it"
                 )
             writer = cls.open(path)
+            check_writable(p)
             if (writer.shape, writer.dtype) != (shape, dtype):
                 raise _err(
                     path,
@@ -485,6 +606,27 @@ class OmeZarrWriter:
                 raise _err(path, "exists, is not empty and is not a Zarr store; refusing to write into it")
             if not overwrite:
                 raise _err(path, "holds a Zarr store that is not an emalign output; pass overwrite=True to replace it")
+        created = not p.exists()
+        try:
+            return cls._create(path, shape, dtype, voxel_size, unit, chunks, levels, attrs)
+        except OSError as exc:
+            if created:  # leave no half-made output behind (a full disk gets its space back)
+                shutil.rmtree(p, ignore_errors=True)
+            raise _err(path, f"cannot write the output here ({_os_reason(exc)})") from exc
+
+    @classmethod
+    def _create(
+        cls,
+        path: str | os.PathLike,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        voxel_size: Sequence[float],
+        unit: str,
+        chunks: Sequence[int],
+        levels: int | None,
+        attrs: dict,
+    ) -> OmeZarrWriter:
+        p = Path(path)
         if p.exists():
             shutil.rmtree(p)
         group = zarr.open_group(str(p), mode="w", zarr_format=2)

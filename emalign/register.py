@@ -28,6 +28,8 @@ from emalign.io import cast_to_dtype, check_array
 from emalign.models.faemreg import FAEMReg
 
 METHODS = ("sequential", "stitched")
+MIN_SIDE = 4
+"""Smallest section side (px): the network's padding and the rigid stage's 2x downsampling need it."""
 
 
 @dataclass
@@ -109,6 +111,11 @@ def register_sections(
         :class:`Registration` with the aligned stack and the full-resolution fields.
     """
     stack = check_array(stack, "stack")
+    if min(stack.shape[1:]) < MIN_SIDE:
+        raise EmalignError(
+            f"stack: sections of {stack.shape[1]} x {stack.shape[2]} px are too small to align "
+            f"(need at least {MIN_SIDE} px per side)"
+        )
     if method not in METHODS:
         raise EmalignError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     dev = resolve_device(device)

@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from emalign.errors import EmalignError
+from emalign.errors import EmalignError, IncompleteOutputWarning
 from emalign.io import emalign_attrs, open_stack
 from emalign.pipeline.store import flag_text
 
@@ -57,7 +57,9 @@ def read_output(path: str | os.PathLike | Sequence[str]) -> list[LayerData]:
     if attrs is None:
         raise EmalignError(f"{path}: not an emalign output (no attrs['emalign'])")
     group = zarr.open_group(str(path), mode="r")
-    aligned = aligned_layer(path, attrs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteOutputWarning)  # said once, below, with the reader's advice
+        aligned = aligned_layer(path, attrs)
     data, meta = aligned[0], aligned[1]
     shape = tuple(int(s) for s in (data[0] if meta["multiscale"] else data).shape)
     if not attrs.get("complete"):

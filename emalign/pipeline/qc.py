@@ -9,12 +9,13 @@ raw vs aligned), ``field_rms_px`` (RMS length of the section's global field),
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 
 from emalign.fields import folding_percent
-from emalign.io import Stack
+from emalign.io import Stack, check_chunk
 from emalign.metrics import adjacent_correlation
 from emalign.pipeline.store import Workspace, flag_text
 
@@ -37,7 +38,8 @@ def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
     aligned = ws.writer.arrays[0]
     flags = ws.flags()
     fields = ws.array("fields/global")
-    before = _neighbour_correlation(np.asarray(stack.data[z, ::QC_STEP, ::QC_STEP]) for z in range(depth))
+    grid = (slice(None, None, QC_STEP),) * 2
+    before = _neighbour_correlation(check_chunk(stack, z, require_finite=False, region=grid) for z in range(depth))
     after = _neighbour_correlation(np.asarray(aligned[z, ::QC_STEP, ::QC_STEP]) for z in range(depth))
     rows = []
     for z in range(depth):
@@ -55,14 +57,21 @@ def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
     return rows
 
 
+def _temporary_name(path: Path) -> Path:
+    """A temporary name next to ``path``: written there, then renamed, so a killed run leaves no torn file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
+    temporary = _temporary_name(path)
+    with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow(
                 {key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()}
             )
+    os.replace(temporary, path)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -87,14 +96,22 @@ def plot(rows: list[dict], path: Path) -> None:
                 axis.axvline(r["z"], color="tab:red", alpha=0.3)
     fig.suptitle("emalign QC (red: flagged sections)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    temporary = _temporary_name(path)
+    fig.savefig(temporary, dpi=90, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(temporary, path)
+
+
+def _median(values: list[float]) -> float:
+    """Median of the finite values; nan (without numpy's All-NaN warning) when there is none, e.g. one section."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.median(finite)) if finite else float("nan")
 
 
 def summary(rows: list[dict]) -> str:
     """A few lines for the terminal."""
-    before = np.nanmedian([r["corr_before"] for r in rows])
-    after = np.nanmedian([r["corr_after"] for r in rows])
+    before = _median([r["corr_before"] for r in rows])
+    after = _median([r["corr_after"] for r in rows])
     flagged = [f"{r['z']} ({r['flags']})" for r in rows if r["flags"]]
     folding = max(r["folding_pct"] for r in rows)
     lines = [
@@ -111,4 +128,10 @@ def run_qc(ws: Workspace, stack: Stack) -> str:
     out = Path(ws.path)
     write_table(rows, out / "qc.csv")
     plot(rows, out / "qc.png")
-    return summary(rows)
+    done = ws.writer.done_sections()
+    if done.all():
+        return summary(rows)
+    return (
+        f"incomplete output: {int(done.sum())} of {done.size} sections rendered (the rest are zeros, "
+        "their corr_after is nan); run `emalign align` again to finish\n" + summary(rows)
+    )

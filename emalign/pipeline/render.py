@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from emalign.errors import EmalignError
 from emalign.fields import resample, sample
 from emalign.io import Stack, cast_to_dtype, check_chunk
 from emalign.pipeline.store import Workspace
@@ -34,10 +33,8 @@ def render_region(
     lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
     if np.any(hi <= lo):
         return np.zeros(shape, np.float32)
-    try:
-        source = np.asarray(stack.data[z, lo[0] : hi[0], lo[1] : hi[1]], np.float32)
-    except Exception as exc:
-        raise EmalignError(f"{stack.path}: section {z} could not be read ({type(exc).__name__})") from exc
+    region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    source = check_chunk(stack, z, require_finite=False, region=region).astype(np.float32)
     coords -= lo.reshape(2, 1, 1).astype(np.float32)
     return sample(source, coords)
 

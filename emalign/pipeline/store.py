@@ -21,15 +21,17 @@ values in full-resolution pixels, pull convention, channels (dy, dx).
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from emalign import __version__, models
+from emalign import __version__, io, models
 from emalign.errors import EmalignError
-from emalign.io import OmeZarrWriter, Stack, create_array, emalign_attrs
+from emalign.io import OmeZarrWriter, Stack, emalign_attrs
 from emalign.pipeline.plan import AlignParams, Plan
 
 OFFSETS = (1, 2, 3)
@@ -38,6 +40,19 @@ FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipp
 EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
 """Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
 STAGES = ("prealign", "adapt", "estimate", "stitch")
+MIN_SIDE = 4
+"""Smallest section side (px) the network takes; the rigid prealignment needs 2 * coarse_downsample."""
+
+
+def check_values(params: AlignParams) -> None:
+    """Refuse parameter values that would crash a stage or quietly give an empty result (NaN spring: all-zero
+    output marked complete); :meth:`AlignParams.validate` checks the plan's shape."""
+    if params.coarse_downsample < 1:
+        raise EmalignError(f"bad plan: coarse_downsample {params.coarse_downsample} (need >= 1)")
+    for name in ("spring", "smoothing", "trend_stiffness", "max_rotation_deg"):
+        value = float(getattr(params, name))
+        if not math.isfinite(value) or value < 0:
+            raise EmalignError(f"bad plan: {name} {value} (need a finite number >= 0)")
 
 
 def flag_text(flags: int) -> str:
@@ -61,6 +76,13 @@ class Workspace:
     def create(cls, stack: Stack, out: str | os.PathLike, params: AlignParams, overwrite: bool = False) -> Workspace:
         """Create the output for ``stack`` (or reopen it when params match, to resume)."""
         params.validate()
+        check_values(params)
+        side = max(MIN_SIDE, 2 * params.coarse_downsample)
+        if min(stack.shape[1:]) < side:
+            raise EmalignError(
+                f"{stack.path}: sections of {stack.shape[1]} x {stack.shape[2]} px are too small to align "
+                f"(need at least {side} px per side with coarse_downsample {params.coarse_downsample})"
+            )
         plan = Plan(stack.shape, params)
         source = {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
         existing = (emalign_attrs(out) or {}).get("input")
@@ -76,12 +98,14 @@ class Workspace:
         writer = OmeZarrWriter.create(
             out, stack.shape, stack.dtype, stack.voxel_size, stack.unit, attrs=attrs, overwrite=overwrite
         )
-        if "stages" not in writer.group:
+        if f"stages/{STAGES[-1]}" not in writer.group:  # new, or killed while its arrays were being created
             cls._create_arrays(out, plan, stack.voxel_size)
         return cls(out)
 
     @staticmethod
     def _create_arrays(out: str | os.PathLike, plan: Plan, voxel_size: tuple[float, float, float]) -> None:
+        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/stitch`` comes last."""
+        create_array = functools.partial(io.create_array, overwrite=True)
         depth = plan.shape[0]
         gy, gx = plan.grid_shape
         stride = plan.params.stride

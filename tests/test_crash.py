@@ -1,0 +1,178 @@
+"""Crash safety: `emalign align` SIGKILLed inside each stage, then run again, gives the uninterrupted result.
+
+The run under test is the real command in a subprocess, with one change that only slows it: every Zarr
+array write first sleeps :data:`WRITE_DELAY` s, so each stage lasts long enough on any machine that the
+kill lands inside it (at a seeded random delay after the stage is seen to begin, from its files). The
+rerun happens in this process (one torch import is enough). Stack: 8 x 64 x 64, ``--block 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from click.testing import CliRunner
+
+from emalign.cli import main
+from emalign.io import is_complete
+from emalign.synth import demo_stack
+
+SHAPE = (8, 64, 64)
+ARGS = ["--block", "2", "--quiet", "--scheduler", "threads:2"]
+WRITE_DELAY = 0.03
+BLOCKS = [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+SLOW_ALIGN = """
+import sys, time, zarr
+write = zarr.Array.__setitem__
+def slow_write(self, key, value):
+    time.sleep({delay})
+    write(self, key, value)
+zarr.Array.__setitem__ = slow_write
+from emalign.cli import main
+main(sys.argv[1:], prog_name="emalign")
+"""
+
+
+def chunk_files(folder: Path) -> list[Path]:
+    """Chunk files of a Zarr v2 array folder (no metadata, no temporary files of unfinished writes)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and "partial" not in p.name]
+
+
+def begun(out: Path, stage: str) -> bool:
+    """Whether `stage` has visibly begun writing into `out`."""
+    if stage == "prealign":
+        return bool(chunk_files(out / "stages" / "prealign"))
+    if stage == "estimate":
+        return bool(chunk_files(out / "fields" / "relative"))
+    if stage == "stitch":
+        return bool(chunk_files(out / "fields" / "global"))
+    if stage == "render":
+        return bool(chunk_files(out / "done"))
+    try:  # qc starts once the output is marked complete
+        return bool(json.loads((out / ".zattrs").read_text())["emalign"]["complete"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def level0(out: Path) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out), mode="r")["0"][:])
+
+
+def array(out: Path, name: str) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out), mode="r")[name][:])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "stack.tif"
+    tifffile.imwrite(path, demo_stack(SHAPE, seed=4)[1].stack, photometric="minisblack")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(stack, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "out.zarr"
+    result = CliRunner().invoke(main, ["align", str(stack), str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def kill_inside(stage: str, stack: Path, out: Path, seed: int) -> str:
+    """Start the slowed `emalign align`, SIGKILL it a random moment after `stage` begins; returns its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", SLOW_ALIGN.format(delay=WRITE_DELAY), "align", str(stack), str(out), *ARGS]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and not begun(out, stage):
+            time.sleep(0.005)
+        time.sleep(random.Random(seed).uniform(0.0, 0.15))
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended by itself ({process.returncode}): {stderr}"
+    return stderr
+
+
+def finished_work(out: Path) -> dict[str, list[Path]]:
+    """The chunk files of work marked finished: a resumed run must leave these alone."""
+    group = zarr.open_group(str(out), mode="r")
+    done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in ("prealign", "estimate", "stitch")}
+    sections = np.asarray(group["done"][:], bool)
+    files: dict[str, list[Path]] = {"prealign": [], "estimate": [], "stitch": [], "render": []}
+    for index, (a, b) in enumerate(BLOCKS):
+        if done["prealign"][index]:
+            files["prealign"] += chunk_files(out / "coarse" / "pairs" / str(index))
+        if done["estimate"][index]:
+            files["estimate"] += [f for z in range(a, b) for f in chunk_files(out / "fields" / "relative" / str(z))]
+    if done["stitch"][0]:
+        files["stitch"] = chunk_files(out / "fields" / "global")
+    files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / str(z))]
+    return files
+
+
+@pytest.mark.parametrize("stage", ["prealign", "estimate", "stitch", "render", "qc"])
+def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, stack, reference, tmp_path):
+    out = tmp_path / "killed.zarr"
+    kill_inside(stage, stack, out, seed=len(stage))
+    # the kill landed inside the stage: the stages before it finished, it did not
+    marked = {name: array(out, f"stages/{name}") for name in ("prealign", "estimate", "stitch")}
+    marked["render"] = array(out, "done")
+    order = ["prealign", "estimate", "stitch", "render"]
+    for earlier in order[: order.index(stage) if stage in order else len(order)]:
+        assert marked[earlier].all(), f"{earlier} had not finished when {stage} began"
+    if stage in order:
+        assert not marked[stage].all(), f"{stage} had already finished: the kill came too late"
+    assert is_complete(out) == (stage == "qc")
+    before = finished_work(out)
+    stamps = {f: f.stat().st_mtime_ns for files in before.values() for f in files}
+
+    result = CliRunner().invoke(main, ["align", str(stack), str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert is_complete(out)
+    # nothing missing: every block of every stage and every section marked done
+    for name in ("stages/prealign", "stages/estimate", "stages/stitch", "done"):
+        assert array(out, name).all(), name
+    # nothing done twice: files of work finished before the kill were not rewritten
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    # the same result as the run that was never interrupted
+    np.testing.assert_array_equal(level0(out), level0(reference))
+    np.testing.assert_array_equal(array(out, "fields/global"), array(reference, "fields/global"))
+    np.testing.assert_array_equal(array(out, "sections/flags"), array(reference, "sections/flags"))
+    assert (out / "qc.csv").read_text() == (reference / "qc.csv").read_text()
+
+
+def test_a_run_killed_while_creating_its_arrays_resumes(stack, reference, tmp_path):
+    """Killed after the OME-Zarr group and some pipeline arrays were made, before the stage markers."""
+    from emalign.io import create_array, open_stack
+    from emalign.pipeline import AlignParams
+    from emalign.pipeline.store import Workspace
+
+    out = tmp_path / "half-made.zarr"
+    params = AlignParams(block=2)
+    Workspace.create(open_stack(stack), out, params)
+    group = zarr.open_group(str(out), mode="r+")
+    for name in ("stages", "fields", "coarse"):
+        del group[name]  # as if killed right after sections/* were created
+    create_array(out, "stages/prealign", (len(BLOCKS),), (1,), bool)
+    result = CliRunner().invoke(main, ["align", str(stack), str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert is_complete(out)
+    np.testing.assert_array_equal(level0(out), level0(reference))
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
