@@ -151,8 +151,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     if status != 0 or not complete:
         raise SystemExit(f"the run failed (exit {status}, complete {complete}):\n{tail}")
-    working = [s for s in samples if s["stage"] in ("prealign", "estimate", "stitch", "render", "qc")]
-    first, last = working[0], working[-1]
+    full = max(s["processes"] for s in samples)  # the CLI with the whole cluster up
+    running = [s for s in samples if s["processes"] == full]
+    first, last = running[0], running[-1]
     peak = max(samples, key=lambda s: s["rss"])
     est_rss = growth(samples, "estimate", "rss", args.block)
     est_uss = growth(samples, "estimate", "uss", args.block)
@@ -168,16 +169,17 @@ def main() -> None:
         f"| exit status, output complete, files in the output | {status}, {complete}, {files} |",
         f"| samples (every {args.every:g} s) | {len(samples)} |",
         f"| peak RSS of the process tree | {peak['rss']:.0f} MiB at {peak['t']:.0f} s ({peak['stage']}) |",
-        f"| RSS / USS of the tree, first and last sample of the run | {first['rss']:.0f} / {first['uss']:.0f} MiB "
-        f"({first['stage']}) -> {last['rss']:.0f} / {last['uss']:.0f} MiB ({last['stage']}) |",
+        f"| RSS / USS of the tree, first -> last sample with all {full} processes up | {first['rss']:.0f} / "
+        f"{first['uss']:.0f} MiB ({first['t']:.0f} s, {first['stage']}) -> {last['rss']:.0f} / {last['uss']:.0f} "
+        f"MiB ({last['t']:.0f} s, {last['stage']}) |",
         f"| estimate: RSS first -> last, slope | {est_rss[0]:.0f} -> {est_rss[1]:.0f} MiB, "
         f"{est_rss[2]:+.1f} MiB per 1000 sections |",
         f"| estimate: USS first -> last, slope | {est_uss[0]:.0f} -> {est_uss[1]:.0f} MiB, "
         f"{est_uss[2]:+.1f} MiB per 1000 sections |",
         f"| render: RSS first -> last, slope | {ren_rss[0]:.0f} -> {ren_rss[1]:.0f} MiB, "
         f"{ren_rss[2]:+.1f} MiB per 1000 sections |",
-        f"| open fds of the tree, first and last sample of the run | {first['fds']} ({first['stage']}, "
-        f"{first['processes']} processes) -> {last['fds']} ({last['stage']}, {last['processes']} processes) |",
+        f"| open fds of the tree, first -> last sample with all {full} processes up | {first['fds']} -> "
+        f"{last['fds']} (after the run: the CLI alone {samples[-1]['fds']}) |",
         f"| estimate: open fds first -> last, slope | {est_fds[0]:.0f} -> {est_fds[1]:.0f}, "
         f"{est_fds[2]:+.1f} per 1000 sections |",
         f"| most open fds at any sample | {max(s['fds'] for s in samples)} |",

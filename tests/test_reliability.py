@@ -131,7 +131,7 @@ def reference(stack, tmp_path_factory) -> Path:
 # --- in-memory arrays -------------------------------------------------------------------------------------
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=40)
 @given(
     shape=st.lists(st.integers(0, 4), min_size=0, max_size=5),
     dtype=st.sampled_from([*INT_DTYPES, *FLOAT_DTYPES, np.bool_, np.complex64]),
@@ -165,7 +165,7 @@ def test_check_array_accepts_exactly_the_numeric_finite_3d_stacks(shape, dtype, 
 # --- files --------------------------------------------------------------------------------------------------
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=20)
 @given(
     shape=st.tuples(st.integers(1, 4), st.integers(1, 24), st.integers(1, 24)),
     chunks=st.tuples(st.integers(1, 5), st.integers(1, 30), st.integers(1, 30)),
@@ -192,7 +192,7 @@ def test_open_stack_reads_any_zarr_chunking_and_dtype_back_exactly(shape, chunks
         np.testing.assert_array_equal(np.asarray(stack.data), data)
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=20)
 @given(
     shape=st.tuples(st.integers(1, 4), st.integers(1, 40), st.integers(1, 40)),
     dtype=st.sampled_from([np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64]),
