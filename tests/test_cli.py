@@ -28,7 +28,7 @@ from emalign.synth import demo_stack
 SHAPE = (12, 96, 96)
 BLOCK = ["--block", "4", "--quiet"]
 SYNC = [*BLOCK, "--scheduler", "sync"]  # one block at a time: a predictable order of the work
-COMMANDS = ("align", "import", "prealign", "adapt", "estimate", "stitch", "render", "qc", "demo", "train", "view")
+COMMANDS = ("align", "import", "prealign", "adapt", "estimate", "stitch", "render", "qc", "demo", "train", "view", "volume")
 
 
 def invoke(*args: object):

@@ -35,14 +35,17 @@ BATCH = 4
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
-    """``(valid fraction, contrast)`` of a section: non-zero share, and std relative to the dtype range."""
+    """``(valid fraction, contrast)`` of a section: non-zero share, and std relative to its largest value.
+
+    Relative to the section's own values, not to its dtype: 8-bit data stored as uint16, or any
+    int64 stack, has as much contrast as the same data in uint8.
+    """
     valid = section != 0
     fraction = float(valid.mean())
     if not valid.any():
         return fraction, 0.0
     values = section[valid].astype(np.float64)
-    scale = float(np.iinfo(section.dtype).max) if section.dtype.kind in "ui" else max(float(np.ptp(values)), 1e-12)
-    return fraction, float(values.std() / scale)
+    return fraction, float(values.std() / max(float(np.abs(values).max()), 1e-12))
 
 
 class CheckedSections:
