@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
+import tifffile
 
 from emalign.errors import EmalignError
+from emalign.synth import demo_stack
+
+
+def entry_point() -> str:
+    """The installed `emalign` script of this interpreter's environment."""
+    found = shutil.which("emalign", path=str(Path(sys.executable).parent)) or shutil.which("emalign")
+    assert found, "the `emalign` entry point is not installed"
+    return found
+
+
+def write_stack(folder: Path, shape: tuple[int, int, int], seed: int) -> Path:
+    """A misaligned synthetic stack (:func:`emalign.synth.demo_stack`) written as ``folder/stack.tif``."""
+    path = folder / "stack.tif"
+    tifffile.imwrite(path, demo_stack(shape, seed=seed)[1].stack, photometric="minisblack")
+    return path
 
 
 def one_line_error(path, func, *args, match: str | None = None, **kwargs) -> str:

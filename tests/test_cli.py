@@ -10,7 +10,6 @@ import csv
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner
+from helpers import entry_point, write_stack
 
 from emalign.cli import main
 from emalign.io import is_complete, open_stack
@@ -28,7 +28,20 @@ from emalign.synth import demo_stack
 SHAPE = (12, 96, 96)
 BLOCK = ["--block", "4", "--quiet"]
 SYNC = [*BLOCK, "--scheduler", "sync"]  # one block at a time: a predictable order of the work
-COMMANDS = ("align", "import", "prealign", "adapt", "estimate", "stitch", "render", "qc", "demo", "train", "view", "volume")
+COMMANDS = (
+    "align",
+    "import",
+    "prealign",
+    "adapt",
+    "estimate",
+    "stitch",
+    "render",
+    "qc",
+    "demo",
+    "train",
+    "view",
+    "volume",
+)
 
 
 def invoke(*args: object):
@@ -60,18 +73,9 @@ def global_fields(out: Path) -> np.ndarray:
     return np.asarray(zarr.open_group(str(out), mode="r")["fields/global"][:])
 
 
-def entry_point() -> str:
-    """The installed `emalign` script of this interpreter's environment."""
-    found = shutil.which("emalign", path=str(Path(sys.executable).parent)) or shutil.which("emalign")
-    assert found, "the `emalign` entry point is not installed"
-    return found
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "stack.tif"
-    tifffile.imwrite(path, demo_stack(SHAPE, seed=2)[1].stack, photometric="minisblack")
-    return path
+    return write_stack(tmp_path_factory.mktemp("input"), SHAPE, seed=2)
 
 
 @pytest.fixture(scope="module")

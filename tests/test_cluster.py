@@ -19,10 +19,10 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-import tifffile
 import yaml
 import zarr
 from click.testing import CliRunner
+from helpers import entry_point, write_stack
 
 import emalign.pipeline as pipeline
 from emalign.cli import main
@@ -30,7 +30,6 @@ from emalign.cluster import scheduler, slurm_cluster, slurm_options, slurm_probl
 from emalign.errors import EmalignError
 from emalign.io import is_complete, open_stack
 from emalign.pipeline import STAGES, AlignParams, Workspace, align, run_stage
-from emalign.synth import demo_stack
 
 SHAPE = (12, 96, 96)
 PARAMS = AlignParams(block=4)
@@ -65,18 +64,9 @@ def stamps(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
-def emalign() -> str:
-    """The installed `emalign` script of this interpreter's environment."""
-    found = shutil.which("emalign", path=str(Path(sys.executable).parent)) or shutil.which("emalign")
-    assert found, "the `emalign` entry point is not installed"
-    return found
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "stack.tif"
-    tifffile.imwrite(path, demo_stack(SHAPE, seed=2)[1].stack, photometric="minisblack")
-    return path
+    return write_stack(tmp_path_factory.mktemp("input"), SHAPE, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +251,7 @@ def test_slurm_scheduler_aligns_like_threads(stack, reference, tmp_path):
     env = {**os.environ, "DASK_CONFIG": str(config), "DASK_JOBQUEUE__SLURM__INTERFACE": "lo", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "slurm.zarr"
     sizes = ["--slurm-cores", "1", "--slurm-processes", "1", "--slurm-memory", "3GiB", "--slurm-walltime", "00:15:00"]
-    command = [emalign(), "align", stack, out, "--block", "4", "--device", "cpu", "--scheduler", "slurm", *sizes]
+    command = [entry_point(), "align", stack, out, "--block", "4", "--device", "cpu", "--scheduler", "slurm", *sizes]
     command += ["--slurm-max-jobs", "2", "--slurm-job-extra=--job-name=emalign-test", "--quiet"]
     command = [str(part) for part in command]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
 from click.testing import CliRunner
+from helpers import write_stack
 
 from emalign.cli import main
 from emalign.io import is_complete
-from emalign.synth import demo_stack
 
 SHAPE = (8, 64, 64)
 ARGS = ["--block", "2", "--quiet", "--scheduler", "threads:2"]
@@ -77,9 +76,7 @@ def array(out: Path, name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "stack.tif"
-    tifffile.imwrite(path, demo_stack(SHAPE, seed=4)[1].stack, photometric="minisblack")
-    return path
+    return write_stack(tmp_path_factory.mktemp("input"), SHAPE, seed=4)
 
 
 @pytest.fixture(scope="module")

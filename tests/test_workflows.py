@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
+from helpers import write_stack
 
 from emalign.cluster import slurm_problem
 from emalign.io import is_complete
 from emalign.pipeline import AlignParams, align
-from emalign.synth import demo_stack
 
 SHAPE = (12, 96, 96)
 SLURM = Path(__file__).resolve().parents[1] / "workflows" / "slurm"
@@ -38,9 +37,7 @@ def run(script: str, *args: object, env: dict | None = None, cwd: Path | None = 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "stack.tif"
-    tifffile.imwrite(path, demo_stack(SHAPE, seed=2)[1].stack, photometric="minisblack")
-    return path
+    return write_stack(tmp_path_factory.mktemp("input"), SHAPE, seed=2)
 
 
 @pytest.fixture(scope="module")
