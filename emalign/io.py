@@ -428,8 +428,8 @@ def check_chunk(
     return section
 
 
-def _new_array(
-    group: zarr.Group,
+def create_array(
+    group: str | os.PathLike | zarr.Group,
     name: str,
     shape: Sequence[int],
     chunks: Sequence[int],
@@ -438,7 +438,10 @@ def _new_array(
     overwrite: bool = False,
     fill_value: Any = 0,
 ) -> zarr.Array:
-    """A zarr v2 array in `group`, Blosc-zstd compressed, '/'-separated chunk keys, chunks capped to the shape."""
+    """A zarr v2 array ``name`` in ``group`` (a group, or the path of one, opened or created): Blosc-zstd
+    compressed, '/'-separated chunk keys, chunks capped to the shape."""
+    if not isinstance(group, zarr.Group):
+        group = zarr.open_group(str(group), mode="a", zarr_format=2)
     return group.create_array(
         name,
         shape=tuple(shape),
@@ -450,20 +453,6 @@ def _new_array(
         attributes=attrs,
         overwrite=overwrite,
     )
-
-
-def create_array(
-    group_path: str | os.PathLike,
-    name: str,
-    shape: Sequence[int],
-    chunks: Sequence[int],
-    dtype: Any,
-    attrs: dict | None = None,
-    overwrite: bool = False,
-) -> zarr.Array:
-    """Create (or open the group and create) a zarr v2, zstd-compressed array `name` inside `group_path`."""
-    group = zarr.open_group(str(group_path), mode="a", zarr_format=2)
-    return _new_array(group, name, shape, chunks, dtype, attrs, overwrite)
 
 
 def _level_shape(shape: Sequence[int], level: int) -> tuple[int, int, int]:
@@ -633,7 +622,7 @@ class OmeZarrWriter:
         vz, vy, vx = (float(v) for v in voxel_size)
         datasets = []
         for level in range(levels or _auto_levels(shape)):
-            _new_array(group, str(level), _level_shape(shape, level), chunks, dtype)
+            create_array(group, str(level), _level_shape(shape, level), chunks, dtype)
             f = 2**level
             datasets.append(
                 {
@@ -644,7 +633,7 @@ class OmeZarrWriter:
                     ],
                 }
             )
-        _new_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
+        create_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
         multiscales = {
             "version": "0.4",
             "name": p.stem,
