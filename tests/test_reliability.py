@@ -600,7 +600,7 @@ def test_a_new_output_that_cannot_be_written_is_removed_again_in_the_python_api(
     """The disk fills while the output's arrays are being created: EmalignError, and no half-made folder."""
     import emalign.io as io
 
-    original, calls = io._new_array, {"n": 0}
+    original, calls = io.create_array, {"n": 0}
 
     def second_fails(*args, **kwargs):
         calls["n"] += 1
@@ -608,7 +608,7 @@ def test_a_new_output_that_cannot_be_written_is_removed_again_in_the_python_api(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(io, "_new_array", second_fails)
+    monkeypatch.setattr(io, "create_array", second_fails)
     out = tmp_path / "out.zarr"
     message = one_line_error(out, align, stack, out, AlignParams(block=2), match="cannot write the output here", **RUN)
     assert "No space left on device" in message and calls["n"] == 2
