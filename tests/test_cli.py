@@ -40,7 +40,6 @@ COMMANDS = (
     "demo",
     "train",
     "view",
-    "volume",
 )
 
 
