@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from emalign.errors import EmalignError
+from emalign.volumetric.cli import volume
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
@@ -337,6 +338,9 @@ def view(path: str) -> None:
     except ImportError as err:
         raise EmalignError(f"{path}: viewing needs {err.name} (not installed): pip install 'emalign[napari]'") from None
     open_napari(path)
+
+
+main.add_command(volume)
 
 
 if __name__ == "__main__":

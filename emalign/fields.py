@@ -217,7 +217,8 @@ def resample(
 def sample(image: np.ndarray, coords: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
     """Values of ``image (Y, X)`` at pixel coordinates ``coords (2, h, w)`` (bilinear or nearest).
 
-    Outside the image gives ``cval``. Returns float32 ``(h, w)``.
+    Also 3D: ``image (Z, Y, X)``, ``coords (3, d, h, w)`` (trilinear or nearest). Outside the image
+    gives ``cval``. Returns float32 ``coords.shape[1:]``.
     """
     img = _as_batched(np.asarray(image, dtype=np.float32) - cval, channels=False)
     mode = "nearest" if order == 0 else "bilinear"

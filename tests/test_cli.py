@@ -40,6 +40,7 @@ COMMANDS = (
     "demo",
     "train",
     "view",
+    "volume",
 )
 
 

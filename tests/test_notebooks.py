@@ -19,6 +19,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 FIGURES = {
     "01_quickstart": ["quickstart_sections.png", "quickstart_reslice.png", "quickstart_metrics.png"],
     "02_train_your_model": ["train_history.png", "train_comparison.png"],
+    "03_volumetric": ["volumetric_slices.png", "volumetric_errors.png"],
 }
 SECONDS = 120  # per cell; each notebook takes well under a minute on 2 cores
 
