@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -247,6 +249,24 @@ def test_a_tiny_training_run_lowers_the_loss(cells):
         optimizer.step()
     with torch.no_grad():
         assert float(loss()) < start - 0.02
+
+
+def test_crd_schedule_trains_teacher_then_low_resolution_model_then_distils_the_student(tmp_path):
+    args = ["volume", "train", "--out", str(tmp_path), "--model", "crd-small", "--steps", "2", "--distill-steps", "1"]
+    args += ["--procedural", "1", "--procedural-size", "64", "--crop", "32", "--batch", "1", "--val-pairs", "1"]
+    args += ["--val-every", "1", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    teacher = torch.load(tmp_path / "teacher" / "best.pt", weights_only=False)
+    lowres = torch.load(tmp_path / "lowres" / "best.pt", weights_only=False)
+    student = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (teacher["kind"], lowres["kind"], student["kind"]) == ("crd-teacher", "crd", "crd")
+    assert student["teacher"] == str(tmp_path / "teacher" / "best.pt")
+    assert student["teacher_name"] == "crd-teacher-small"
+    # the student starts from the low-resolution model: before distilling it scores exactly as that model
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["step"] == [0, 1]
+    assert history["val_epe"][0] == pytest.approx(lowres["val_epe"], abs=1e-6)
 
 
 # --- inference -----------------------------------------------------------------------------------

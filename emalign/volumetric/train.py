@@ -297,11 +297,13 @@ def _unsupervised(cfg: VolumeTrainConfig, device: torch.device):
 def train(cfg: VolumeTrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train ``cfg.model`` (an architecture name, or a ``.pt`` to fine-tune) into ``out_dir``.
 
-    CRD models (``crd-*``) run the whole CRD schedule (:func:`train_crd`). Returns the history of
-    the run that produced ``out_dir/best.pt``.
+    A CRD student by name (``crd-small``, ``crd-paper``) runs the whole CRD schedule
+    (:func:`train_crd`), and so does a CRD checkpoint given with ``cfg.teacher`` (distillation
+    only); a CRD checkpoint without a teacher is fine-tuned with the unsupervised loss like any
+    other network. Returns the history of the run that produced ``out_dir/best.pt``.
     """
     model = _initial_model(cfg.model)
-    if model.kind == "crd":
+    if model.kind == "crd" and (str(cfg.model) in volumetric.CONFIGS or cfg.teacher):
         return train_crd(cfg, out_dir, progress)
     torch.manual_seed(cfg.seed)
     sources, val = _sources(cfg)
