@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.volumetric.cli import volume
 
@@ -175,6 +176,7 @@ def _params(opts: dict):
 @click.version_option(package_name="emalign")
 def main() -> None:
     """Align serial-section EM stacks (Zarr, OME-Zarr, TIFF) into OME-Zarr."""
+    reuse_freed_memory()
 
 
 main.command_class = _Command

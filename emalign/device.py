@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 
 import torch
 
@@ -27,3 +30,30 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse rather than hand it back to the OS after every free.
+
+    A CPU forward pass allocates and frees tens of MB per layer; glibc serves blocks that large
+    with fresh ``mmap`` calls (always, in the per-thread arenas), and the page faults of touching
+    them again cost about a third of the pass. One arena with raised mmap and trim thresholds
+    keeps them on the heap: peak memory is unchanged, resident memory no longer shrinks between
+    passes. Call it before worker threads start (threads keep the arena they first used). Runs
+    once per process; False where there is no glibc ``mallopt`` (macOS, Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = (
+        (_M_ARENA_MAX, 1),
+        (_M_MMAP_THRESHOLD, 1 << 30),
+        (_M_TRIM_THRESHOLD, 2**31 - 1),
+        (_M_TOP_PAD, 256 << 20),
+    )
+    return all(mallopt(option, value) == 1 for option, value in settings)

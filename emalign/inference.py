@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from emalign.device import autocast
+from emalign.device import autocast, reuse_freed_memory
 from emalign.models.faemreg import FAEMReg, normalize_sections
 
 
@@ -54,13 +54,15 @@ def predict_windows(
     device: torch.device,
     tile: int = 512,
     halo: int = 64,
-    batch: int = 4,
+    batch: int = 2,
 ) -> np.ndarray:
     """Fields of the moving sections of ``windows (B, D, Y, X)`` -> ``(B, 2, Y, X)`` float32.
 
     Pull fields in full-resolution pixels: ``warp(window[:, K], field)`` lines up with the
     window's references. Sections larger than ``tile`` are processed in overlapping tiles.
     """
+    if device.type == "cpu":
+        reuse_freed_memory()
     count, _, height, width = windows.shape
     out = np.zeros((count, 2, height, width), np.float32)
     norm = np.zeros((height, width), np.float32)

@@ -126,10 +126,12 @@ def _window(shape: tuple[int, int]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _lowpass_weight(shape: tuple[int, int], lowpass: float) -> np.ndarray:
-    """``sqrt(w / mean(w))`` with ``w`` a Gaussian of sigma ``lowpass`` cycles/pixel over the FFT grid."""
+    """``sqrt(w / mean(w))`` with ``w`` a Gaussian of sigma ``lowpass`` cycles/pixel, on the real FFT's
+    half grid ``(Y, X // 2 + 1)`` (the mean is over the whole grid)."""
     ky, kx = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
-    w = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2)
-    return np.sqrt(w / w.mean()).astype(np.float32)
+    mean = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2).mean()
+    w = np.exp(-0.5 * (ky[:, None] ** 2 + np.fft.rfftfreq(shape[1])[None] ** 2) / lowpass**2)
+    return np.sqrt(w / mean).astype(np.float32)
 
 
 def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
@@ -184,7 +186,8 @@ def _spectra(
         lowpass: Gaussian sigma in cycles per pixel; None for flat (pure phase correlation).
 
     Returns:
-        ``(spectra (B, Y, X) complex64, magnitudes (B, Y, X) of the windowed images, blank (B,))``.
+        ``(spectra, magnitudes of the windowed images, blank (B,))``; spectra and magnitudes on the
+        real FFT's half grid ``(B, Y, X // 2 + 1)``.
     """
     images = np.asarray(images, dtype=np.float32)
     if weights is None:
@@ -196,7 +199,7 @@ def _spectra(
     std = np.sqrt((centred**2).sum(axis=(1, 2)) / np.maximum(count, 1))
     blank = (count < _MIN_VALID * valid[0].size) | (std < 1e-6)
     tapered = centred * weights * (_window(images.shape[1:]) / np.maximum(std, 1e-12)[:, None, None])
-    transform = scipy.fft.fft2(tapered, axes=(1, 2))
+    transform = scipy.fft.rfft2(tapered, axes=(1, 2))
     magnitude = np.abs(transform)
     spectra = transform / (magnitude + 1e-9 * magnitude.max(axis=(1, 2), keepdims=True) + 1e-30)
     if lowpass:
@@ -222,8 +225,11 @@ def _spline_upsampler(upsample: int) -> np.ndarray:
     return np.stack([ndimage.map_coordinates(e, [positions], order=3, mode="nearest") for e in impulses], axis=1)
 
 
-def _peaks(fixed: np.ndarray, moving: np.ndarray, upsample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel phase-correlation peaks of spectra from :func:`_spectra` (broadcast over the batch).
+def _peaks(
+    fixed: np.ndarray, moving: np.ndarray, shape: tuple[int, int], upsample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel phase-correlation peaks of spectra from :func:`_spectra` of ``shape (Y, X)`` images
+    (broadcast over the batch).
 
     The integer peak is refined on a +-1.5 px window sampled every ``1 / upsample`` px by
     cubic-spline interpolation of the correlation surface (smooth thanks to the low-pass; no
@@ -232,7 +238,7 @@ def _peaks(fixed: np.ndarray, moving: np.ndarray, upsample: int) -> tuple[np.nda
     Returns:
         ``(shifts (B, 2), peaks (B,))``: pull shifts ``moving(p + shift) ~ fixed(p)`` and peak heights.
     """
-    surface = scipy.fft.ifft2(np.conj(fixed) * moving, axes=(1, 2)).real
+    surface = scipy.fft.irfft2(np.conj(fixed) * moving, s=shape, axes=(1, 2))
     batch, ny, nx = surface.shape
     b = np.arange(batch)
     iy, ix = np.unravel_index(surface.reshape(batch, -1).argmax(axis=1), (ny, nx))
@@ -303,7 +309,7 @@ def phase_correlation(
         spectra, _, blank = _spectra(pair, np.stack([_soft_mask(image) for image in pair]), lowpass)
         if blank.any():
             return np.zeros(2), 0.0
-        residual, peak = _peaks(spectra[:1], spectra[1:], upsample)
+        residual, peak = _peaks(spectra[:1], spectra[1:], pair.shape[1:], upsample)
         shift = offset + residual[0]
     return shift, float(peak[0])
 
@@ -318,18 +324,20 @@ def _shift_integer(image: np.ndarray, offset: np.ndarray) -> np.ndarray:
     return out
 
 
-def _polar_rings(magnitude: np.ndarray) -> np.ndarray:
+def _polar_rings(magnitude: np.ndarray, width: int) -> np.ndarray:
     """Angular spectra of a Fourier magnitude on rings: ``(n_radii, _N_ANGLES // 2 + 1)`` complex.
 
+    ``magnitude``: on the real FFT's half grid ``(Y, width // 2 + 1)`` of a ``(Y, width)`` image.
     Rings of log-magnitude between 0.04 and 0.4 cycles/pixel, each standardised over the angles
-    ``[0, 180)`` degrees (the magnitude of a real image is symmetric), then transformed along angle.
+    ``[0, 180)`` degrees (the magnitude of a real image is symmetric; these angles sample the
+    half grid's non-negative x frequencies), then transformed along angle.
     """
-    ny, nx = magnitude.shape
-    shifted = np.fft.fftshift(np.log1p(magnitude))
+    ny = magnitude.shape[0]
+    shifted = np.fft.fftshift(np.log1p(magnitude), axes=0)
     radii = np.linspace(0.04, 0.4, 24)
     angles = np.arange(_N_ANGLES) * np.pi / _N_ANGLES
     ky = radii[:, None] * np.cos(angles)[None] * ny + ny // 2
-    kx = radii[:, None] * np.sin(angles)[None] * nx + nx // 2
+    kx = radii[:, None] * np.sin(angles)[None] * width
     rings = ndimage.map_coordinates(shifted, [ky, kx], order=1)
     rings = (rings - rings.mean(axis=1, keepdims=True)) / (rings.std(axis=1, keepdims=True) + 1e-12)
     return np.fft.rfft(rings, axis=1)
@@ -350,7 +358,7 @@ class _Section:
         self.lowpass = lowpass
         spectra, magnitude, blank = _spectra(self.image[None], None, lowpass)
         self.spectrum, self.blank = spectra, bool(blank[0])
-        self.polar = None if self.blank else _polar_rings(magnitude[0])
+        self.polar = None if self.blank else _polar_rings(magnitude[0], self.image.shape[1])
         self._patches: tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray] | None = None
 
     def patches(self) -> tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray]:
@@ -408,11 +416,12 @@ def _refine(fixed: _Section, moving: _Section, matrix: np.ndarray, upsample: int
         warped = _warp_affine(moving.image, matrix)
         weights = _soft_mask(warped)
         patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
-        params = _fit_rigid(centres, *_peaks(spectra, patches, upsample), _centre(shape))
+        patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
+        params = _fit_rigid(centres, *_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:
             break
         matrix = _compose(matrix, rigid_matrix(np.rad2deg(params[0]), params[1:], shape))
-    score = _peaks(fixed.spectrum, _spectra(warped[None], weights[None], fixed.lowpass)[0], upsample)[1][0]
+    score = _peaks(fixed.spectrum, _spectra(warped[None], weights[None], fixed.lowpass)[0], shape, upsample)[1][0]
     return matrix, float(score)
 
 
@@ -422,12 +431,12 @@ def _estimate(fixed: _Section, moving: _Section, max_rotation_deg: float, upsamp
     if fixed.blank or moving.blank:
         return RigidEstimate(rigid_matrix(0.0, (0, 0), shape), 0.0, np.zeros(2), 0.0)
     # Coarse: no rotation, or the best polar-magnitude candidate if it correlates better.
-    shifts, peaks = _peaks(fixed.spectrum, moving.spectrum, upsample)
+    shifts, peaks = _peaks(fixed.spectrum, moving.spectrum, shape, upsample)
     angle, shift, score = 0.0, shifts[0], float(peaks[0])
     if max_rotation_deg > 0:
         candidate = _angle_candidate(fixed, moving, max_rotation_deg)
         rotated = _warp_affine(moving.image, rigid_matrix(candidate, (0, 0), shape))
-        shifts, peaks = _peaks(fixed.spectrum, _spectra(rotated[None], None, fixed.lowpass)[0], upsample)
+        shifts, peaks = _peaks(fixed.spectrum, _spectra(rotated[None], None, fixed.lowpass)[0], shape, upsample)
         if peaks[0] > score:
             angle, shift = candidate, shifts[0]
     matrix = rigid_matrix(angle, _rotation(angle) @ shift, shape)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emalign import models
-from emalign.device import autocast, resolve_device
+from emalign.device import autocast, resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose_torch, invert_torch, warp_torch
 from emalign.models.faemreg import FAEMReg, normalize_sections
@@ -297,6 +297,8 @@ def train(
         raise EmalignError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     model = _initial_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)

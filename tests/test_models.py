@@ -110,11 +110,43 @@ def test_soft_argmax_flow_of_a_flat_cost_is_zero():
     torch.testing.assert_close(soft_argmax_flow(costs, 1, torch.tensor(10.0)), torch.zeros(1, 2, 2, 5, 5))
 
 
-def test_patch_descriptors_hold_each_pixels_neighbourhood():
-    images = torch.arange(2 * 3 * 6 * 7, dtype=torch.float32).view(2, 3, 6, 7)
-    patches = faemreg.patch_descriptors(images, 3)
-    assert patches.shape == (2, 9, 3, 6, 7)
-    torch.testing.assert_close(patches[1, :, 2, 3, 4], images[1, 2, 2:5, 3:6].reshape(-1))
+def test_box_sum_adds_each_pixels_zero_padded_neighbourhood():
+    images = torch.rand(2, 3, 6, 7, generator=torch.Generator().manual_seed(4))
+    sums = faemreg.box_sum(images, 3)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    assert sums.shape == images.shape
+    torch.testing.assert_close(sums[1, 2, 3, 4], padded[1, 2, 3:6, 4:7].sum())
+    torch.testing.assert_close(sums[0, 0, 0, 0], images[0, 0, :2, :2].sum())  # corner: zeros beyond the border
+
+
+def test_patch_correlation_is_the_ncc_of_zero_padded_patches():
+    """Box-sum NCC equals correlating explicit, centred, unit-length 5 x 5 patch vectors (borders included)."""
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(1, 2, 12, 13, generator=gen)
+    images[:, :, :3] = 0  # no data: flat patches score 0
+    moving = torch.randn(1, 12, 13, generator=gen)
+    radius, size = 2, 5
+    costs = faemreg.patch_correlation(moving, images, radius, size)
+    assert costs.shape == (1, 25, 2, 12, 13)
+
+    def patch(image, y, x):
+        padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
+        vector = padded[y : y + size, x : x + size].reshape(-1)
+        vector = vector - vector.mean()
+        norm = vector.norm()
+        return vector / norm if norm > 1e-3 else torch.zeros_like(vector)
+
+    for y, x, dy, dx, d in [(5, 6, 1, -2, 0), (0, 0, 0, 0, 1), (11, 12, -2, 1, 1), (3, 4, -1, 0, 0), (1, 1, -2, -2, 0)]:
+        inside = 0 <= y + dy < 12 and 0 <= x + dx < 13
+        expected = patch(moving[0], y, x) @ patch(images[0, d], y + dy, x + dx) if inside else torch.tensor(0.0)
+        got = costs[0, (dy + radius) * (2 * radius + 1) + dx + radius, d, y, x]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_depth_head_equals_the_depth_spanning_convolution():
+    head = torch.nn.Conv3d(6, 2, (5, 3, 3), padding=(0, 1, 1))
+    feats = torch.randn(2, 6, 5, 9, 11, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(faemreg.depth_head(feats, head), head(feats).squeeze(2), atol=1e-5, rtol=0)
 
 
 def test_normalize_sections_keeps_zeros_and_standardises_valid_pixels():

@@ -123,6 +123,23 @@ def _conv(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """Feature vectors (dim 1) centred and scaled to unit length; all-equal vectors become 0."""
+    centred = features - features.mean(1, keepdim=True)
+    return centred * torch.rsqrt(centred.square().sum(1, keepdim=True).clamp_min(1e-24))
+
+
+def shifted_copies(images: torch.Tensor, radius: int) -> torch.Tensor:
+    """``images (N, ..., H, W)`` seen from every offset: ``(N, (2r+1)^2, ..., H, W)`` holding ``images(p + o)``
+    (zeros beyond the border); offset ``o = (dy, dx)`` is channel ``(dy + r) * (2r + 1) + (dx + r)``."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (radius, radius, radius, radius))
+    size = 2 * radius + 1
+    return torch.stack(
+        [padded[..., dy : dy + height, dx : dx + width] for dy in range(size) for dx in range(size)], dim=1
+    )
+
+
 def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, strip: int = 32) -> torch.Tensor:
     """Cost volume between one moving feature map and every section of a feature stack.
 
@@ -134,37 +151,87 @@ def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, st
 
     Returns:
         ``(N, (2r+1)^2, D, H, W)``: the correlation (over channels) of ``moving(p)`` and
-        ``stack_d(p + o)``, each feature vector centred and unit-normalised, in [-1, 1];
-        offset ``o = (dy, dx)`` is channel ``(dy + r) * (2r + 1) + (dx + r)``.
+        ``stack_d(p + o)``, each feature vector centred and unit-normalised, in [-1, 1]
+        (0 outside the stack); channels ordered as in :func:`shifted_copies`.
     """
-    moving = F.normalize(moving - moving.mean(1, keepdim=True), dim=1)
-    stack = F.normalize(stack - stack.mean(1, keepdim=True), dim=1)
-    n, _, depth, height, width = stack.shape
-    size = 2 * radius + 1
+    moving, stack = _unit(moving), _unit(stack)
+    height = stack.shape[-2]
     padded = F.pad(stack, (radius, radius, radius, radius))
+    width = stack.shape[-1]
     rows = []
     for y0 in range(0, height, strip):
         y1 = min(y0 + strip, height)
+        slab = padded[..., y0 : y1 + 2 * radius, :]
         centre = moving[:, :, None, y0:y1]
-        slab = padded[:, :, :, y0 : y1 + 2 * radius]
         costs = [
-            (slab[:, :, :, dy : dy + y1 - y0, dx : dx + width] * centre).sum(1)
-            for dy in range(size)
-            for dx in range(size)
+            (slab[..., dy : dy + y1 - y0, dx : dx + width] * centre).sum(1)
+            for dy in range(2 * radius + 1)
+            for dx in range(2 * radius + 1)
         ]
-        rows.append(torch.stack(costs, dim=1))
+        rows.append(torch.stack(costs, 1))
     return torch.cat(rows, dim=3)
 
 
-def patch_descriptors(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Raw ``size x size`` patches of every pixel as a feature vector: ``(N, D, H, W) -> (N, size^2, D, H, W)``.
+def box_sum(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over the ``size x size`` neighbourhood of every pixel (zeros beyond the border); any ``(..., H, W)``."""
+    height, width = images.shape[-2:]
+    r = size // 2
+    padded = F.pad(images, (r, r, r, r))
+    rows = padded[..., :height, :].clone()
+    for dy in range(1, size):
+        rows += padded[..., dy : dy + height, :]
+    sums = rows[..., :width].clone()
+    for dx in range(1, size):
+        sums += rows[..., dx : dx + width]
+    return sums
 
-    Correlating these (centred, unit-normalised) is classic block matching by local NCC:
+
+def patch_correlation(moving: torch.Tensor, images: torch.Tensor, radius: int, size: int = 5) -> torch.Tensor:
+    """Local normalised cross-correlation of ``size x size`` patches: classic block matching,
     a matcher that works before any training.
+
+    Args:
+        moving: ``(N, H, W)`` the (warped) moving section.
+        images: ``(N, D, H, W)`` every section.
+        radius: offsets ``-radius..radius`` in y and x.
+        size: patch side (odd); patches reaching beyond the border hold zeros there.
+
+    Returns:
+        ``(N, (2r+1)^2, D, H, W)``: the NCC of the patch of ``moving`` at ``p`` and the patch of
+        section d at ``p + o``, in [-1, 1] (0 for flat patches and outside the sections); channels
+        ordered as in :func:`shifted_copies`. Computed with box sums, ``sum(m s) - sum(m) mean(s)``
+        over the patch per offset, instead of correlating ``size^2``-long patch vectors.
     """
-    n, d, h, w = images.shape
-    patches = F.unfold(images.reshape(n * d, 1, h, w), size, padding=size // 2)
-    return patches.view(n, d, size * size, h, w).transpose(1, 2)
+    count = size * size
+    moving = moving[:, None]
+    sum_m = box_sum(moving, size)
+    inv_m = torch.rsqrt((box_sum(moving.square(), size) - sum_m.square() / count).clamp_min(1e-24))
+    sum_s = box_sum(images, size)
+    inv_s = torch.rsqrt((box_sum(images.square(), size) - sum_s.square() / count).clamp_min(1e-24))
+    costs = box_sum(shifted_copies(images, radius) * moving[:, None], size)
+    costs -= sum_m[:, None] * shifted_copies(sum_s / count, radius)
+    costs *= shifted_copies(inv_s, radius)
+    return costs * inv_m[:, None]
+
+
+def depth_head(feats: torch.Tensor, head: nn.Conv3d) -> torch.Tensor:
+    """``head`` (a ``(D, 3, 3)`` convolution, padding ``(0, 1, 1)``, few outputs) on ``feats (N, C, D, H, W)``
+    -> ``(N, out, H, W)``.
+
+    Same result as ``head(feats).squeeze(2)``, computed as one matrix product of the nine taps'
+    weights with the features followed by nine shifted sums: convolution libraries are slow
+    with two output channels.
+    """
+    n, channels, depth, height, width = feats.shape
+    out_ch = head.out_channels
+    taps = head.weight.permute(3, 4, 0, 1, 2).reshape(9 * out_ch, channels * depth)
+    per_tap = torch.matmul(taps, feats.reshape(n, channels * depth, height * width))
+    per_tap = F.pad(per_tap.view(n, 9, out_ch, height, width), (1, 1, 1, 1))
+    out = per_tap[:, 0, :, :height, :width] + head.bias.view(1, out_ch, 1, 1)
+    for tap in range(1, 9):
+        dy, dx = divmod(tap, 3)
+        out += per_tap[:, tap, :, dy : dy + height, dx : dx + width]
+    return out
 
 
 def soft_argmax_flow(costs: torch.Tensor, radius: int, sharpness: torch.Tensor) -> torch.Tensor:
@@ -176,10 +243,9 @@ def soft_argmax_flow(costs: torch.Tensor, radius: int, sharpness: torch.Tensor) 
     """
     offsets = torch.arange(-radius, radius + 1, device=costs.device, dtype=costs.dtype)
     oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
+    pull = -torch.stack([oy.reshape(-1), ox.reshape(-1)])
     prob = torch.softmax(costs * sharpness, dim=1)
-    dy = (prob * oy.reshape(1, -1, 1, 1, 1)).sum(1)
-    dx = (prob * ox.reshape(1, -1, 1, 1, 1)).sum(1)
-    return -torch.stack([dy, dx], 1)
+    return torch.matmul(pull, prob.flatten(2)).view(costs.shape[0], 2, *costs.shape[2:])
 
 
 class FAEMReg(nn.Module):
@@ -251,13 +317,12 @@ class FAEMReg(nn.Module):
         if level not in self.config.correlation_levels:
             return feats, None
         radius, k = self.config.correlation_radius, self.config.references
-        patches = patch_descriptors(image, 5)
-        moving, moving_patches = feats[:, :, k], patches[:, :, k]
+        moving, moving_image = feats[:, :, k], image[:, k : k + 1]
         if flow is not None:
             moving = warp_torch(moving, flow, padding_mode="zeros")
-            moving_patches = warp_torch(moving_patches, flow, padding_mode="zeros")
-        costs = local_correlation(moving_patches, patches, radius)
-        costs = costs + self.learned_cost_gain[level] * local_correlation(moving, feats, radius)
+            moving_image = warp_torch(moving_image, flow, padding_mode="zeros")
+        costs = patch_correlation(moving_image[:, 0], image, radius)
+        costs += self.learned_cost_gain[level] * local_correlation(moving, feats, radius)
         matched = soft_argmax_flow(costs, radius, self.sharpness[level])
         slot_mask = torch.ones_like(self.slot_logits)
         slot_mask[k] = 0
@@ -265,7 +330,7 @@ class FAEMReg(nn.Module):
         return torch.cat([feats, costs, matched], 1), (matched * weights.view(1, 1, -1, 1, 1)).sum(2)
 
     def _flow(self, feats: torch.Tensor, level: int, matched: torch.Tensor | None) -> torch.Tensor:
-        flow = self.heads[str(level)](feats).squeeze(2) * self.config.flow_scale
+        flow = depth_head(feats, self.heads[str(level)]) * self.config.flow_scale
         return flow if matched is None else flow + matched
 
     def forward(self, stack: torch.Tensor) -> torch.Tensor:
@@ -327,9 +392,12 @@ __all__ = [
     "CONFIGS",
     "FAEMReg",
     "FAEMRegConfig",
+    "box_sum",
+    "depth_head",
     "local_correlation",
     "normalize_sections",
     "parameter_count",
-    "patch_descriptors",
+    "patch_correlation",
+    "shifted_copies",
     "soft_argmax_flow",
 ]

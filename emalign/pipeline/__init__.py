@@ -14,7 +14,7 @@ import time
 import dask
 
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
-from emalign.device import resolve_device
+from emalign.device import resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.io import Stack, open_stack
 from emalign.pipeline.adapt import adapt_model
@@ -44,6 +44,7 @@ def _prealign_task(out: str, index: int) -> None:
 
 
 def _estimate_task(out: str, index: int, device: str, threads: int) -> None:
+    reuse_freed_memory()
     ws = Workspace(out)
     if not _finished(ws, "estimate", index):
         estimate_block(ws, _stack(ws), index, device=device, threads=threads)
@@ -95,6 +96,7 @@ def run_stage(
     if stage not in STAGES:
         raise EmalignError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     zr = parse_z_range(z_range, ws.plan.shape[0])
+    reuse_freed_memory()  # before the scheduler starts its threads
     compute = compute or {"scheduler": "threads", "num_workers": cores()}
     path = os.path.abspath(ws.path)  # tasks may run on other machines, in another working directory
     if stage == "stitch":

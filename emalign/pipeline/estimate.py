@@ -30,8 +30,8 @@ from emalign.io import Stack, check_chunk, open_stack
 from emalign.masks import invalid_pixels, pieces, piecewise_field
 from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
 
-BATCH = 4
-"""Windows per network call."""
+BATCH = 2
+"""Windows per network call (keeps the largest temporaries of a 512 px tile under 64 MB)."""
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
