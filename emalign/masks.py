@@ -40,7 +40,8 @@ def invalid_pixels(section: np.ndarray, user: np.ndarray | None = None) -> np.nd
     invalid = section == 0
     if section.dtype.kind in "ui":
         saturated = section == np.iinfo(section.dtype).max
-        invalid |= ndimage.binary_opening(saturated, np.ones((3, 3), bool))
+        if saturated.any():
+            invalid |= ndimage.binary_opening(saturated, np.ones((3, 3), bool))
     std = _block_std(section, TEXTURE_BLOCK)
     typical = np.median(std[~invalid]) if (~invalid).any() else 0.0
     if typical > 0:

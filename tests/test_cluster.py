@@ -198,9 +198,8 @@ def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     before = stamps(out)
     time.sleep(0.01)
     for index in range(3):
-        assert pipeline._prealign_task(str(out), index) is None
-        assert pipeline._estimate_task(str(out), index, "cpu", 1) is None
-        assert pipeline._render_task(str(out), index) is None
+        for stage in ("prealign", "estimate", "render"):
+            assert pipeline._block_task(str(out), stage, index, "cpu", 1) is None
     assert pipeline._stitch_task(str(out)) is None
     assert stamps(out) == before
 

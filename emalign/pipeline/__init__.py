@@ -12,6 +12,7 @@ import os
 import time
 
 import dask
+import torch
 
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device, reuse_freed_memory
@@ -37,17 +38,19 @@ def _finished(ws: Workspace, stage: str, index: int) -> bool:
     return bool(ws.array(f"stages/{stage}")[index])
 
 
-def _prealign_task(out: str, index: int) -> None:
-    ws = Workspace(out)
-    if not _finished(ws, "prealign", index):
-        prealign_block(ws, _stack(ws), index)
-
-
-def _estimate_task(out: str, index: int, device: str, threads: int) -> None:
+def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> None:
+    """Block ``index`` of ``prealign``, ``estimate`` or ``render`` on ``threads`` CPU threads; a block
+    with its completion marker is not redone."""
     reuse_freed_memory()
+    torch.set_num_threads(threads)
     ws = Workspace(out)
-    if not _finished(ws, "estimate", index):
-        estimate_block(ws, _stack(ws), index, device=device, threads=threads)
+    if stage == "render":
+        render_block(ws, _stack(ws), index)
+    elif not _finished(ws, stage, index):
+        if stage == "prealign":
+            prealign_block(ws, _stack(ws), index)
+        else:
+            estimate_block(ws, _stack(ws), index, device=device)
 
 
 def _adapt_task(out: str, device: str, progress: bool) -> None:
@@ -60,11 +63,6 @@ def _stitch_task(out: str) -> None:
     ws = Workspace(out)
     if not _finished(ws, "stitch", 0):
         stitch(ws)
-
-
-def _render_task(out: str, index: int) -> None:
-    ws = Workspace(out)
-    render_block(ws, _stack(ws), index)
 
 
 def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[int]:
@@ -121,12 +119,7 @@ def run_stage(
         ws.require("stitch")
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
-    if stage == "prealign":
-        tasks = [dask.delayed(_prealign_task)(path, i) for i in todo]
-    elif stage == "estimate":
-        tasks = [dask.delayed(_estimate_task)(path, i, device, threads) for i in todo]
-    else:
-        tasks = [dask.delayed(_render_task)(path, i) for i in todo]
+    tasks = [dask.delayed(_block_task)(path, stage, i, device, threads) for i in todo]
     run_tasks(tasks, compute, f"{stage} ({len(todo)} blocks)", progress and bool(todo))
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())

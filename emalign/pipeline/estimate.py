@@ -206,10 +206,8 @@ def _piece_field(
     return compose(first, second)
 
 
-def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto", threads: int | None = None) -> None:
+def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Relative fields of the sections of block ``index`` (symmetric windows, prealigned)."""
-    if threads:
-        torch.set_num_threads(threads)
     start, stop = ws.plan.blocks()[index]
     params, plan = ws.params, ws.plan
     model = _model(ws.model, device)
