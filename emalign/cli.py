@@ -193,7 +193,7 @@ def _stack_command(func):
 @click.option("--overwrite", is_flag=True, help="replace an OUT made with other parameters")
 @_stack_command
 def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
-    """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, render, qc (resumes a killed run)."""
+    """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, refine, render, qc (resumes a killed run)."""
     from emalign.pipeline import align as run_align
 
     start = time.perf_counter()
@@ -235,9 +235,10 @@ def _stage_command(stage: str, help_text: str):
 _stage_command("prealign", "Stage 1: section statistics, pairwise rigid estimates, global rigid solve.")
 _stage_command("adapt", "Stage 1b (--adapt N): fine-tune the model on this stack, unsupervised.")
 _stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
-_stage_command("stitch", "Stage 3: reconcile the relative fields into one global field per section.")
-_stage_command("render", "Stage 4: warp the sections and write the aligned pyramid.")
-_stage_command("qc", "Stage 5: per-section quality table (qc.csv), plot (qc.png) and summary.")
+_stage_command("stitch", "Stage 3: reconcile the relative fields into one stitched field per section.")
+_stage_command("refine", "Stage 4: translations of the stitched sections against slow wander along z.")
+_stage_command("render", "Stage 5: warp the sections and write the aligned pyramid.")
+_stage_command("qc", "Stage 6: per-section quality table (qc.csv), plot (qc.png) and summary.")
 
 
 @main.command(name="import")

@@ -415,7 +415,7 @@ def check_chunk(
     if not 0 <= z < stack.shape[0]:
         raise _err(stack.path, f"section {z} out of range (the stack has {stack.shape[0]} sections)")
     try:
-        section = np.asarray((stack.data[z] if region is None else stack.data[z][region]).compute())
+        section = np.asarray((stack.data[z] if region is None else stack.data[z][region]).compute(scheduler="sync"))
     except Exception as exc:
         where = ""
         if stack.locate is not None:

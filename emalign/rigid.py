@@ -41,7 +41,7 @@ _TUKEY_ALPHA = 0.5  # fraction of each axis tapered by the window
 _N_ANGLES = 360  # polar samples over 180 degrees of the Fourier magnitude
 _MIN_VALID = 0.05  # an image with less valid area than this fraction is blank
 _PATCH_GRID = 4  # refinement matches a 4 x 4 grid of half-size patches
-_REFINE_STEPS = 2  # Gauss-Newton steps of the patch-based refinement
+REFINE_STEPS = 2  # default Gauss-Newton steps of the patch-based refinement
 _CROP = 4  # the sub-pixel peak interpolates the correlation on +-_CROP px around the integer peak
 
 
@@ -134,7 +134,7 @@ def _lowpass_weight(shape: tuple[int, int], lowpass: float) -> np.ndarray:
     return np.sqrt(w / mean).astype(np.float32)
 
 
-def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     """Downsample ``(..., Y, X)`` by block means of valid (non-zero) pixels; mostly empty blocks become 0."""
     if factor == 1:
         return np.asarray(image, dtype=np.float32)
@@ -147,7 +147,7 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return np.where(count * 2 > factor * factor, total / np.maximum(count, 1), 0).astype(np.float32)
 
 
-def _upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
+def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
     """A pull affine measured on a ``factor``-block-mean grid, in full-resolution pixels.
 
     Low-resolution pixel ``i`` is centred at full-resolution ``factor * i + (factor - 1) / 2``.
@@ -358,8 +358,13 @@ class _Section:
         self.lowpass = lowpass
         spectra, magnitude, blank = _spectra(self.image[None], None, lowpass)
         self.spectrum, self.blank = spectra, bool(blank[0])
-        self.polar = None if self.blank else _polar_rings(magnitude[0], self.image.shape[1])
+        self._magnitude = magnitude[0]
         self._patches: tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray] | None = None
+
+    @functools.cached_property
+    def polar(self) -> np.ndarray:
+        """:func:`_polar_rings` of the section's Fourier magnitude (computed when a rotation is searched)."""
+        return _polar_rings(self._magnitude, self.image.shape[1])
 
     def patches(self) -> tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray]:
         """The refinement patches: ``(slices, centres (P, 2), spectra (P, py, px))``."""
@@ -405,14 +410,16 @@ def _fit_rigid(centres: np.ndarray, shifts: np.ndarray, weights: np.ndarray, cen
     return params
 
 
-def _refine(fixed: _Section, moving: _Section, matrix: np.ndarray, upsample: int) -> tuple[np.ndarray, float]:
+def _refine(
+    fixed: _Section, moving: _Section, matrix: np.ndarray, upsample: int, steps: int
+) -> tuple[np.ndarray, float]:
     """Gauss-Newton steps fitting a rigid correction to the shifts of the fixed section's patches.
 
     Returns the refined matrix and the whole-image correlation peak at the last step's warp.
     """
     shape = fixed.image.shape
     slices, centres, spectra = fixed.patches()
-    for _ in range(_REFINE_STEPS):
+    for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
         weights = _soft_mask(warped)
         patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
@@ -425,7 +432,9 @@ def _refine(fixed: _Section, moving: _Section, matrix: np.ndarray, upsample: int
     return matrix, float(score)
 
 
-def _estimate(fixed: _Section, moving: _Section, max_rotation_deg: float, upsample: int) -> RigidEstimate:
+def _estimate(
+    fixed: _Section, moving: _Section, max_rotation_deg: float, upsample: int, refine_steps: int = REFINE_STEPS
+) -> RigidEstimate:
     """Rigid registration of two prepared sections (of one shape), in their pixels."""
     shape = fixed.image.shape
     if fixed.blank or moving.blank:
@@ -441,7 +450,7 @@ def _estimate(fixed: _Section, moving: _Section, max_rotation_deg: float, upsamp
             angle, shift = candidate, shifts[0]
     matrix = rigid_matrix(angle, _rotation(angle) @ shift, shape)
     if max_rotation_deg > 0:
-        matrix, score = _refine(fixed, moving, matrix, upsample)
+        matrix, score = _refine(fixed, moving, matrix, upsample, max(refine_steps, 1))
     angle, shift = _angle_and_shift(matrix, shape)
     return RigidEstimate(matrix, angle, shift, score)
 
@@ -449,7 +458,7 @@ def _estimate(fixed: _Section, moving: _Section, max_rotation_deg: float, upsamp
 def _to_full_resolution(estimate: RigidEstimate, factor: int, shape: Sequence[int]) -> RigidEstimate:
     if factor == 1:
         return estimate
-    matrix = _upscale_matrix(estimate.matrix, factor)
+    matrix = upscale_matrix(estimate.matrix, factor)
     angle, shift = _angle_and_shift(matrix, shape)
     return RigidEstimate(matrix, angle, shift, estimate.score)
 
@@ -483,7 +492,7 @@ def estimate_rigid(
     """
     if np.shape(fixed) != np.shape(moving) or np.ndim(fixed) != 2:
         raise ValueError(f"need two (Y, X) images of one shape; got {np.shape(fixed)} and {np.shape(moving)}")
-    sections = [_Section(_block_mean(image, downsample), lowpass) for image in (fixed, moving)]
+    sections = [_Section(block_mean(image, downsample), lowpass) for image in (fixed, moving)]
     return _to_full_resolution(_estimate(*sections, max_rotation_deg, upsample), downsample, np.shape(fixed))
 
 
@@ -519,6 +528,7 @@ def pairwise_rigid(
     upsample: int = 10,
     lowpass: float | None = LOWPASS,
     progress: bool = False,
+    refine_steps: int = REFINE_STEPS,
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
 
@@ -531,6 +541,7 @@ def pairwise_rigid(
         downsample: block-mean factor of the matching.
         max_rotation_deg, upsample, lowpass: see :func:`estimate_rigid`.
         progress: show a progress bar.
+        refine_steps: Gauss-Newton steps of the rotation refinement (at least 1 when rotations are searched).
 
     Returns:
         ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
@@ -541,11 +552,11 @@ def pairwise_rigid(
     sections: dict[int, _Section] = {}
     pairs = []
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
-        sections[z] = _Section(_block_mean(np.asarray(stack[z]), downsample), lowpass)
+        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample), lowpass)
         sections.pop(z - max(offsets) - 1, None)
         for k in offsets:
             if z - k in sections:
-                estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample)
+                estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
                 estimate = _to_full_resolution(estimate, downsample, shape)
                 pairs.append((z, z - k, estimate.matrix, estimate.score))
     return pairs

@@ -35,6 +35,7 @@ COMMANDS = (
     "adapt",
     "estimate",
     "stitch",
+    "refine",
     "render",
     "qc",
     "demo",
@@ -124,7 +125,9 @@ def test_stage_commands_in_order_give_the_same_output_as_align(stack, reference,
     assert "prealign: 1 block(s) done; global rigid solve done; 0 flagged" in message
     assert "estimate: 1 block(s) done" in ok("estimate", stack, out, *BLOCK, "--z-range", "0:4").output
     assert "estimate: 2 block(s) done" in ok("estimate", stack, out, *BLOCK, "--z-range", "4:12").output
-    assert "stitch: global fields written" in ok("stitch", stack, out, *BLOCK).output
+    assert "stitch: stitched fields written" in ok("stitch", stack, out, *BLOCK).output
+    assert "refine: 2 block(s) done\n" in ok("refine", stack, out, *BLOCK, "--z-range", "0:8").output
+    assert "translation solve done" in ok("refine", stack, out, *BLOCK, "--z-range", "8:").output
     assert "render: 2 block(s) done" in ok("render", stack, out, *BLOCK, "--z-range", ":6").output
     assert not is_complete(out)
     assert "output complete" in ok("render", stack, out, *BLOCK, "--z-range", "6:12").output
@@ -347,6 +350,7 @@ def test_processes_scheduler_gives_the_same_output_as_threads(stack, reference, 
         shutil.copytree(prealigned, out)
         assert "estimate: 3 block(s) done" in ok("estimate", stack, out, *BLOCK, "--scheduler", spec).output
         ok("stitch", stack, out, *BLOCK)
+        ok("refine", stack, out, *BLOCK)
         assert "output complete" in ok("render", stack, out, *BLOCK).output
         assert is_complete(out)
     threads, processes = outputs["threads"], outputs["processes:2"]

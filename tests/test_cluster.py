@@ -42,8 +42,9 @@ needs_slurm = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"no SLURM he
 def arrays(out: Path) -> dict[str, np.ndarray]:
     """Every array an alignment writes (the aligned stack, fields, prealignment, markers)."""
     group = zarr.open_group(str(out), mode="r")
-    names = ["0", "done", "fields/relative", "fields/global", "coarse/matrices", "coarse/pairs", "sections/stats"]
-    names += [f"stages/{stage}" for stage in ("prealign", "estimate", "stitch")]
+    names = ["0", "done", "fields/relative", "fields/stitched", "fields/global", "coarse/matrices", "coarse/pairs"]
+    names += ["refine/pairs", "sections/stats"]
+    names += [f"stages/{stage}" for stage in ("prealign", "estimate", "stitch", "refine")]
     return {name: np.asarray(group[name][:]) for name in names}
 
 
@@ -198,7 +199,7 @@ def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     before = stamps(out)
     time.sleep(0.01)
     for index in range(3):
-        for stage in ("prealign", "estimate", "render"):
+        for stage in ("prealign", "estimate", "refine", "render"):
             assert pipeline._block_task(str(out), stage, index, "cpu", 1) is None
     assert pipeline._stitch_task(str(out)) is None
     assert stamps(out) == before
@@ -210,11 +211,11 @@ def test_a_retried_block_rewrites_byte_identical_chunks(reference, tmp_path):
     shutil.copytree(reference, out)
     before = files(out)
     ws = Workspace(out)
-    for stage in ("prealign", "estimate"):
+    for stage in ("prealign", "estimate", "refine"):
         ws.array(f"stages/{stage}")[1] = False
     ws.array("stages/stitch")[0] = False
     ws.writer.done[4:8] = False
-    for stage in ("prealign", "estimate", "stitch", "render"):
+    for stage in ("prealign", "estimate", "stitch", "refine", "render"):
         assert run_stage(stage, ws, "4:8", {"scheduler": "sync", "num_workers": 1}, "cpu", progress=False)
     assert files(out) == before
     assert is_complete(out)

@@ -57,7 +57,9 @@ def begun(out: Path, stage: str) -> bool:
     if stage == "estimate":
         return bool(chunk_files(out / "fields" / "relative"))
     if stage == "stitch":
-        return bool(chunk_files(out / "fields" / "global"))
+        return bool(chunk_files(out / "fields" / "stitched"))
+    if stage == "refine":
+        return bool(chunk_files(out / "refine" / "pairs"))
     if stage == "render":
         return bool(chunk_files(out / "done"))
     try:  # qc starts once the output is marked complete
@@ -108,28 +110,33 @@ def kill_inside(stage: str, stack: Path, out: Path, seed: int) -> str:
 def finished_work(out: Path) -> dict[str, list[Path]]:
     """The chunk files of work marked finished: a resumed run must leave these alone."""
     group = zarr.open_group(str(out), mode="r")
-    done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in ("prealign", "estimate", "stitch")}
+    stages = ("prealign", "estimate", "stitch", "refine")
+    done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in stages}
     sections = np.asarray(group["done"][:], bool)
-    files: dict[str, list[Path]] = {"prealign": [], "estimate": [], "stitch": [], "render": []}
+    files: dict[str, list[Path]] = {"prealign": [], "estimate": [], "stitch": [], "refine": [], "render": []}
     for index, (a, b) in enumerate(BLOCKS):
         if done["prealign"][index]:
             files["prealign"] += chunk_files(out / "coarse" / "pairs" / str(index))
         if done["estimate"][index]:
             files["estimate"] += [f for z in range(a, b) for f in chunk_files(out / "fields" / "relative" / str(z))]
+        if done["refine"][index]:
+            files["refine"] += chunk_files(out / "refine" / "pairs" / str(index))
     if done["stitch"][0]:
-        files["stitch"] = chunk_files(out / "fields" / "global")
+        files["stitch"] = chunk_files(out / "fields" / "stitched")
+    if done["refine"][-1]:
+        files["refine"] += chunk_files(out / "fields" / "global")
     files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / str(z))]
     return files
 
 
-@pytest.mark.parametrize("stage", ["prealign", "estimate", "stitch", "render", "qc"])
+@pytest.mark.parametrize("stage", ["prealign", "estimate", "stitch", "refine", "render", "qc"])
 def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, stack, reference, tmp_path):
     out = tmp_path / "killed.zarr"
     kill_inside(stage, stack, out, seed=len(stage))
     # the kill landed inside the stage: the stages before it finished, it did not
-    marked = {name: array(out, f"stages/{name}") for name in ("prealign", "estimate", "stitch")}
+    marked = {name: array(out, f"stages/{name}") for name in ("prealign", "estimate", "stitch", "refine")}
     marked["render"] = array(out, "done")
-    order = ["prealign", "estimate", "stitch", "render"]
+    order = ["prealign", "estimate", "stitch", "refine", "render"]
     for earlier in order[: order.index(stage) if stage in order else len(order)]:
         assert marked[earlier].all(), f"{earlier} had not finished when {stage} began"
     if stage in order:
@@ -142,7 +149,7 @@ def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, 
     assert result.exit_code == 0, result.output
     assert is_complete(out)
     # nothing missing: every block of every stage and every section marked done
-    for name in ("stages/prealign", "stages/estimate", "stages/stitch", "done"):
+    for name in ("stages/prealign", "stages/estimate", "stages/stitch", "stages/refine", "done"):
         assert array(out, name).all(), name
     # nothing done twice: files of work finished before the kill were not rewritten
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps

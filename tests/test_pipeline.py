@@ -75,15 +75,16 @@ def test_align_writes_a_complete_ome_zarr_of_the_input_shape_and_dtype(case, ali
     path, misaligned = case
     out, ws, seconds, report = aligned
     assert is_complete(out)
-    assert set(seconds) == {"prealign", "estimate", "stitch", "render", "qc"}
+    assert set(seconds) == {"prealign", "estimate", "stitch", "refine", "render", "qc"}
     assert "sections: 12" in report
     group = zarr.open_group(str(out), mode="r")
     assert group["0"].shape == misaligned.stack.shape
     assert group["0"].dtype == misaligned.stack.dtype
     assert ws.writer.done_sections().all()
-    for stage in ("prealign", "estimate", "stitch"):
+    for stage in ("prealign", "estimate", "stitch", "refine"):
         assert ws.stage_done(stage).all()
     assert len(ws.stage_done("estimate")) == 3  # 12 sections in blocks of 4
+    assert len(ws.stage_done("refine")) == 4  # and the solve
 
 
 def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
@@ -203,6 +204,27 @@ def test_pyramid_levels_are_listed_in_multiscales_and_are_2x_means(tmp_path):
     assert [tuple(level.shape) for level in node.data] == [(4, 264, 264), (4, 132, 132)]
 
 
+def test_refine_removes_per_section_shifts_left_in_the_stitched_fields(aligned, tmp_path):
+    """Shifts added to the stitched fields (wander the network left) come back out of the refine stage."""
+    reference, *_ = aligned
+    out = tmp_path / "wander.zarr"
+    shutil.copytree(reference, out)
+    ws = Workspace(out)
+    stitched = np.asarray(ws.array("fields/stitched")[:])
+    wander = np.random.default_rng(3).normal(0, 3, (len(stitched), 2)).astype(np.float32)
+    ws.array("fields/stitched")[:] = stitched + wander[:, :, None, None]
+    ws.array("stages/refine")[:] = False
+    assert "translation solve done" in run_stage("refine", ws, **STAGE)
+    assert ws.stage_done("refine").all()
+    left = (np.asarray(ws.array("fields/global")[:]) - stitched)[:, :, 2:-2, 2:-2].mean((2, 3))
+
+    def wobble(shifts):  # an aligner may keep a common offset and a shear along z: rms of the rest
+        z = np.arange(len(shifts))
+        return np.sqrt(np.mean([(s - np.polyval(np.polyfit(z, s, 1), z)) ** 2 for s in shifts.T]))
+
+    assert wobble(left) < 0.25 * wobble(wander), (left, wander)
+
+
 # --- resuming ---------------------------------------------------------------------------------------------
 
 
@@ -250,7 +272,8 @@ def test_run_stage_refuses_to_run_a_stage_before_the_one_it_needs(case, tmp_path
     ws = Workspace.create(open_stack(path), out, PARAMS)
     one_line_error(out, run_stage, "estimate", ws, match="prealign", **STAGE)
     one_line_error(out, run_stage, "stitch", ws, match="estimate", **STAGE)
-    one_line_error(out, run_stage, "render", ws, match="stitch", **STAGE)
+    one_line_error(out, run_stage, "refine", ws, match="stitch", **STAGE)
+    one_line_error(out, run_stage, "render", ws, match="refine", **STAGE)
     with pytest.raises(EmalignError, match="selects no section"):
         run_stage("prealign", ws, "5:2", **STAGE)
     with pytest.raises(EmalignError, match="START:STOP"):

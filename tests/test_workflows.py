@@ -118,7 +118,7 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
     result = run("submit.sh", stack, tmp_path / "out.zarr", "--block", "5", "--device", "cpu", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"{job} local" for job in ("init", "prealign", "estimate", "stitch", "render", "qc")
+        f"{job} local" for job in ("init", "prealign", "estimate", "stitch", "refine", "render", "qc")
     ]
     common = f"{stack} {tmp_path / 'out.zarr'}"
     tail = "--scheduler threads:1 --quiet --block 5 --device cpu"
@@ -128,6 +128,7 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
         ("prealign", ranges),
         ("estimate", ranges),
         ("stitch", [""]),
+        ("refine", ranges),
         ("render", ranges),
         ("qc", [""]),
     ):

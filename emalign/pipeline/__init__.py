@@ -1,4 +1,4 @@
-"""The streaming alignment pipeline: prealign -> (adapt) -> estimate -> stitch -> render -> qc.
+"""The streaming alignment pipeline: prealign -> (adapt) -> estimate -> stitch -> refine -> render -> qc.
 
 Each stage works on z-blocks as independent dask tasks that read their input from the
 stack and the output folder and write their results straight to Zarr (nothing large is
@@ -22,6 +22,7 @@ from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
 from emalign.pipeline.qc import run_qc
+from emalign.pipeline.refine import refine_block, solve_refinement
 from emalign.pipeline.render import render_block
 from emalign.pipeline.stitch import stitch
 from emalign.pipeline.store import Workspace, open_workspace
@@ -39,8 +40,8 @@ def _finished(ws: Workspace, stage: str, index: int) -> bool:
 
 
 def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> None:
-    """Block ``index`` of ``prealign``, ``estimate`` or ``render`` on ``threads`` CPU threads; a block
-    with its completion marker is not redone."""
+    """Block ``index`` of ``prealign``, ``estimate``, ``refine`` or ``render`` on ``threads`` CPU threads;
+    a block with its completion marker is not redone."""
     reuse_freed_memory()
     torch.set_num_threads(threads)
     ws = Workspace(out)
@@ -49,8 +50,10 @@ def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> 
     elif not _finished(ws, stage, index):
         if stage == "prealign":
             prealign_block(ws, _stack(ws), index)
-        else:
+        elif stage == "estimate":
             estimate_block(ws, _stack(ws), index, device=device)
+        else:
+            refine_block(ws, _stack(ws), index)
 
 
 def _adapt_task(out: str, device: str, progress: bool) -> None:
@@ -75,7 +78,7 @@ def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> 
     return [i for i, block in enumerate(blocks) if block in wanted and not done[i]]
 
 
-STAGES = ("prealign", "adapt", "estimate", "stitch", "render", "qc")
+STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "render", "qc")
 
 
 def run_stage(
@@ -86,7 +89,8 @@ def run_stage(
     device: str = "auto",
     progress: bool = True,
 ) -> str:
-    """Run one stage (``prealign``, ``estimate``, ``stitch``, ``render``, ``qc``) on a z-range of the stack.
+    """Run one stage (``prealign``, ``adapt``, ``estimate``, ``stitch``, ``refine``, ``render``, ``qc``) on a
+    z-range of the stack.
 
     ``compute``: the dask compute arguments from :func:`emalign.cluster.scheduler` (default:
     the threaded scheduler). Returns a one-line (for qc, a few-line) report.
@@ -101,7 +105,7 @@ def run_stage(
         if not ws.stage_done("stitch").all():
             ws.require("estimate")
             run_tasks([dask.delayed(_stitch_task)(path)], compute, "stitch", progress=False)
-        return "stitch: global fields written"
+        return "stitch: stitched fields written"
     if stage == "qc":
         return run_qc(ws, _stack(ws))
     if stage == "adapt":
@@ -115,8 +119,10 @@ def run_stage(
         ws.require("prealign")
         if ws.params.adapt:
             ws.require("adapt")
-    if stage == "render":
+    if stage == "refine":
         ws.require("stitch")
+    if stage == "render":
+        ws.require("refine")
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
     tasks = [dask.delayed(_block_task)(path, stage, i, device, threads) for i in todo]
@@ -124,6 +130,11 @@ def run_stage(
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())
         return f"prealign: {len(todo)} block(s) done; global rigid solve done; {flagged} flagged section(s)"
+    refined = ws.stage_done("refine")
+    if stage == "refine" and refined[:-1].all():
+        if not refined[-1]:
+            solve_refinement(ws)
+        return f"refine: {len(todo)} block(s) done; translation solve done, global fields written"
     if stage == "render" and ws.writer.done_sections().all():
         ws.writer.mark_complete()
         return f"render: {len(todo)} block(s) written; output complete"

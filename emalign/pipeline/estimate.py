@@ -91,15 +91,24 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     step = params.coarse_downsample
     first = max(start - max(OFFSETS), 0)
     sections = CheckedSections(stack, first, stop, step, user_mask(ws, stack))
-    pairs = rigid.pairwise_rigid(sections, OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg)
+    # one refinement step: the refine stage corrects what a second would (and more), at a third less time
+    pairs = rigid.pairwise_rigid(
+        sections, OFFSETS, downsample=step, max_rotation_deg=params.max_rotation_deg, refine_steps=1
+    )
     ws.array("sections/stats")[start:stop] = np.array([sections.stats[z] for z in range(start, stop)])
+    ws.array("coarse/pairs")[start:stop] = pair_table(pairs, first, start, stop)
+    ws.mark_done("prealign", index)
+
+
+def pair_table(pairs: list[tuple[int, int, np.ndarray, float]], first: int, start: int, stop: int) -> np.ndarray:
+    """``(stop - start, len(OFFSETS), 7)`` rows of :func:`solve_pairs`'s table from the output of
+    :func:`emalign.rigid.pairwise_rigid` run on the sections ``first..stop`` (pairs before ``start`` dropped)."""
     table = np.full((stop - start, len(OFFSETS), 7), np.nan)
     for z, j, matrix, score in pairs:
         z, j = z + first, j + first
         if z >= start:
             table[z - start, OFFSETS.index(z - j)] = [*matrix.ravel(), score]
-    ws.array("coarse/pairs")[start:stop] = table
-    ws.mark_done("prealign", index)
+    return table
 
 
 def _best_scores(scores: np.ndarray) -> np.ndarray:
@@ -155,7 +164,24 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     neighbours = [scores[z, 0] for z in range(1, depth) if not bad[z] and not bad[z - 1]]
     breaks = find_breaks(scores, bad, 0.5 * np.median(neighbours)) if neighbours else []
     flags[breaks] |= FLAG_BREAK
-    shape = ws.plan.shape[1:]
+    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, ws.plan.shape[1:], ws.params.trend_stiffness)
+    ws.array("sections/flags")[:] = flags
+    return flags
+
+
+def solve_pairs(
+    table: np.ndarray, bad: np.ndarray, breaks: list[int], shape: tuple[int, int], trend_stiffness: float
+) -> np.ndarray:
+    """Per-section rigid transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by segment.
+
+    Args:
+        table: ``(Z, len(OFFSETS), 7)``: ``[z, i]`` the pull matrix (6) and score of the pair
+            ``(z, z - OFFSETS[i])``, NaN where there is no pair.
+        bad: ``(Z,)`` sections whose pairs do not count; they get the identity.
+        breaks: first sections of the later segments (no pair crosses a break).
+        shape: ``(Y, X)`` of the sections; trend_stiffness: see :func:`emalign.rigid.detrend_rigid`.
+    """
+    depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
     for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
         pairs = []
@@ -167,11 +193,9 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
         if stop - start > 1:
             solved = rigid.solve_rigid(stop - start, pairs, shape)
             weights = (~bad[start:stop]).astype(float)
-            matrices[start:stop] = rigid.detrend_rigid(solved, shape, ws.params.trend_stiffness, weights=weights)
+            matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights=weights)
     matrices[bad] = np.eye(2, 3)
-    ws.array("coarse/matrices")[:] = matrices
-    ws.array("sections/flags")[:] = flags
-    return flags
+    return matrices
 
 
 def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:

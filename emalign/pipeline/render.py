@@ -1,4 +1,4 @@
-"""Stage 4: warp every section by its global field and write the aligned OME-Zarr.
+"""Stage 5: warp every section by its global field and write the aligned OME-Zarr.
 
 Each section is rendered in output tiles: the field is upsampled for the tile only, and
 only the part of the raw section the tile pulls from is read, so memory is bounded by the
@@ -52,7 +52,7 @@ def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: i
 
 def render_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Render and write the sections of block ``index`` not yet written; flagged ones pass through unchanged."""
-    ws.require("stitch")
+    ws.require("refine")
     start, stop = ws.plan.blocks()[index]
     excluded = ws.excluded()
     done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section

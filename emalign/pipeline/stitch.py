@@ -2,7 +2,8 @@
 
 The relative fields are reconciled in overlapping z-blocks (:mod:`emalign.consensus`),
 blended across the overlaps, composed with the rigid prealignment and written to
-``fields/global``. Only one block of fields is in memory at a time.
+``fields/stitched`` (the refine stage makes ``fields/global`` from them). Only one block of
+fields is in memory at a time.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from emalign.pipeline.store import Workspace
 
 
 def stitch(ws: Workspace) -> None:
-    """Solve the stitch over the whole stack (streaming in z-blocks) and write global fields."""
+    """Solve the stitch over the whole stack (streaming in z-blocks) and write the stitched fields."""
     ws.require("estimate")
     params, plan = ws.params, ws.plan
     depth = plan.shape[0]
     k = models.load(ws.model).config.references
     excluded, breaks = ws.excluded(), ws.breaks()
-    relative, output = ws.array("fields/relative"), ws.array("fields/global")
+    relative, output = ws.array("fields/relative"), ws.array("fields/stitched")
     matrices = np.asarray(ws.array("coarse/matrices")[:])
     grid = plan.grid_shape
     blocks = consensus.block_plan(depth, params.stitch_block, params.stitch_overlap)

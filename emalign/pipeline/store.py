@@ -9,8 +9,10 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, full-res px)
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
-    OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (prealignment included)
-    OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming
+    OUT/fields/stitched        (Z, 2, gy, gx) float32: stitched pull field per section (prealignment included)
+    OUT/refine/pairs           (Z, K, 7) float64: pairwise translations of the stitched sections (as coarse/pairs)
+    OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (stitched, then refined)
+    OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming (refine: one more, its solve)
     OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
@@ -39,7 +41,7 @@ FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
 FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped", FLAG_BREAK: "break"}
 EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
 """Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
-STAGES = ("prealign", "adapt", "estimate", "stitch")
+STAGES = ("prealign", "adapt", "estimate", "stitch", "refine")
 MIN_SIDE = 4
 """Smallest section side (px) the network takes; the rigid prealignment needs 2 * coarse_downsample."""
 
@@ -104,7 +106,7 @@ class Workspace:
 
     @staticmethod
     def _create_arrays(out: str | os.PathLike, plan: Plan, voxel_size: tuple[float, float, float]) -> None:
-        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/stitch`` comes last."""
+        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/refine`` comes last."""
         create_array = functools.partial(io.create_array, overwrite=True)
         depth = plan.shape[0]
         gy, gx = plan.grid_shape
@@ -124,11 +126,13 @@ class Workspace:
         create_array(out, "sections/stats", (depth, 2), (block, 2), np.float32)
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
-        for name in ("relative", "global"):
+        create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
+        for name in ("relative", "stitched", "global"):
             create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
         n_blocks = len(plan.blocks())
+        markers = {"adapt": 1, "stitch": 1, "refine": n_blocks + 1}
         for stage in STAGES:
-            create_array(out, f"stages/{stage}", (1 if stage in ("adapt", "stitch") else n_blocks,), (1,), bool)
+            create_array(out, f"stages/{stage}", (markers.get(stage, n_blocks),), (1,), bool)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Align a stack on SLURM as a chain of jobs (see workflows/README.md):
 #
-#   init (creates OUT) -> prealign[array] -> estimate[array] -> stitch -> render[array] -> qc
+#   init (creates OUT) -> prealign[array] -> estimate[array] -> stitch -> refine[array] -> render[array] -> qc
 #
 # each starting only after the one before it succeeded (--dependency afterok; a failure cancels the rest).
 # Usage: submit.sh IN OUT [emalign options, the same for every stage, e.g. --block 16 --model faemreg-small]
@@ -81,7 +81,9 @@ estimate=$(submit estimate "$prealign" array estimate "$@")
 echo "estimate $estimate"
 stitch=$(submit stitch "$estimate" "" stitch "$@")
 echo "stitch $stitch"
-render=$(submit render "$stitch" array render "$@")
+refine=$(submit refine "$stitch" array refine "$@")
+echo "refine $refine"
+render=$(submit render "$refine" array render "$@")
 echo "render $render"
 qc=$(submit qc "$render" "" qc "$@")
 echo "qc $qc"

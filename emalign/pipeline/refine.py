@@ -1,0 +1,76 @@
+"""Stage 4: a last translation pass on the stitched sections, against slow wander along z.
+
+Rigid matches between *misaligned* sections are biased (each section's own no-data border and
+window pull an estimate toward no motion), and the network sees only a few neighbours at a time,
+so some wander along z survives the stitch. Once stitched, neighbours share their frame: matched
+again, translation only, and solved like the prealignment, they give one shift per section that
+removes most of it (40 nm FlyEM benchmark: drift 3.05 -> 2.08 px, rms 3.81 -> 3.09 px).
+
+refine
+    per z-block: every section warped by its stitched field and phase-correlated (translation
+    only, at ``coarse_downsample``) with the 3 before it; once every block is done, one solve
+    (:func:`emalign.pipeline.estimate.solve_pairs`: breaks, bad sections and the z-trend handled
+    as in the prealignment) whose shifts are composed into ``fields/global``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emalign import rigid
+from emalign.fields import affine_field, compose, resample, warp
+from emalign.io import Stack
+from emalign.pipeline.estimate import pair_table, read_masked, solve_pairs, user_mask
+from emalign.pipeline.store import OFFSETS, Workspace
+
+
+class StitchedSections:
+    """Sections ``start..stop`` as ``factor``-block means warped by their stitched fields (invalid pixels and
+    excluded sections at 0): block mean first, then the warp on the coarse grid, a ``factor^2`` cheaper
+    warp than at full resolution."""
+
+    def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int):
+        self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
+        self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
+        self.excluded, self.mask = ws.excluded(), user_mask(ws, stack)
+        self.fields = ws.array("fields/stitched")
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        z = self.start + index
+        if self.excluded[z]:
+            return np.zeros(self.shape[1:], np.float32)
+        coarse = rigid.block_mean(read_masked(self.stack, z, self.mask)[1], self.factor)
+        # coarse pixel i sits at full-resolution factor * i + (factor - 1) / 2; fields are in full-resolution px
+        centre = ((self.factor - 1) / 2,) * 2
+        field = resample(np.asarray(self.fields[z]), self.ws.params.stride, self.factor, coarse.shape, centre)
+        return warp(coarse, field / self.factor)
+
+
+def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
+    """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each)."""
+    start, stop = ws.plan.blocks()[index]
+    first = max(start - max(OFFSETS), 0)
+    factor = ws.params.coarse_downsample
+    sections = StitchedSections(ws, stack, first, stop, factor)
+    pairs = [
+        (z, j, rigid.upscale_matrix(matrix, factor), score)
+        for z, j, matrix, score in rigid.pairwise_rigid(sections, OFFSETS, downsample=1, max_rotation_deg=0)
+    ]
+    ws.array("refine/pairs")[start:stop] = pair_table(pairs, first, start, stop)
+    ws.mark_done("refine", index)
+
+
+def solve_refinement(ws: Workspace) -> None:
+    """Solve the shifts of every section and write ``fields/global`` (stitched field, then the shift);
+    marks the solve done (the last element of ``stages/refine``)."""
+    params, plan = ws.params, ws.plan
+    excluded = ws.excluded()
+    table = np.asarray(ws.array("refine/pairs")[:])
+    matrices = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], params.trend_stiffness)
+    stitched, output = ws.array("fields/stitched"), ws.array("fields/global")
+    for z in range(plan.shape[0]):
+        field = np.asarray(stitched[z])
+        if not excluded[z]:
+            field = compose(field, affine_field(matrices[z], plan.grid_shape, stride=params.stride), params.stride)
+        output[z] = field
+    ws.mark_done("refine", len(plan.blocks()))
