@@ -238,7 +238,7 @@ def test_processes_scheduler_aligns_like_threads_and_returns_nothing_to_the_clie
     out = tmp_path / "processes.zarr"
     align(stack, out, PARAMS, "processes:2", "cpu", progress=False)
     assert_same_alignment(out, reference)
-    assert len(gathered) == 3 + 3 + 1 + 3  # prealign, estimate, stitch, render tasks
+    assert len(gathered) == 3 + 3 + 1 + 3 + 3  # prealign, estimate, stitch, refine, render tasks
     assert gathered == [None] * len(gathered)
 
 
