@@ -140,7 +140,7 @@ def shifted_copies(images: torch.Tensor, radius: int) -> torch.Tensor:
     )
 
 
-def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, strip: int = 32) -> torch.Tensor:
+def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, strip: int = 16) -> torch.Tensor:
     """Cost volume between one moving feature map and every section of a feature stack.
 
     Args:
