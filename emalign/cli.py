@@ -7,57 +7,17 @@ workflow can fan the stages out. Bad input ends with a one-line ``error: ...`` a
 
 from __future__ import annotations
 
-import errno
-import functools
-import os
-import re
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from emalign.cli_errors import friendly
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.volumetric.cli import volume
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
-
-
-_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
-"""OSError numbers that say the output location cannot take the writes (full, read-only, no permission)."""
-
-
-def _os_error_line(err: OSError, output: str | None) -> str | None:
-    """One line for a write that the file system refused, naming OUT; None for any other OSError (a bug)."""
-    if err.errno not in _UNWRITABLE:
-        return None
-    name = os.fsdecode(err.filename) if err.filename is not None else None
-    name = re.sub(r"\.[0-9a-f]{32}\.partial$", "", name) if name else name  # zarr writes via a temporary file
-    if output is None or (name is not None and not Path(name).resolve().is_relative_to(Path(output).resolve())):
-        return f"{name or output}: {err.strerror}"
-    inside = f" (writing {Path(name).resolve().relative_to(Path(output).resolve())})" if name else ""
-    return f"{output}: {err.strerror}{inside}; the output is incomplete: fix that and run the same command to resume"
-
-
-def _friendly(func):
-    """Turn EmalignError (bad input) and refused writes (disk full, read-only) into one line on stderr, exit 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EmalignError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-        except OSError as err:
-            line = _os_error_line(err, kwargs.get("output_path"))
-            if line is None:
-                raise
-            click.echo(f"error: {' '.join(line.split())}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _plan_options(func):
@@ -184,7 +144,7 @@ main.command_class = _Command
 
 def _stack_command(func):
     """``IN OUT`` plus the plan and run options, and one-line errors: what align and every stage take."""
-    for decorator in (_friendly, _run_options, _plan_options, click.argument("output_path", metavar="OUT")):
+    for decorator in (friendly, _run_options, _plan_options, click.argument("output_path", metavar="OUT")):
         func = decorator(func)
     return click.argument("input_path", metavar="IN")(func)
 
@@ -248,7 +208,7 @@ _stage_command("qc", "Stage 6: per-section quality table (qc.csv), plot (qc.png)
 @click.option("--voxel-size", default=None, help="z,y,x in units (default: from the input)")
 @click.option("--unit", default=None, help="unit of the voxel size (default: from the input)")
 @click.option("--overwrite", is_flag=True)
-@_friendly
+@friendly
 def import_command(
     input_path: str, output_path: str, chunk: int, voxel_size: str | None, unit: str | None, overwrite: bool
 ):
@@ -274,7 +234,7 @@ def import_command(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--model", default="faemreg-small", show_default=True, help=MODEL_HELP)
 @click.option("--device", default="auto", show_default=True)
-@_friendly
+@friendly
 def demo(output_path: str, sections: int, size: int, seed: int, model: str, device: str) -> None:
     """Make an EM-like stack with known misalignment, align it, and report the accuracy."""
     from emalign.demo import run_demo
@@ -300,7 +260,7 @@ def demo(output_path: str, sections: int, size: int, seed: int, model: str, devi
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-resume", is_flag=True, help="start over even if OUT has a checkpoint")
-@_friendly
+@friendly
 def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
     """Train a serial network without labels (synthetic misalignment of aligned stacks)."""
     from emalign.train import TrainConfig
@@ -333,7 +293,7 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
 
 @main.command()
 @click.argument("path", metavar="PATH")
-@_friendly
+@friendly
 def view(path: str) -> None:
     """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window."""
     try:

@@ -8,27 +8,12 @@ deformations of aligned volumes. Heavy imports stay inside the commands so ``ema
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import click
 
+from emalign.cli_errors import friendly
 from emalign.errors import EmalignError
-
-
-def _friendly(func):
-    """Bad input (EmalignError) -> one line on stderr and exit status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EmalignError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(name="volume")
@@ -50,7 +35,7 @@ def volume() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-@_friendly
+@friendly
 def register(
     fixed_path: str,
     moving_path: str,
@@ -131,7 +116,7 @@ def register(
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch's default)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-@_friendly
+@friendly
 def train(out_dir: str, quiet: bool, threads: int, **opts) -> None:
     """Train a volumetric network on pairs made by known smooth deformations (unsupervised loss by default)."""
     import torch
