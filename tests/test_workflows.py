@@ -180,12 +180,12 @@ def test_submit_sh_through_sbatch_aligns_like_emalign_align(stack, reference, tm
     result = run("submit.sh", stack, out, "--block", "4", "--device", "cpu", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = dict(line.split() for line in result.stdout.splitlines())
-    assert list(jobs) == ["init", "prealign", "estimate", "stitch", "render", "qc"]
+    assert list(jobs) == ["init", "prealign", "estimate", "stitch", "refine", "render", "qc"]
     assert all(job.isdigit() for job in jobs.values()), jobs
     logs = tmp_path / "slurm.zarr.logs"
     wait_for_jobs(jobs, logs)
     names = sorted(p.name for p in logs.glob("*.log"))
-    for name in ("prealign", "estimate", "render"):  # arrays of two tasks
+    for name in ("prealign", "estimate", "refine", "render"):  # arrays of two tasks
         assert [n for n in names if n.startswith(f"emalign-{name}-")] == [
             f"emalign-{name}-{jobs[name]}_{task}.log" for task in (0, 1)
         ]
