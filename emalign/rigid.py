@@ -419,11 +419,11 @@ def _refine(
     """
     shape = fixed.image.shape
     slices, centres, spectra = fixed.patches()
+    patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
     for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
         weights = _soft_mask(warped)
         patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
-        patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
         params = _fit_rigid(centres, *_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:
             break

@@ -155,9 +155,8 @@ def local_correlation(moving: torch.Tensor, stack: torch.Tensor, radius: int, st
         (0 outside the stack); channels ordered as in :func:`shifted_copies`.
     """
     moving, stack = _unit(moving), _unit(stack)
-    height = stack.shape[-2]
+    height, width = stack.shape[-2:]
     padded = F.pad(stack, (radius, radius, radius, radius))
-    width = stack.shape[-1]
     rows = []
     for y0 in range(0, height, strip):
         y1 = min(y0 + strip, height)

@@ -130,8 +130,7 @@ def run_stage(
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())
         return f"prealign: {len(todo)} block(s) done; global rigid solve done; {flagged} flagged section(s)"
-    refined = ws.stage_done("refine")
-    if stage == "refine" and refined[:-1].all():
+    if stage == "refine" and (refined := ws.stage_done("refine"))[:-1].all():
         if not refined[-1]:
             solve_refinement(ws)
         return f"refine: {len(todo)} block(s) done; translation solve done, global fields written"
