@@ -25,6 +25,9 @@ ARTIFACTS = ("blank", "low_contrast", "noisy")
 
 ALL = ("none", "chain", "tvl1", "sequential", "align")
 FAST = ("none", "chain", "align")
+FINE = (*ALL, "unpolished")
+FINE_FAST = (*FAST, "unpolished")
+"""At fine z-spacing ``--polish auto`` polishes; the unpolished pipeline shows what the polish stage adds."""
 
 
 def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
@@ -38,7 +41,8 @@ def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
     held_out = evaluate.shared_stack(sample2, 4)
     return [
         (f"FlyEM sample 2 (held out), 40 nm, {len(held_out)} sections", held_out, (), ALL),
-        ("FlyEM sample 2, every slice (10 nm), 62 sections", evaluate.shared_stack(sample2, 1, 62), (), ALL),
+        ("FlyEM sample 2, every slice (10 nm), 62 sections", evaluate.shared_stack(sample2, 1, 62), (), FINE),
+        ("FlyEM sample 2, every 2nd slice (20 nm), 62 sections", evaluate.shared_stack(sample2, 2, 62), (), FINE_FAST),
         (
             f"FlyEM samples 1 + 2, every 4th slice (40 nm), {len(both)} sections (two blocks: one break)",
             both,
@@ -74,6 +78,10 @@ def main() -> None:
             "align": (
                 f"emalign {args.model}, `emalign align`",
                 evaluate.pipeline_aligner(tmp, AlignParams(model=args.model)),
+            ),
+            "unpolished": (
+                f"emalign {args.model}, `emalign align --polish off`",
+                evaluate.pipeline_aligner(tmp, AlignParams(model=args.model, polish="off")),
             ),
         }
         for title, stack, artifacts, methods in cases()[: 1 if args.quick else None]:

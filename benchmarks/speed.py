@@ -1,10 +1,10 @@
-"""End-to-end throughput and peak memory of `emalign align` (read, prealign, estimate, stitch, refine, render, write).
+"""End-to-end throughput and peak memory of `emalign align` (read, every stage, write).
 
     python benchmarks/speed.py [--sections 100] [--size 448] [--repeat 3] [--grow 10]
 
 Builds a procedural EM-like stack with known misalignment (Zarr input), runs `emalign align`
 in a fresh process per run, and reports the median time of the pipeline (read, prealign,
-estimate, stitch, refine, render, write, qc: the ``time:`` line `align` prints), the median wall time of
+estimate, stitch, refine, polish, render, write, qc: the ``time:`` line `align` prints), the median wall time of
 the whole process (adding Python's start and the imports, ~2.5 s), MPx/s of input for both,
 and the peak resident memory of that process. ``--grow N`` adds a row for a stack N times longer in z
 (the same sections repeated), to show that memory stays flat as stacks grow in z.
@@ -98,7 +98,7 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
     lines = [
-        "emalign align, end to end (read, prealign, estimate, stitch, refine, render, write, qc), "
+        "emalign align, end to end (read, prealign, estimate, stitch, refine, polish, render, write, qc), "
         + time.strftime("%Y-%m-%d"),
         "",
         "| stack (z, y, x) | MPx | runs | pipeline s | MPx/s | process s | MPx/s (process) | peak RSS MiB |",

@@ -41,6 +41,14 @@ def _plan_options(func):
         click.option(
             "--adapt", default=0, show_default=True, help="fine-tune the model on this stack for N steps first (0: off)"
         ),
+        click.option(
+            "--polish",
+            default="auto",
+            show_default=True,
+            type=click.Choice(["auto", "on", "off"]),
+            help="patch-wise translations after refine (auto: at fine z-spacing only)",
+        ),
+        click.option("--polish-patch", default=96, show_default=True, help="polish patch side, px"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -128,6 +136,8 @@ def _params(opts: dict):
         skip=skip,
         level=opts["level"],
         adapt=opts["adapt"],
+        polish=opts["polish"],
+        polish_patch=opts["polish_patch"],
         mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
     )
 
@@ -153,7 +163,7 @@ def _stack_command(func):
 @click.option("--overwrite", is_flag=True, help="replace an OUT made with other parameters")
 @_stack_command
 def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
-    """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, refine, render, qc (resumes a killed run)."""
+    """Align IN into the OME-Zarr OUT: prealign, estimate, stitch, refine, polish, render, qc (resumes a killed run)."""
     from emalign.pipeline import align as run_align
 
     start = time.perf_counter()
@@ -197,8 +207,9 @@ _stage_command("adapt", "Stage 1b (--adapt N): fine-tune the model on this stack
 _stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
 _stage_command("stitch", "Stage 3: reconcile the relative fields into one stitched field per section.")
 _stage_command("refine", "Stage 4: translations of the stitched sections against slow wander along z.")
-_stage_command("render", "Stage 5: warp the sections and write the aligned pyramid.")
-_stage_command("qc", "Stage 6: per-section quality table (qc.csv), plot (qc.png) and summary.")
+_stage_command("polish", "Stage 5: patch-wise translations of the refined sections (at fine z-spacing).")
+_stage_command("render", "Stage 6: warp the sections and write the aligned pyramid.")
+_stage_command("qc", "Stage 7: per-section quality table (qc.csv), plot (qc.png) and summary.")
 
 
 @main.command(name="import")

@@ -28,12 +28,15 @@ from emalign import fields
 __all__ = [
     "RigidEstimate",
     "affine_fields",
+    "correlation_peaks",
     "estimate_rigid",
     "pairwise_rigid",
     "phase_correlation",
     "rigid_chain",
     "rigid_matrix",
+    "soft_mask",
     "solve_rigid",
+    "whitened_spectra",
 ]
 
 LOWPASS = 0.1  # default Gaussian low-pass of the correlation, cycles per pixel of the matched images
@@ -157,7 +160,7 @@ def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
     return np.concatenate([m[:, :2], (factor * m[:, 2] + offset - m[:, :2] @ offset)[:, None]], axis=1)
 
 
-def _soft_mask(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def soft_mask(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Weights in ``[0, 1]`` of a ``(Y, X)`` image's pixels: 0 on no data (zeros, outside ``mask``),
     rising smoothly to 1 over a few pixels away from it (so its edge does not correlate)."""
     valid = np.asarray(image) != 0
@@ -170,7 +173,7 @@ def _soft_mask(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return (3 * taper**2 - 2 * taper**3).astype(np.float32)
 
 
-def _spectra(
+def whitened_spectra(
     images: np.ndarray, weights: np.ndarray | None, lowpass: float | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Whitened, low-pass weighted spectra of a batch of images, ready for phase correlation.
@@ -182,7 +185,7 @@ def _spectra(
 
     Args:
         images: ``(B, Y, X)``.
-        weights: ``(B, Y, X)`` from :func:`_soft_mask`, or None to compute them from the zeros.
+        weights: ``(B, Y, X)`` from :func:`soft_mask`, or None to compute them from the zeros.
         lowpass: Gaussian sigma in cycles per pixel; None for flat (pure phase correlation).
 
     Returns:
@@ -191,7 +194,7 @@ def _spectra(
     """
     images = np.asarray(images, dtype=np.float32)
     if weights is None:
-        weights = np.stack([_soft_mask(image) for image in images])
+        weights = np.stack([soft_mask(image) for image in images])
     valid = weights > 0
     count = valid.sum(axis=(1, 2))
     mean = np.where(valid, images, 0).sum(axis=(1, 2)) / np.maximum(count, 1)
@@ -225,10 +228,10 @@ def _spline_upsampler(upsample: int) -> np.ndarray:
     return np.stack([ndimage.map_coordinates(e, [positions], order=3, mode="nearest") for e in impulses], axis=1)
 
 
-def _peaks(
+def correlation_peaks(
     fixed: np.ndarray, moving: np.ndarray, shape: tuple[int, int], upsample: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel phase-correlation peaks of spectra from :func:`_spectra` of ``shape (Y, X)`` images
+    """Sub-pixel phase-correlation peaks of spectra from :func:`whitened_spectra` of ``shape (Y, X)`` images
     (broadcast over the batch).
 
     The integer peak is refined on a +-1.5 px window sampled every ``1 / upsample`` px by
@@ -306,10 +309,10 @@ def phase_correlation(
             if len(rows) == 0:
                 return np.zeros(2), 0.0
             pair = np.where(overlap, pair, 0)[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        spectra, _, blank = _spectra(pair, np.stack([_soft_mask(image) for image in pair]), lowpass)
+        spectra, _, blank = whitened_spectra(pair, np.stack([soft_mask(image) for image in pair]), lowpass)
         if blank.any():
             return np.zeros(2), 0.0
-        residual, peak = _peaks(spectra[:1], spectra[1:], pair.shape[1:], upsample)
+        residual, peak = correlation_peaks(spectra[:1], spectra[1:], pair.shape[1:], upsample)
         shift = offset + residual[0]
     return shift, float(peak[0])
 
@@ -347,7 +350,7 @@ def _patch_spectra(
     image: np.ndarray, weights: np.ndarray, slices: list[tuple[slice, slice]], lowpass: float | None
 ) -> np.ndarray:
     """Spectra of patches of one image (the soft no-data mask of the whole image carries over)."""
-    return _spectra(np.stack([image[s] for s in slices]), np.stack([weights[s] for s in slices]), lowpass)[0]
+    return whitened_spectra(np.stack([image[s] for s in slices]), np.stack([weights[s] for s in slices]), lowpass)[0]
 
 
 class _Section:
@@ -356,7 +359,7 @@ class _Section:
     def __init__(self, image: np.ndarray, lowpass: float | None):
         self.image = np.asarray(image, dtype=np.float32)
         self.lowpass = lowpass
-        spectra, magnitude, blank = _spectra(self.image[None], None, lowpass)
+        spectra, magnitude, blank = whitened_spectra(self.image[None], None, lowpass)
         self.spectrum, self.blank = spectra, bool(blank[0])
         self._magnitude = magnitude[0]
         self._patches: tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray] | None = None
@@ -374,7 +377,7 @@ class _Section:
             starts = [np.linspace(0, n - s, _PATCH_GRID).round().astype(int) for n, s in zip(shape, size, strict=True)]
             slices = [(slice(y, y + size[0]), slice(x, x + size[1])) for y in starts[0] for x in starts[1]]
             centres = np.array([[s[0].start, s[1].start] for s in slices]) + (size - 1) / 2
-            self._patches = slices, centres, _patch_spectra(self.image, _soft_mask(self.image), slices, self.lowpass)
+            self._patches = slices, centres, _patch_spectra(self.image, soft_mask(self.image), slices, self.lowpass)
         return self._patches
 
 
@@ -422,13 +425,14 @@ def _refine(
     patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
     for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
-        weights = _soft_mask(warped)
+        weights = soft_mask(warped)
         patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
-        params = _fit_rigid(centres, *_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
+        params = _fit_rigid(centres, *correlation_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:
             break
         matrix = _compose(matrix, rigid_matrix(np.rad2deg(params[0]), params[1:], shape))
-    score = _peaks(fixed.spectrum, _spectra(warped[None], weights[None], fixed.lowpass)[0], shape, upsample)[1][0]
+    warped_spectrum = whitened_spectra(warped[None], weights[None], fixed.lowpass)[0]
+    score = correlation_peaks(fixed.spectrum, warped_spectrum, shape, upsample)[1][0]
     return matrix, float(score)
 
 
@@ -440,12 +444,13 @@ def _estimate(
     if fixed.blank or moving.blank:
         return RigidEstimate(rigid_matrix(0.0, (0, 0), shape), 0.0, np.zeros(2), 0.0)
     # Coarse: no rotation, or the best polar-magnitude candidate if it correlates better.
-    shifts, peaks = _peaks(fixed.spectrum, moving.spectrum, shape, upsample)
+    shifts, peaks = correlation_peaks(fixed.spectrum, moving.spectrum, shape, upsample)
     angle, shift, score = 0.0, shifts[0], float(peaks[0])
     if max_rotation_deg > 0:
         candidate = _angle_candidate(fixed, moving, max_rotation_deg)
         rotated = _warp_affine(moving.image, rigid_matrix(candidate, (0, 0), shape))
-        shifts, peaks = _peaks(fixed.spectrum, _spectra(rotated[None], None, fixed.lowpass)[0], shape, upsample)
+        rotated_spectrum = whitened_spectra(rotated[None], None, fixed.lowpass)[0]
+        shifts, peaks = correlation_peaks(fixed.spectrum, rotated_spectrum, shape, upsample)
         if peaks[0] > score:
             angle, shift = candidate, shifts[0]
     matrix = rigid_matrix(angle, _rotation(angle) @ shift, shape)

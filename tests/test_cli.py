@@ -26,7 +26,7 @@ from emalign.pipeline import AlignParams
 from emalign.synth import demo_stack
 
 SHAPE = (12, 96, 96)
-BLOCK = ["--block", "4", "--quiet"]
+BLOCK = ["--block", "4", "--polish", "on", "--polish-patch", "32", "--quiet"]  # polish: the stage always runs
 SYNC = [*BLOCK, "--scheduler", "sync"]  # one block at a time: a predictable order of the work
 COMMANDS = (
     "align",
@@ -36,6 +36,7 @@ COMMANDS = (
     "estimate",
     "stitch",
     "refine",
+    "polish",
     "render",
     "qc",
     "demo",
@@ -109,7 +110,7 @@ def test_align_writes_a_complete_output_and_reports_qc_and_timing(stack, referen
         assert [int(row["z"]) for row in csv.DictReader(handle)] == list(range(SHAPE[0]))
     assert (out / "qc.png").exists()
     meta = zarr.open_group(str(out), mode="r").attrs["emalign"]
-    assert meta["params"] == AlignParams(block=4).to_dict()
+    assert meta["params"] == AlignParams(block=4, polish="on", polish_patch=32).to_dict()
     assert meta["input"]["path"] == str(stack.resolve())
 
 
@@ -128,6 +129,8 @@ def test_stage_commands_in_order_give_the_same_output_as_align(stack, reference,
     assert "stitch: stitched fields written" in ok("stitch", stack, out, *BLOCK).output
     assert "refine: 2 block(s) done\n" in ok("refine", stack, out, *BLOCK, "--z-range", "0:8").output
     assert "translation solve done" in ok("refine", stack, out, *BLOCK, "--z-range", "8:").output
+    assert "polish: 1 block(s) done\n" in ok("polish", stack, out, *BLOCK, "--z-range", "0:4").output
+    assert "node solve done" in ok("polish", stack, out, *BLOCK, "--z-range", "4:").output
     assert "render: 2 block(s) done" in ok("render", stack, out, *BLOCK, "--z-range", ":6").output
     assert not is_complete(out)
     assert "output complete" in ok("render", stack, out, *BLOCK, "--z-range", "6:12").output
@@ -178,6 +181,8 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "--max-rotation": "5",
         "--skip": "3,7",
         "--level": "0",
+        "--polish": "off",
+        "--polish-patch": "64",
     }
     args = [item for pair in options.items() for item in pair]
     error_line(invoke("align", stack, out, *args, "--quiet"))
@@ -198,6 +203,8 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "max_rotation_deg": 5.0,
         "skip": [3, 7],
         "level": 0,
+        "polish": "off",
+        "polish_patch": 64,
     }
     # every AlignParams field is recorded: those given above with their values, any other with its default
     assert recorded == {**AlignParams().to_dict(), **expected}
@@ -285,6 +292,7 @@ def test_an_output_that_is_a_file_is_refused(stack, bad_inputs):
         (["align", "--model", "no-such-model"], "'no-such-model'"),
         (["align", "--skip", "one,two"], "--skip 'one,two'"),
         (["align", "--tile", "16"], "bad plan"),
+        (["align", "--polish-patch", "8"], "--polish-patch 8"),
     ],
 )
 def test_bad_options_are_one_line_errors_and_leave_no_complete_output(stack, tmp_path, args, named):
@@ -351,6 +359,7 @@ def test_processes_scheduler_gives_the_same_output_as_threads(stack, reference, 
         assert "estimate: 3 block(s) done" in ok("estimate", stack, out, *BLOCK, "--scheduler", spec).output
         ok("stitch", stack, out, *BLOCK)
         ok("refine", stack, out, *BLOCK)
+        ok("polish", stack, out, *BLOCK)
         assert "output complete" in ok("render", stack, out, *BLOCK).output
         assert is_complete(out)
     threads, processes = outputs["threads"], outputs["processes:2"]

@@ -32,7 +32,7 @@ from emalign.io import is_complete, open_stack
 from emalign.pipeline import STAGES, AlignParams, Workspace, align, run_stage
 
 SHAPE = (12, 96, 96)
-PARAMS = AlignParams(block=4)
+PARAMS = AlignParams(block=4, polish="on", polish_patch=32)  # polish: the stage runs its blocks
 ROOT = Path(__file__).resolve().parents[1]
 JOBQUEUE_EXAMPLE = ROOT / "workflows" / "jobqueue.yaml"
 SLURM_PROBLEM = slurm_problem()
@@ -42,9 +42,10 @@ needs_slurm = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"no SLURM he
 def arrays(out: Path) -> dict[str, np.ndarray]:
     """Every array an alignment writes (the aligned stack, fields, prealignment, markers)."""
     group = zarr.open_group(str(out), mode="r")
-    names = ["0", "done", "fields/relative", "fields/stitched", "fields/global", "coarse/matrices", "coarse/pairs"]
-    names += ["refine/pairs", "sections/stats"]
-    names += [f"stages/{stage}" for stage in ("prealign", "estimate", "stitch", "refine")]
+    names = ["0", "done", "coarse/matrices", "coarse/pairs", "refine/pairs", "polish/pairs", "polish/shifts"]
+    names += [f"fields/{name}" for name in ("relative", "stitched", "refined", "global")]
+    marked = ("prealign", "estimate", "stitch", "refine", "polish")
+    names += ["sections/stats", *(f"stages/{stage}" for stage in marked)]
     return {name: np.asarray(group[name][:]) for name in names}
 
 
@@ -199,7 +200,7 @@ def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     before = stamps(out)
     time.sleep(0.01)
     for index in range(3):
-        for stage in ("prealign", "estimate", "refine", "render"):
+        for stage in ("prealign", "estimate", "refine", "polish", "render"):
             assert pipeline._block_task(str(out), stage, index, "cpu", 1) is None
     assert pipeline._stitch_task(str(out)) is None
     assert stamps(out) == before
@@ -211,11 +212,11 @@ def test_a_retried_block_rewrites_byte_identical_chunks(reference, tmp_path):
     shutil.copytree(reference, out)
     before = files(out)
     ws = Workspace(out)
-    for stage in ("prealign", "estimate", "refine"):
+    for stage in ("prealign", "estimate", "refine", "polish"):
         ws.array(f"stages/{stage}")[1] = False
     ws.array("stages/stitch")[0] = False
     ws.writer.done[4:8] = False
-    for stage in ("prealign", "estimate", "stitch", "refine", "render"):
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish", "render"):
         assert run_stage(stage, ws, "4:8", {"scheduler": "sync", "num_workers": 1}, "cpu", progress=False)
     assert files(out) == before
     assert is_complete(out)
@@ -238,7 +239,7 @@ def test_processes_scheduler_aligns_like_threads_and_returns_nothing_to_the_clie
     out = tmp_path / "processes.zarr"
     align(stack, out, PARAMS, "processes:2", "cpu", progress=False)
     assert_same_alignment(out, reference)
-    assert len(gathered) == 3 + 3 + 1 + 3 + 3  # prealign, estimate, stitch, refine, render tasks
+    assert len(gathered) == 3 + 3 + 1 + 3 + 3 + 3  # prealign, estimate, stitch, refine, polish, render tasks
     assert gathered == [None] * len(gathered)
 
 
@@ -251,7 +252,8 @@ def test_slurm_scheduler_aligns_like_threads(stack, reference, tmp_path):
     env = {**os.environ, "DASK_CONFIG": str(config), "DASK_JOBQUEUE__SLURM__INTERFACE": "lo", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "slurm.zarr"
     sizes = ["--slurm-cores", "1", "--slurm-processes", "1", "--slurm-memory", "3GiB", "--slurm-walltime", "00:15:00"]
-    command = [entry_point(), "align", stack, out, "--block", "4", "--device", "cpu", "--scheduler", "slurm", *sizes]
+    command = [entry_point(), "align", stack, out, "--block", "4", "--polish", "on", "--polish-patch", "32"]
+    command += ["--device", "cpu", "--scheduler", "slurm", *sizes]
     command += ["--slurm-max-jobs", "2", "--slurm-job-extra=--job-name=emalign-test", "--quiet"]
     command = [str(part) for part in command]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

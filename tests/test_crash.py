@@ -27,9 +27,11 @@ from emalign.cli import main
 from emalign.io import is_complete
 
 SHAPE = (8, 64, 64)
-ARGS = ["--block", "2", "--quiet", "--scheduler", "threads:2"]
+ARGS = ["--block", "2", "--polish", "on", "--polish-patch", "32", "--quiet", "--scheduler", "threads:2"]
 WRITE_DELAY = 0.03
 BLOCKS = [(0, 2), (2, 4), (4, 6), (6, 8)]
+STAGES = ("prealign", "estimate", "stitch", "refine", "polish")
+"""The stages before render with completion markers, in order."""
 
 SLOW_ALIGN = """
 import sys, time, zarr
@@ -60,6 +62,8 @@ def begun(out: Path, stage: str) -> bool:
         return bool(chunk_files(out / "fields" / "stitched"))
     if stage == "refine":
         return bool(chunk_files(out / "refine" / "pairs"))
+    if stage == "polish":
+        return bool(chunk_files(out / "polish" / "pairs"))
     if stage == "render":
         return bool(chunk_files(out / "done"))
     try:  # qc starts once the output is marked complete
@@ -110,33 +114,35 @@ def kill_inside(stage: str, stack: Path, out: Path, seed: int) -> str:
 def finished_work(out: Path) -> dict[str, list[Path]]:
     """The chunk files of work marked finished: a resumed run must leave these alone."""
     group = zarr.open_group(str(out), mode="r")
-    stages = ("prealign", "estimate", "stitch", "refine")
-    done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in stages}
+    done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in STAGES}
     sections = np.asarray(group["done"][:], bool)
-    files: dict[str, list[Path]] = {"prealign": [], "estimate": [], "stitch": [], "refine": [], "render": []}
+    files: dict[str, list[Path]] = {stage: [] for stage in (*STAGES, "render")}
     for index, (a, b) in enumerate(BLOCKS):
         if done["prealign"][index]:
             files["prealign"] += chunk_files(out / "coarse" / "pairs" / str(index))
         if done["estimate"][index]:
             files["estimate"] += [f for z in range(a, b) for f in chunk_files(out / "fields" / "relative" / str(z))]
-        if done["refine"][index]:
-            files["refine"] += chunk_files(out / "refine" / "pairs" / str(index))
+        for stage in ("refine", "polish"):
+            if done[stage][index]:
+                files[stage] += chunk_files(out / stage / "pairs" / str(index))
     if done["stitch"][0]:
         files["stitch"] = chunk_files(out / "fields" / "stitched")
     if done["refine"][-1]:
-        files["refine"] += chunk_files(out / "fields" / "global")
+        files["refine"] += chunk_files(out / "fields" / "refined")
+    if done["polish"][-1]:
+        files["polish"] += chunk_files(out / "polish" / "shifts") + chunk_files(out / "fields" / "global")
     files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / str(z))]
     return files
 
 
-@pytest.mark.parametrize("stage", ["prealign", "estimate", "stitch", "refine", "render", "qc"])
+@pytest.mark.parametrize("stage", [*STAGES, "render", "qc"])
 def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, stack, reference, tmp_path):
     out = tmp_path / "killed.zarr"
     kill_inside(stage, stack, out, seed=len(stage))
     # the kill landed inside the stage: the stages before it finished, it did not
-    marked = {name: array(out, f"stages/{name}") for name in ("prealign", "estimate", "stitch", "refine")}
+    marked = {name: array(out, f"stages/{name}") for name in STAGES}
     marked["render"] = array(out, "done")
-    order = ["prealign", "estimate", "stitch", "refine", "render"]
+    order = [*STAGES, "render"]
     for earlier in order[: order.index(stage) if stage in order else len(order)]:
         assert marked[earlier].all(), f"{earlier} had not finished when {stage} began"
     if stage in order:
@@ -149,7 +155,7 @@ def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, 
     assert result.exit_code == 0, result.output
     assert is_complete(out)
     # nothing missing: every block of every stage and every section marked done
-    for name in ("stages/prealign", "stages/estimate", "stages/stitch", "stages/refine", "done"):
+    for name in (*(f"stages/{stage}" for stage in STAGES), "done"):
         assert array(out, name).all(), name
     # nothing done twice: files of work finished before the kill were not rewritten
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
@@ -167,7 +173,7 @@ def test_a_run_killed_while_creating_its_arrays_resumes(stack, reference, tmp_pa
     from emalign.pipeline.store import Workspace
 
     out = tmp_path / "half-made.zarr"
-    params = AlignParams(block=2)
+    params = AlignParams(block=2, polish="on", polish_patch=32)  # as ARGS
     Workspace.create(open_stack(stack), out, params)
     group = zarr.open_group(str(out), mode="r+")
     for name in ("stages", "fields", "coarse"):

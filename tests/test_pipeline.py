@@ -32,7 +32,7 @@ from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
 
 SHAPE = (12, 96, 96)
-PARAMS = AlignParams(block=4)
+PARAMS = AlignParams(block=4, polish="on", polish_patch=32)  # polish: the stage runs whatever the stack
 RUN = {"scheduler_spec": "sync", "device": "cpu", "progress": False}
 STAGE = {"compute": {"scheduler": "sync", "num_workers": 1}, "device": "cpu", "progress": False}
 
@@ -75,16 +75,16 @@ def test_align_writes_a_complete_ome_zarr_of_the_input_shape_and_dtype(case, ali
     path, misaligned = case
     out, ws, seconds, report = aligned
     assert is_complete(out)
-    assert set(seconds) == {"prealign", "estimate", "stitch", "refine", "render", "qc"}
+    assert set(seconds) == {"prealign", "estimate", "stitch", "refine", "polish", "render", "qc"}
     assert "sections: 12" in report
     group = zarr.open_group(str(out), mode="r")
     assert group["0"].shape == misaligned.stack.shape
     assert group["0"].dtype == misaligned.stack.dtype
     assert ws.writer.done_sections().all()
-    for stage in ("prealign", "estimate", "stitch", "refine"):
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish"):
         assert ws.stage_done(stage).all()
     assert len(ws.stage_done("estimate")) == 3  # 12 sections in blocks of 4
-    assert len(ws.stage_done("refine")) == 4  # and the solve
+    assert len(ws.stage_done("refine")) == len(ws.stage_done("polish")) == 4  # and the solve
 
 
 def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
@@ -216,13 +216,60 @@ def test_refine_removes_per_section_shifts_left_in_the_stitched_fields(aligned, 
     ws.array("stages/refine")[:] = False
     assert "translation solve done" in run_stage("refine", ws, **STAGE)
     assert ws.stage_done("refine").all()
-    left = (np.asarray(ws.array("fields/global")[:]) - stitched)[:, :, 2:-2, 2:-2].mean((2, 3))
-
-    def wobble(shifts):  # an aligner may keep a common offset and a shear along z: rms of the rest
-        z = np.arange(len(shifts))
-        return np.sqrt(np.mean([(s - np.polyval(np.polyfit(z, s, 1), z)) ** 2 for s in shifts.T]))
-
+    left = (np.asarray(ws.array("fields/refined")[:]) - stitched)[:, :, 2:-2, 2:-2].mean((2, 3))
     assert wobble(left) < 0.25 * wobble(wander), (left, wander)
+
+
+def wobble(shifts: np.ndarray) -> float:
+    """RMS of ``(Z, C)`` shifts about their per-column straight line along z (an aligner may keep a common
+    offset and a shear along z)."""
+    z = np.arange(len(shifts))
+    return float(np.sqrt(np.mean([(s - np.polyval(np.polyfit(z, s, 1), z)) ** 2 for s in shifts.T])))
+
+
+def test_polish_removes_local_shifts_left_in_the_refined_fields(aligned, tmp_path):
+    """A shift that differs across the section (a shear the refine stage cannot see) comes back out of the polish."""
+    reference, *_ = aligned
+    polished = {}
+    for name, amplitude in (("clean", 0.0), ("sheared", 2.0)):
+        out = tmp_path / f"{name}.zarr"
+        shutil.copytree(reference, out)
+        ws = Workspace(out)
+        refined = np.asarray(ws.array("fields/refined")[:])
+        gx = refined.shape[-1]
+        slopes = np.random.default_rng(5).normal(0, amplitude, len(refined)).astype(np.float32)
+        across = np.linspace(-1, 1, gx, dtype=np.float32)  # dx grows from one side of the section to the other
+        sheared = refined.copy()
+        sheared[:, 1] += slopes[:, None, None] * across[None, None, :]
+        ws.array("fields/refined")[:] = sheared
+        ws.array("stages/polish")[:] = False
+        assert "node solve done" in run_stage("polish", ws, **STAGE)
+        polished[name] = np.asarray(ws.array("fields/global")[:])
+    left = (polished["sheared"] - polished["clean"])[:, 1, 2:-2, 2:-2].mean(axis=1)  # (Z, gx): dx across x
+    added = slopes[:, None] * across[None, 2:-2]
+    assert wobble(left) < 0.3 * wobble(added), (wobble(left), wobble(added))
+
+
+@pytest.mark.parametrize(("peak", "polished"), [(0.45, False), (0.85, True)])
+def test_polish_auto_polishes_only_a_stack_whose_neighbours_correlate_strongly(aligned, tmp_path, peak, polished):
+    reference, *_ = aligned
+    out = tmp_path / "auto.zarr"
+    shutil.copytree(reference, out)
+    group = zarr.open_group(str(out), mode="r+")
+    meta = dict(group.attrs["emalign"])
+    group.attrs["emalign"] = {**meta, "params": {**meta["params"], "polish": "auto"}}
+    ws = Workspace(out)
+    pairs = np.asarray(ws.array("refine/pairs")[:])
+    pairs[:, 0, 6] = peak  # adjacent sections' correlation after the refine stage
+    ws.array("refine/pairs")[:] = pairs
+    ws.array("stages/polish")[:] = False
+    ws.array("polish/pairs")[:] = np.nan
+    report = run_stage("polish", ws, **STAGE)
+    assert ws.stage_done("polish").all()
+    assert (f"median peak {peak:.2f}" in report) and (("off" in report) != polished), report
+    refined, final = np.asarray(ws.array("fields/refined")[:]), np.asarray(ws.array("fields/global")[:])
+    assert np.isfinite(np.asarray(ws.array("polish/pairs")[:])).any() == polished
+    assert np.array_equal(final, refined) != polished
 
 
 # --- resuming ---------------------------------------------------------------------------------------------
@@ -273,7 +320,8 @@ def test_run_stage_refuses_to_run_a_stage_before_the_one_it_needs(case, tmp_path
     one_line_error(out, run_stage, "estimate", ws, match="prealign", **STAGE)
     one_line_error(out, run_stage, "stitch", ws, match="estimate", **STAGE)
     one_line_error(out, run_stage, "refine", ws, match="stitch", **STAGE)
-    one_line_error(out, run_stage, "render", ws, match="refine", **STAGE)
+    one_line_error(out, run_stage, "polish", ws, match="refine", **STAGE)
+    one_line_error(out, run_stage, "render", ws, match="polish", **STAGE)
     with pytest.raises(EmalignError, match="selects no section"):
         run_stage("prealign", ws, "5:2", **STAGE)
     with pytest.raises(EmalignError, match="START:STOP"):

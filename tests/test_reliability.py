@@ -387,7 +387,7 @@ def small_tiff(tmp_path_factory) -> Path:
 
 @settings(SETTINGS, max_examples=20)
 @given(
-    command=st.sampled_from(["prealign", "estimate", "stitch", "refine", "render", "qc"]),
+    command=st.sampled_from(["prealign", "estimate", "stitch", "refine", "polish", "render", "qc"]),
     z_range=st.one_of(st.none(), st.text("0123456789:-a ", max_size=6)),
     skip=st.text("0123456789,- x", max_size=6),
     numbers=st.fixed_dictionaries(
@@ -447,7 +447,7 @@ def test_a_corrupt_input_chunk_is_named_and_after_repair_the_run_resumes(raw, re
 def test_a_chunk_damaged_after_prealign_is_named_by_render_and_qc(raw, reference, tmp_path):
     path = write_zarr(tmp_path / "raw.zarr", raw, (1, 64, 64))
     out = tmp_path / "out.zarr"
-    for stage in ("prealign", "estimate", "stitch", "refine"):
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish"):
         assert invoke(stage, path, out, *CLI).exit_code == 0
     good = (path / "6.0.0").read_bytes()
     (path / "6.0.0").write_bytes(b"garbage")
@@ -622,7 +622,7 @@ def test_a_new_output_that_cannot_be_written_is_removed_again_in_the_python_api(
 def unfinished(stack, tmp_path_factory) -> Path:
     """An output rendered for sections 0..3 of 8."""
     out = tmp_path_factory.mktemp("unfinished") / "out.zarr"
-    for stage in ("prealign", "estimate", "stitch", "refine"):
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish"):
         assert invoke(stage, stack, out, *CLI).exit_code == 0
     assert invoke("render", stack, out, *CLI, "--z-range", "0:4").exit_code == 0
     return out

@@ -24,6 +24,8 @@ from emalign.pipeline import AlignParams, align
 
 SHAPE = (12, 96, 96)
 SLURM = Path(__file__).resolve().parents[1] / "workflows" / "slurm"
+OPTIONS = ("--block", "4", "--polish", "on", "--polish-patch", "32")
+"""Plan options of the workflow runs (polish on: its array job does real work)."""
 SLURM_PROBLEM = slurm_problem()
 
 
@@ -42,9 +44,9 @@ def stack(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(stack, tmp_path_factory) -> Path:
-    """`emalign align --block 4` of the stack, in this process."""
+    """`emalign align` with :data:`OPTIONS` of the stack, in this process."""
     out = tmp_path_factory.mktemp("reference") / "out.zarr"
-    align(stack, out, AlignParams(block=4), "threads", "cpu", progress=False)
+    align(stack, out, AlignParams(block=4, polish="on", polish_patch=32), "threads", "cpu", progress=False)
     return out
 
 
@@ -118,7 +120,7 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
     result = run("submit.sh", stack, tmp_path / "out.zarr", "--block", "5", "--device", "cpu", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"{job} local" for job in ("init", "prealign", "estimate", "stitch", "refine", "render", "qc")
+        f"{job} local" for job in ("init", "prealign", "estimate", "stitch", "refine", "polish", "render", "qc")
     ]
     common = f"{stack} {tmp_path / 'out.zarr'}"
     tail = "--scheduler threads:1 --quiet --block 5 --device cpu"
@@ -129,6 +131,7 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
         ("estimate", ranges),
         ("stitch", [""]),
         ("refine", ranges),
+        ("polish", ranges),
         ("render", ranges),
         ("qc", [""]),
     ):
@@ -139,18 +142,10 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
 
 def test_submit_sh_without_slurm_runs_the_recipe_here_and_aligns_like_emalign_align(stack, reference, tmp_path):
     out = tmp_path / "local.zarr"
-    result = run(
-        "submit.sh",
-        stack,
-        out,
-        "--block",
-        "4",
-        "--device",
-        "cpu",
-        env={"EMALIGN_LOCAL": "1", "EMALIGN_SECTIONS_PER_TASK": "8"},
-    )
+    env = {"EMALIGN_LOCAL": "1", "EMALIGN_SECTIONS_PER_TASK": "8"}
+    result = run("submit.sh", stack, out, *OPTIONS, "--device", "cpu", env=env)
     assert result.returncode == 0, result.stderr
-    for stage in ("prealign", "estimate", "render"):
+    for stage in ("prealign", "estimate", "polish", "render"):
         for z_range in ("0:8", "8:16"):
             assert f"emalign {stage} {stack} {out} --z-range {z_range}" in result.stderr
     assert "output complete" in result.stderr and "sections: 12; flagged: 0" in result.stderr
@@ -177,15 +172,15 @@ def wait_for_jobs(jobs: dict[str, str], logs: Path, timeout: float = 900) -> Non
 def test_submit_sh_through_sbatch_aligns_like_emalign_align(stack, reference, tmp_path):
     out = tmp_path / "slurm.zarr"
     env = {"EMALIGN_SBATCH": "--cpus-per-task=1 --mem=2G --time=15", "EMALIGN_SECTIONS_PER_TASK": "8"}
-    result = run("submit.sh", stack, out, "--block", "4", "--device", "cpu", env=env, cwd=tmp_path)
+    result = run("submit.sh", stack, out, *OPTIONS, "--device", "cpu", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = dict(line.split() for line in result.stdout.splitlines())
-    assert list(jobs) == ["init", "prealign", "estimate", "stitch", "refine", "render", "qc"]
+    assert list(jobs) == ["init", "prealign", "estimate", "stitch", "refine", "polish", "render", "qc"]
     assert all(job.isdigit() for job in jobs.values()), jobs
     logs = tmp_path / "slurm.zarr.logs"
     wait_for_jobs(jobs, logs)
     names = sorted(p.name for p in logs.glob("*.log"))
-    for name in ("prealign", "estimate", "refine", "render"):  # arrays of two tasks
+    for name in ("prealign", "estimate", "refine", "polish", "render"):  # arrays of two tasks
         assert [n for n in names if n.startswith(f"emalign-{name}-")] == [
             f"emalign-{name}-{jobs[name]}_{task}.log" for task in (0, 1)
         ]

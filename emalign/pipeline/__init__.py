@@ -1,4 +1,4 @@
-"""The streaming alignment pipeline: prealign -> (adapt) -> estimate -> stitch -> refine -> render -> qc.
+"""The streaming alignment pipeline: prealign -> (adapt) -> estimate -> stitch -> refine -> polish -> render -> qc.
 
 Each stage works on z-blocks as independent dask tasks that read their input from the
 stack and the output folder and write their results straight to Zarr (nothing large is
@@ -21,6 +21,7 @@ from emalign.io import Stack, open_stack
 from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
+from emalign.pipeline.polish import AUTO_MIN_PEAK, adjacent_peak, polish_block, polish_wanted, solve_polish
 from emalign.pipeline.qc import run_qc
 from emalign.pipeline.refine import refine_block, solve_refinement
 from emalign.pipeline.render import render_block
@@ -40,7 +41,7 @@ def _finished(ws: Workspace, stage: str, index: int) -> bool:
 
 
 def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> None:
-    """Block ``index`` of ``prealign``, ``estimate``, ``refine`` or ``render`` on ``threads`` CPU threads;
+    """Block ``index`` of ``prealign``, ``estimate``, ``refine``, ``polish`` or ``render`` on ``threads`` CPU threads;
     a block with its completion marker is not redone."""
     reuse_freed_memory()
     torch.set_num_threads(threads)
@@ -52,8 +53,10 @@ def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> 
             prealign_block(ws, _stack(ws), index)
         elif stage == "estimate":
             estimate_block(ws, _stack(ws), index, device=device)
-        else:
+        elif stage == "refine":
             refine_block(ws, _stack(ws), index)
+        else:
+            polish_block(ws, _stack(ws), index)
 
 
 def _adapt_task(out: str, device: str, progress: bool) -> None:
@@ -68,6 +71,13 @@ def _stitch_task(out: str) -> None:
         stitch(ws)
 
 
+def _polish_reason(ws: Workspace) -> str:
+    """Why the stack is polished or not, in a few words."""
+    if ws.params.polish != "auto":
+        return f"--polish {ws.params.polish}"
+    return f"auto: adjacent sections' median peak {adjacent_peak(ws):.2f}, polished from {AUTO_MIN_PEAK}"
+
+
 def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[int]:
     blocks = ws.plan.blocks()
     wanted = set(ws.plan.blocks(z_range))
@@ -78,7 +88,7 @@ def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> 
     return [i for i, block in enumerate(blocks) if block in wanted and not done[i]]
 
 
-STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "render", "qc")
+STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish", "render", "qc")
 
 
 def run_stage(
@@ -89,8 +99,8 @@ def run_stage(
     device: str = "auto",
     progress: bool = True,
 ) -> str:
-    """Run one stage (``prealign``, ``adapt``, ``estimate``, ``stitch``, ``refine``, ``render``, ``qc``) on a
-    z-range of the stack.
+    """Run one stage (``prealign``, ``adapt``, ``estimate``, ``stitch``, ``refine``, ``polish``, ``render``,
+    ``qc``) on a z-range of the stack.
 
     ``compute``: the dask compute arguments from :func:`emalign.cluster.scheduler` (default:
     the threaded scheduler). Returns a one-line (for qc, a few-line) report.
@@ -121,8 +131,14 @@ def run_stage(
             ws.require("adapt")
     if stage == "refine":
         ws.require("stitch")
-    if stage == "render":
+    if stage == "polish":
         ws.require("refine")
+        if not polish_wanted(ws):
+            if not ws.stage_done("polish")[-1]:
+                solve_polish(ws)
+            return f"polish: off ({_polish_reason(ws)}); refined fields kept"
+    if stage == "render":
+        ws.require("polish")
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
     tasks = [dask.delayed(_block_task)(path, stage, i, device, threads) for i in todo]
@@ -133,7 +149,11 @@ def run_stage(
     if stage == "refine" and (refined := ws.stage_done("refine"))[:-1].all():
         if not refined[-1]:
             solve_refinement(ws)
-        return f"refine: {len(todo)} block(s) done; translation solve done, global fields written"
+        return f"refine: {len(todo)} block(s) done; translation solve done, refined fields written"
+    if stage == "polish" and (polished := ws.stage_done("polish"))[:-1].all():
+        if not polished[-1]:
+            solve_polish(ws)
+        return f"polish: {len(todo)} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
     if stage == "render" and ws.writer.done_sections().all():
         ws.writer.mark_complete()
         return f"render: {len(todo)} block(s) written; output complete"

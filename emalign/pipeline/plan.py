@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from emalign.errors import EmalignError
 
+POLISH_MODES = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class AlignParams:
@@ -33,6 +35,9 @@ class AlignParams:
         skip: sections the user marks as bad (bridged and written through unchanged).
         level: input OME-Zarr level to align.
         adapt: steps of test-time adaptation (fine-tuning the model on this stack first; 0: off).
+        polish: ``auto``, ``on`` or ``off``: the polish stage's patch-wise translations (``auto``: only at
+            fine z-spacing, see :mod:`emalign.pipeline.polish`).
+        polish_patch: side of the polish stage's patches, px (half overlapping).
         mask: path of a mask stack of the input's shape, non-zero where pixels are invalid (cracks,
             folds, debris); detected invalid pixels (no data, saturated, featureless) are added.
     """
@@ -52,6 +57,8 @@ class AlignParams:
     skip: tuple[int, ...] = ()
     level: int = 0
     adapt: int = 0
+    polish: str = "auto"
+    polish_patch: int = 96
     mask: str = ""
 
     def to_dict(self) -> dict:
@@ -69,6 +76,10 @@ class AlignParams:
                 f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
                 "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
             )
+        if self.polish not in POLISH_MODES:
+            raise EmalignError(f"bad plan: --polish {self.polish!r}; expected one of {', '.join(POLISH_MODES)}")
+        if self.polish_patch < 16:
+            raise EmalignError(f"bad plan: --polish-patch {self.polish_patch} (need at least 16 px)")
         if self.adapt < 0:
             raise EmalignError(f"bad plan: --adapt {self.adapt} must be 0 (off) or a number of steps")
         if not 0 <= self.stitch_overlap < self.stitch_block:

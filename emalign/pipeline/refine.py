@@ -1,4 +1,4 @@
-"""Stage 4: a last translation pass on the stitched sections, against slow wander along z.
+"""Stage 4: a translation pass on the stitched sections, against slow wander along z.
 
 Rigid matches between *misaligned* sections are biased (each section's own no-data border and
 window pull an estimate toward no motion), and the network sees only a few neighbours at a time,
@@ -10,7 +10,8 @@ refine
     per z-block: every section warped by its stitched field and phase-correlated (translation
     only, at ``coarse_downsample``) with the 3 before it; once every block is done, one solve
     (:func:`emalign.pipeline.estimate.solve_pairs`: breaks, bad sections and the z-trend handled
-    as in the prealignment) whose shifts are composed into ``fields/global``.
+    as in the prealignment) whose shifts are composed into ``fields/refined`` (the polish stage makes
+    ``fields/global`` from them).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from emalign.pipeline.estimate import pair_table, read_masked, solve_pairs, user
 from emalign.pipeline.store import OFFSETS, Workspace
 
 
-class StitchedSections:
-    """Sections ``start..stop`` as ``factor``-block means warped by their stitched fields (invalid pixels and
-    excluded sections at 0): block mean first, then the warp on the coarse grid, a ``factor^2`` cheaper
-    warp than at full resolution."""
+class WarpedSections:
+    """Sections ``start..stop`` as ``factor``-block means warped by their fields in the workspace array
+    ``fields`` (invalid pixels and excluded sections at 0): block mean first, then the warp on the coarse
+    grid, a ``factor^2`` cheaper warp than at full resolution."""
 
-    def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int):
+    def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int, fields: str):
         self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
         self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
         self.excluded, self.mask = ws.excluded(), user_mask(ws, stack)
-        self.fields = ws.array("fields/stitched")
+        self.fields = ws.array(fields)
 
     def __getitem__(self, index: int) -> np.ndarray:
         z = self.start + index
@@ -51,7 +52,7 @@ def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
     factor = ws.params.coarse_downsample
-    sections = StitchedSections(ws, stack, first, stop, factor)
+    sections = WarpedSections(ws, stack, first, stop, factor, "fields/stitched")
     pairs = [
         (z, j, rigid.upscale_matrix(matrix, factor), score)
         for z, j, matrix, score in rigid.pairwise_rigid(sections, OFFSETS, downsample=1, max_rotation_deg=0)
@@ -61,13 +62,13 @@ def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
 
 
 def solve_refinement(ws: Workspace) -> None:
-    """Solve the shifts of every section and write ``fields/global`` (stitched field, then the shift);
+    """Solve the shifts of every section and write ``fields/refined`` (stitched field, then the shift);
     marks the solve done (the last element of ``stages/refine``)."""
     params, plan = ws.params, ws.plan
     excluded = ws.excluded()
     table = np.asarray(ws.array("refine/pairs")[:])
     matrices = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], params.trend_stiffness)
-    stitched, output = ws.array("fields/stitched"), ws.array("fields/global")
+    stitched, output = ws.array("fields/stitched"), ws.array("fields/refined")
     for z in range(plan.shape[0]):
         field = np.asarray(stitched[z])
         if not excluded[z]:

@@ -11,8 +11,12 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
     OUT/fields/stitched        (Z, 2, gy, gx) float32: stitched pull field per section (prealignment included)
     OUT/refine/pairs           (Z, K, 7) float64: pairwise translations of the stitched sections (as coarse/pairs)
-    OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (stitched, then refined)
-    OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming (refine: one more, its solve)
+    OUT/fields/refined         (Z, 2, gy, gx) float32: stitched, then the refine stage's shift
+    OUT/polish/pairs           (Z, K, ny, nx, 3) float32: per patch-grid node, pull shift (2) + peak per offset
+    OUT/polish/shifts          (Z, 2, ny, nx) float32: solved shift per section and node
+    OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (refined, then polished)
+    OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming (refine, polish: one more,
+                               the solve)
     OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
@@ -34,6 +38,7 @@ import zarr
 from emalign import __version__, io, models
 from emalign.errors import EmalignError
 from emalign.io import OmeZarrWriter, Stack, emalign_attrs
+from emalign.patches import PatchGrid
 from emalign.pipeline.plan import AlignParams, Plan
 
 OFFSETS = (1, 2, 3)
@@ -41,7 +46,9 @@ FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
 FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped", FLAG_BREAK: "break"}
 EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
 """Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
-STAGES = ("prealign", "adapt", "estimate", "stitch", "refine")
+STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
+NODE_TILE = 16
+"""Patch-grid nodes per side of the chunks of ``polish/pairs`` and ``polish/shifts`` (solved a tile at a time)."""
 MIN_SIDE = 4
 """Smallest section side (px) the network takes; the rigid prealignment needs 2 * coarse_downsample."""
 
@@ -106,7 +113,7 @@ class Workspace:
 
     @staticmethod
     def _create_arrays(out: str | os.PathLike, plan: Plan, voxel_size: tuple[float, float, float]) -> None:
-        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/refine`` comes last."""
+        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/polish`` comes last."""
         create_array = functools.partial(io.create_array, overwrite=True)
         depth = plan.shape[0]
         gy, gx = plan.grid_shape
@@ -127,10 +134,14 @@ class Workspace:
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
         create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
-        for name in ("relative", "stitched", "global"):
+        nodes = PatchGrid.for_shape(plan.shape[1:], plan.params.polish_patch).shape
+        tile = (min(nodes[0], NODE_TILE), min(nodes[1], NODE_TILE))
+        create_array(out, "polish/pairs", (depth, len(OFFSETS), *nodes, 3), (block, len(OFFSETS), *tile, 3), np.float32)
+        create_array(out, "polish/shifts", (depth, 2, *nodes), (block, 2, *tile), np.float32)
+        for name in ("relative", "stitched", "refined", "global"):
             create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
         n_blocks = len(plan.blocks())
-        markers = {"adapt": 1, "stitch": 1, "refine": n_blocks + 1}
+        markers = {"adapt": 1, "stitch": 1, "refine": n_blocks + 1, "polish": n_blocks + 1}
         for stage in STAGES:
             create_array(out, f"stages/{stage}", (markers.get(stage, n_blocks),), (1,), bool)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Align a stack on SLURM as a chain of jobs (see workflows/README.md):
 #
-#   init (creates OUT) -> prealign[array] -> estimate[array] -> stitch -> refine[array] -> render[array] -> qc
+#   init (creates OUT) -> prealign[array] -> estimate[array] -> stitch -> refine[array] -> polish[array]
+#   -> render[array] -> qc
 #
 # each starting only after the one before it succeeded (--dependency afterok; a failure cancels the rest).
 # Usage: submit.sh IN OUT [emalign options, the same for every stage, e.g. --block 16 --model faemreg-small]
@@ -83,7 +84,9 @@ stitch=$(submit stitch "$estimate" "" stitch "$@")
 echo "stitch $stitch"
 refine=$(submit refine "$stitch" array refine "$@")
 echo "refine $refine"
-render=$(submit render "$refine" array render "$@")
+polish=$(submit polish "$refine" array polish "$@")
+echo "polish $polish"
+render=$(submit render "$polish" array render "$@")
 echo "render $render"
 qc=$(submit qc "$render" "" qc "$@")
 echo "qc $qc"
