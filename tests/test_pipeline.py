@@ -25,7 +25,7 @@ from emalign.errors import EmalignError
 from emalign.fields import compose, folding_percent, resample, warp
 from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
-from emalign.pipeline import AlignParams, Workspace, align, open_workspace, run_stage
+from emalign.pipeline import AlignParams, Workspace, align, open_workspace, refine, run_stage
 from emalign.pipeline.adapt import longest_run
 from emalign.pipeline.estimate import find_breaks
 from emalign.pipeline.qc import COLUMNS
@@ -218,6 +218,23 @@ def test_refine_removes_per_section_shifts_left_in_the_stitched_fields(aligned, 
     assert ws.stage_done("refine").all()
     left = (np.asarray(ws.array("fields/refined")[:]) - stitched)[:, :, 2:-2, 2:-2].mean((2, 3))
     assert wobble(left) < 0.25 * wobble(wander), (left, wander)
+
+
+@pytest.mark.parametrize(("peak", "factor"), [(0.45, 1.0), (0.85, 10.0)])
+def test_refine_keeps_a_stiffer_trend_along_z_at_fine_spacing(aligned, tmp_path, monkeypatch, peak, factor):
+    """Neighbours that are nearly the same image (fine z-spacing) drift less: the refine solve keeps a stiffer trend."""
+    reference, *_ = aligned
+    out = tmp_path / "fine.zarr"
+    shutil.copytree(reference, out)
+    ws = Workspace(out)
+    pairs = np.asarray(ws.array("refine/pairs")[:])
+    pairs[:, 0, 6] = peak
+    ws.array("refine/pairs")[:] = pairs
+    stiffness = []
+    solve = refine.solve_pairs
+    monkeypatch.setattr(refine, "solve_pairs", lambda *args: stiffness.append(args[-1]) or solve(*args))
+    refine.solve_refinement(ws)
+    assert stiffness == [factor * ws.params.trend_stiffness]
 
 
 def wobble(shifts: np.ndarray) -> float:

@@ -21,9 +21,9 @@ from emalign.io import Stack, open_stack
 from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
-from emalign.pipeline.polish import AUTO_MIN_PEAK, adjacent_peak, polish_block, polish_wanted, solve_polish
+from emalign.pipeline.polish import polish_block, polish_wanted, solve_polish
 from emalign.pipeline.qc import run_qc
-from emalign.pipeline.refine import refine_block, solve_refinement
+from emalign.pipeline.refine import FINE_MIN_PEAK, adjacent_peak, refine_block, solve_refinement
 from emalign.pipeline.render import render_block
 from emalign.pipeline.stitch import stitch
 from emalign.pipeline.store import Workspace, open_workspace
@@ -75,7 +75,7 @@ def _polish_reason(ws: Workspace) -> str:
     """Why the stack is polished or not, in a few words."""
     if ws.params.polish != "auto":
         return f"--polish {ws.params.polish}"
-    return f"auto: adjacent sections' median peak {adjacent_peak(ws):.2f}, polished from {AUTO_MIN_PEAK}"
+    return f"auto: adjacent sections' median peak {adjacent_peak(ws):.2f}, polished from {FINE_MIN_PEAK}"
 
 
 def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[int]:

@@ -3,11 +3,11 @@
 Where adjacent sections are nearly the same image (FIB-SEM, ssTEM at ~20 nm and finer), phase
 correlation of small patches (:mod:`emalign.patches`) is more precise than the network, whose
 fields keep about 0.5 px of error there. Where sections differ more, patch matches follow the
-content's own changes and do harm. ``--polish auto`` (the default) therefore polishes only a
-stack whose adjacent refined sections correlate strongly: median refine-stage peak of adjacent
-pairs at least :data:`AUTO_MIN_PEAK`. FlyEM benchmark stacks (rms / adj px): 10 nm (peak 0.83)
-1.89 / 1.34 -> 1.40 / 0.69; 20 nm (0.68) 2.06 / 1.49 -> 1.76 / 1.03; 30 nm (0.55, left alone:
-polished 2.63 / 1.76 -> 3.35 / 1.62); 40 nm (0.45, left alone: polished 3.08 -> 5.37 rms).
+content's own changes and do harm. ``--polish auto`` (the default) therefore polishes only at fine
+z-spacing (:func:`emalign.pipeline.refine.fine_spacing`: adjacent refined sections correlate
+strongly). FlyEM benchmark stacks (rms / adj px): 10 nm (peak 0.83) 1.84 / 1.34 -> 1.35 / 0.69;
+20 nm (0.68) 2.09 / 1.49 -> 1.87 / 1.07; 30 nm (0.55, left alone: polished 2.63 / 1.76 -> 3.35 /
+1.62); 40 nm (0.45, left alone: polished 3.08 -> 5.37 rms).
 
 polish
     per z-block: every section warped at full resolution by its refined field, and each of its
@@ -26,11 +26,9 @@ from emalign.fields import compose
 from emalign.io import Stack
 from emalign.patches import PatchGrid
 from emalign.pipeline.estimate import solve_pairs
-from emalign.pipeline.refine import WarpedSections
+from emalign.pipeline.refine import WarpedSections, fine_spacing
 from emalign.pipeline.store import NODE_TILE, OFFSETS, Workspace
 
-AUTO_MIN_PEAK = 0.62
-"""``--polish auto`` polishes a stack whose adjacent refined sections' median correlation peak reaches this."""
 TREND_STIFFNESS = 1e3
 """Curvature weight of the z-trend kept in each node's shifts. The polish corrects section-to-section
 error; slower trends, which patch matches cannot tell from the content's own drift, are left to the
@@ -43,21 +41,12 @@ def polish_grid(ws: Workspace) -> PatchGrid:
     return PatchGrid.for_shape(ws.plan.shape[1:], ws.params.polish_patch)
 
 
-def adjacent_peak(ws: Workspace) -> float:
-    """Median correlation peak of adjacent good sections after the refine stage (0 when there are none)."""
-    ws.require("refine")
-    peaks = np.asarray(ws.array("refine/pairs")[:, 0, 6])
-    excluded = ws.excluded()
-    good = np.isfinite(peaks) & ~excluded
-    good[1:] &= ~excluded[:-1]
-    return float(np.median(peaks[good])) if good.any() else 0.0
-
-
 def polish_wanted(ws: Workspace) -> bool:
-    """Whether this stack is polished: ``--polish on``/``off``, or under ``auto`` its :func:`adjacent_peak`."""
+    """Whether this stack is polished: ``--polish on``/``off``, or under ``auto`` at fine z-spacing."""
+    ws.require("refine")
     if ws.params.polish != "auto":
         return ws.params.polish == "on"
-    return adjacent_peak(ws) >= AUTO_MIN_PEAK
+    return fine_spacing(ws)
 
 
 def polish_block(ws: Workspace, stack: Stack, index: int) -> None:

@@ -12,6 +12,12 @@ refine
     (:func:`emalign.pipeline.estimate.solve_pairs`: breaks, bad sections and the z-trend handled
     as in the prealignment) whose shifts are composed into ``fields/refined`` (the polish stage makes
     ``fields/global`` from them).
+
+At fine z-spacing (:func:`fine_spacing`: neighbours nearly the same image) the content drifts far
+less per section, so the trend kept is :data:`FINE_TREND_FACTOR` times stiffer: the prealignment's
+trend, fitted to misaligned sections, takes some true misalignment with it, and this puts it back
+(both FlyEM stacks, 3 misalignments each: 10 nm mean rms 2.07 -> 1.34 px, 20 nm 2.15 -> 1.84; at
+40 nm a stiffer trend moves an aligned stack more and misaligned ones no better).
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
 from emalign.pipeline.estimate import pair_table, read_masked, solve_pairs, user_mask
 from emalign.pipeline.store import OFFSETS, Workspace
+
+FINE_MIN_PEAK = 0.62
+"""Median correlation peak of adjacent refined sections from which a stack counts as finely spaced (FlyEM
+10 nm 0.83, 20 nm 0.68; 30 nm 0.55, 40 nm 0.45)."""
+FINE_TREND_FACTOR = 10.0
+"""The refine stage's trend stiffness at fine z-spacing, in multiples of ``--trend-stiffness``."""
+
+
+def adjacent_peak(ws: Workspace) -> float:
+    """Median correlation peak of adjacent good sections after the refine stage's matching (0 when none)."""
+    peaks = np.asarray(ws.array("refine/pairs")[:, 0, 6])
+    excluded = ws.excluded()
+    good = np.isfinite(peaks) & ~excluded
+    good[1:] &= ~excluded[:-1]
+    return float(np.median(peaks[good])) if good.any() else 0.0
+
+
+def fine_spacing(ws: Workspace) -> bool:
+    """Whether adjacent sections are nearly the same image (:func:`adjacent_peak` at least :data:`FINE_MIN_PEAK`)."""
+    return adjacent_peak(ws) >= FINE_MIN_PEAK
 
 
 class WarpedSections:
@@ -67,7 +93,8 @@ def solve_refinement(ws: Workspace) -> None:
     params, plan = ws.params, ws.plan
     excluded = ws.excluded()
     table = np.asarray(ws.array("refine/pairs")[:])
-    matrices = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], params.trend_stiffness)
+    stiffness = params.trend_stiffness * (FINE_TREND_FACTOR if fine_spacing(ws) else 1.0)
+    matrices = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], stiffness)
     stitched, output = ws.array("fields/stitched"), ws.array("fields/refined")
     for z in range(plan.shape[0]):
         field = np.asarray(stitched[z])
