@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emalign.rigid import LOWPASS, correlation_peaks, soft_mask, whitened_spectra
+from emalign.rigid import LOWPASS, correlation_peaks, patch_spectra, soft_mask
 
 __all__ = ["MIN_DATA", "PatchGrid", "patch_starts"]
 
@@ -75,9 +75,8 @@ class PatchGrid:
         """
         weights = soft_mask(image)
         cut = [(slice(y, y + self.size[0]), slice(x, x + self.size[1])) for y in self.ys for x in self.xs]
-        patch_weights = np.stack([weights[s] for s in cut])
-        spectra = whitened_spectra(np.stack([image[s] for s in cut]), patch_weights, LOWPASS)[0]
-        spectra[(patch_weights > 0).mean(axis=(1, 2)) < MIN_DATA] = 0
+        spectra = patch_spectra(image, weights, cut, LOWPASS)
+        spectra[np.array([(weights[s] > 0).mean() for s in cut]) < MIN_DATA] = 0
         return spectra
 
     def match(self, fixed: np.ndarray, moving: np.ndarray, upsample: int = 10) -> tuple[np.ndarray, np.ndarray]:

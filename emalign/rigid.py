@@ -31,6 +31,7 @@ __all__ = [
     "correlation_peaks",
     "estimate_rigid",
     "pairwise_rigid",
+    "patch_spectra",
     "phase_correlation",
     "rigid_chain",
     "rigid_matrix",
@@ -346,10 +347,11 @@ def _polar_rings(magnitude: np.ndarray, width: int) -> np.ndarray:
     return np.fft.rfft(rings, axis=1)
 
 
-def _patch_spectra(
+def patch_spectra(
     image: np.ndarray, weights: np.ndarray, slices: list[tuple[slice, slice]], lowpass: float | None
 ) -> np.ndarray:
-    """Spectra of patches of one image (the soft no-data mask of the whole image carries over)."""
+    """:func:`whitened_spectra` of the patches ``slices`` of one ``(Y, X)`` image, ``(P, py, px // 2 + 1)``;
+    ``weights``: the whole image's :func:`soft_mask`, cut like the image (no-data edges carry over)."""
     return whitened_spectra(np.stack([image[s] for s in slices]), np.stack([weights[s] for s in slices]), lowpass)[0]
 
 
@@ -377,7 +379,7 @@ class _Section:
             starts = [np.linspace(0, n - s, _PATCH_GRID).round().astype(int) for n, s in zip(shape, size, strict=True)]
             slices = [(slice(y, y + size[0]), slice(x, x + size[1])) for y in starts[0] for x in starts[1]]
             centres = np.array([[s[0].start, s[1].start] for s in slices]) + (size - 1) / 2
-            self._patches = slices, centres, _patch_spectra(self.image, soft_mask(self.image), slices, self.lowpass)
+            self._patches = slices, centres, patch_spectra(self.image, soft_mask(self.image), slices, self.lowpass)
         return self._patches
 
 
@@ -426,7 +428,7 @@ def _refine(
     for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
         weights = soft_mask(warped)
-        patches = _patch_spectra(warped, weights, slices, fixed.lowpass)
+        patches = patch_spectra(warped, weights, slices, fixed.lowpass)
         params = _fit_rigid(centres, *correlation_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:
             break

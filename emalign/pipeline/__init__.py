@@ -135,7 +135,7 @@ def run_stage(
         ws.require("refine")
         if not polish_wanted(ws):
             if not ws.stage_done("polish")[-1]:
-                solve_polish(ws)
+                solve_polish(ws, polished=False)
             return f"polish: off ({_polish_reason(ws)}); refined fields kept"
     if stage == "render":
         ws.require("polish")
@@ -152,7 +152,7 @@ def run_stage(
         return f"refine: {len(todo)} block(s) done; translation solve done, refined fields written"
     if stage == "polish" and (polished := ws.stage_done("polish"))[:-1].all():
         if not polished[-1]:
-            solve_polish(ws)
+            solve_polish(ws, polished=True)
         return f"polish: {len(todo)} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
     if stage == "render" and ws.writer.done_sections().all():
         ws.writer.mark_complete()

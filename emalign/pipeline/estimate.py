@@ -111,6 +111,13 @@ def pair_table(pairs: list[tuple[int, int, np.ndarray, float]], first: int, star
     return table
 
 
+def adjacent_score(scores: np.ndarray, bad: np.ndarray) -> float | None:
+    """Median score of the pairs of adjacent good sections (``scores[z]``: the pair ``(z, z - 1)``, NaN
+    where there is none; ``bad`` sections' pairs left out); None when there is no such pair."""
+    good = np.isfinite(scores[1:]) & ~bad[1:] & ~bad[:-1]
+    return float(np.median(scores[1:][good])) if good.any() else None
+
+
 def _best_scores(scores: np.ndarray) -> np.ndarray:
     """``(Z,)`` best pair score of each section, over its pairs with earlier and later sections."""
     depth = len(scores)
@@ -161,8 +168,8 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     typical = np.median(best[flags == 0]) if (flags == 0).any() else 0.0
     flags[(flags == 0) & (best < 0.25 * typical)] |= FLAG_DAMAGED
     bad = flags != 0
-    neighbours = [scores[z, 0] for z in range(1, depth) if not bad[z] and not bad[z - 1]]
-    breaks = find_breaks(scores, bad, 0.5 * np.median(neighbours)) if neighbours else []
+    neighbours = adjacent_score(scores[:, 0], bad)
+    breaks = find_breaks(scores, bad, 0.5 * neighbours) if neighbours is not None else []
     flags[breaks] |= FLAG_BREAK
     ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, ws.plan.shape[1:], ws.params.trend_stiffness)
     ws.array("sections/flags")[:] = flags

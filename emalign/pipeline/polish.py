@@ -80,18 +80,15 @@ def _node_shifts(
     return matrices[:, :, 2]
 
 
-def solve_polish(ws: Workspace) -> bool:
-    """Solve the node shifts (when the stack is polished) and write ``fields/global``; marks the stage done.
-
-    Returns whether the stack was polished.
-    """
+def solve_polish(ws: Workspace, polished: bool) -> None:
+    """Write ``fields/global``: the refined fields, with the solved node shifts composed in where the stack is
+    ``polished`` (:func:`polish_wanted`); marks the stage done."""
     params, plan = ws.params, ws.plan
-    polished = polish_wanted(ws)
     refined, output = ws.array("fields/refined"), ws.array("fields/global")
     excluded, breaks = ws.excluded(), list(ws.breaks())
-    grid = polish_grid(ws)
+    grid, shifts = polish_grid(ws), ws.array("polish/shifts")
     if polished:
-        pairs, shifts = ws.array("polish/pairs"), ws.array("polish/shifts")
+        pairs = ws.array("polish/pairs")
         common = (excluded, breaks, grid.size, TREND_STIFFNESS)
         for y in range(0, grid.shape[0], NODE_TILE):  # a tile of nodes at a time: memory flat in the section size
             for x in range(0, grid.shape[1], NODE_TILE):
@@ -100,11 +97,10 @@ def solve_polish(ws: Workspace) -> bool:
                 solved = [[_node_shifts(tile[:, :, i, j], *common) for j in range(nx)] for i in range(ny)]
                 shifts[:, :, y : y + ny, x : x + nx] = np.transpose(solved, (2, 3, 0, 1))
     for start, stop in plan.blocks():
-        block = np.asarray(ws.array("polish/shifts")[start:stop]) if polished else None
+        block = np.asarray(shifts[start:stop]) if polished else None
         for z in range(start, stop):
             field = np.asarray(refined[z])
             if block is not None and not excluded[z]:
                 field = compose(field, grid.field(block[z - start], plan.grid_shape, params.stride), params.stride)
             output[z] = field
     ws.array("stages/polish")[:] = True
-    return polished

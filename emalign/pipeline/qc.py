@@ -1,4 +1,4 @@
-"""Stage 6: per-section quality table, a summary plot and a printed summary.
+"""Stage 7: per-section quality table, a summary plot and a printed summary.
 
 Columns of ``qc.csv``: ``z``, ``flags`` (blank/damaged/skipped), ``corr_before`` and
 ``corr_after`` (Pearson correlation with the previous section, on a 4x-subsampled grid,

@@ -27,7 +27,7 @@ import numpy as np
 from emalign import rigid
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
-from emalign.pipeline.estimate import pair_table, read_masked, solve_pairs, user_mask
+from emalign.pipeline.estimate import adjacent_score, pair_table, read_masked, solve_pairs, user_mask
 from emalign.pipeline.store import OFFSETS, Workspace
 
 FINE_MIN_PEAK = 0.62
@@ -39,11 +39,8 @@ FINE_TREND_FACTOR = 10.0
 
 def adjacent_peak(ws: Workspace) -> float:
     """Median correlation peak of adjacent good sections after the refine stage's matching (0 when none)."""
-    peaks = np.asarray(ws.array("refine/pairs")[:, 0, 6])
-    excluded = ws.excluded()
-    good = np.isfinite(peaks) & ~excluded
-    good[1:] &= ~excluded[:-1]
-    return float(np.median(peaks[good])) if good.any() else 0.0
+    peak = adjacent_score(np.asarray(ws.array("refine/pairs")[:, 0, 6]), ws.excluded())
+    return 0.0 if peak is None else peak
 
 
 def fine_spacing(ws: Workspace) -> bool:

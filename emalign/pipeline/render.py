@@ -1,4 +1,4 @@
-"""Stage 5: warp every section by its global field and write the aligned OME-Zarr.
+"""Stage 6: warp every section by its global field and write the aligned OME-Zarr.
 
 Each section is rendered in output tiles: the field is upsampled for the tile only, and
 only the part of the raw section the tile pulls from is read, so memory is bounded by the
