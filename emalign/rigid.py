@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 from scipy import ndimage, sparse
+from scipy.linalg import solveh_banded
 from scipy.sparse.linalg import spsolve
 
 from emalign import fields
@@ -694,6 +695,78 @@ def solve_rigid(
     gauge = -np.linalg.solve(mean_rotation, shifts.mean(axis=0))
     shifts += _rotate(gauge[None], cos, sin)
     return np.stack([rigid_matrix(np.rad2deg(a), t, shape) for a, t in zip(angles, shifts, strict=True)])
+
+
+def solve_translations(
+    n_sections: int,
+    moving: np.ndarray,
+    fixed: np.ndarray,
+    shifts: np.ndarray,
+    scores: np.ndarray,
+    reject: float = 3.0,
+    min_residual: float = 1.0,
+    iterations: int = 10,
+) -> np.ndarray:
+    """:func:`solve_rigid` without rotations, for many independent problems that share their pairs.
+
+    Each problem (e.g. a patch position of every section) asks ``t_z - t_j = shift`` for every pair
+    ``(z, j)``; the same weights, robust re-weighting, negligible first-difference prior and gauge
+    (mean translation zero) as :func:`solve_rigid`, which gives the same translations when all its
+    angles are zero. The normal equations are banded (bandwidth: the largest ``z - j``), so each
+    problem costs O(Z).
+
+    Args:
+        n_sections: ``Z``.
+        moving, fixed: ``(P,)`` section indices ``z > j`` of each pair.
+        shifts: ``(P, N, 2)`` measured ``t_z - t_j`` (px) per pair and problem; non-finite: no measurement.
+        scores: ``(P, N)`` correlation peaks (0 or non-finite: the pair does not count).
+        reject, min_residual, iterations: see :func:`solve_rigid`.
+
+    Returns:
+        ``(Z, N, 2)`` translations (px).
+    """
+    moving, fixed = np.asarray(moving, int), np.asarray(fixed, int)
+    shifts, scores = np.asarray(shifts, float), np.asarray(scores, float)
+    usable = np.isfinite(scores) & np.isfinite(shifts).all(axis=-1)
+    shifts = np.where(usable[..., None], shifts, 0.0)
+    peaks = np.clip(np.where(usable, scores, 0.0), 0.0, 0.99)
+    weights = peaks**2 / (1 - peaks**2)  # (P, N)
+    problems = weights.shape[1]
+    positive = weights > 0
+    scale = np.where(positive.any(axis=0), weights.sum(axis=0) / np.maximum(positive.sum(axis=0), 1), 1.0)
+    band = int(max(moving - fixed, default=1)) if len(moving) else 1
+    prior = np.zeros((band + 1, n_sections))  # first-difference prior (1e-4) and a tiny ridge, upper banded form
+    prior[band, :-1] += 1e-4
+    prior[band, 1:] += 1e-4
+    prior[band] += 1e-9
+    prior[band - 1, 1:] = -1e-4
+    robust = weights.copy()
+    solution = np.zeros((problems, n_sections, 2))
+    for _ in range(iterations + 1):
+        normal = prior[None] * scale[:, None, None]
+        rhs = np.zeros((problems, n_sections, 2))
+        for d in np.unique(moving - fixed):
+            pick = moving - fixed == d
+            w = robust[pick].T  # (N, P_d)
+            np.add.at(normal[:, band], (slice(None), moving[pick]), w)
+            np.add.at(normal[:, band], (slice(None), fixed[pick]), w)
+            np.add.at(normal[:, band - d], (slice(None), moving[pick]), -w)
+            weighted = w[..., None] * np.transpose(shifts[pick], (1, 0, 2))
+            np.add.at(rhs, (slice(None), moving[pick]), weighted)
+            np.add.at(rhs, (slice(None), fixed[pick]), -weighted)
+        for n in range(problems):
+            solution[n] = solveh_banded(normal[n], rhs[n])
+        error = solution[:, moving] - solution[:, fixed] - np.transpose(shifts, (1, 0, 2))  # (N, P, 2)
+        residual = np.sqrt((error**2).sum(axis=-1)).T  # (P, N)
+        inliers = robust > 0.5 * weights
+        alive = inliers.any(axis=0)  # a problem without inliers keeps its weights, as solve_rigid stops there
+        if not alive.any():
+            break
+        typical = np.nanmedian(np.where(inliers[:, alive], residual[:, alive], np.nan), axis=0)
+        cauchy = np.maximum(min_residual, reject * 1.4826 * typical)
+        robust[:, alive] = weights[:, alive] / (1 + (residual[:, alive] / cauchy) ** 2)
+    solution -= solution.mean(axis=1, keepdims=True)
+    return np.transpose(solution, (1, 0, 2))
 
 
 def detrend_rigid(

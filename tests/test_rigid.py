@@ -234,3 +234,25 @@ def test_solve_rigid_down_weights_gross_outliers():
 def test_solve_rigid_leaves_an_aligned_stack_alone():
     pairs = [(z, z - k, np.eye(2, 3), 0.7) for z in range(12) for k in (1, 2, 3) if z >= k]
     np.testing.assert_allclose(rigid.solve_rigid(12, pairs, (100, 120)), np.tile(np.eye(2, 3), (12, 1, 1)), atol=1e-9)
+
+
+def test_solve_translations_gives_solve_rigids_translations_for_many_problems_at_once():
+    rng = np.random.default_rng(11)
+    depth, problems = 40, 6
+    truth = rng.normal(0, 3, (depth, problems, 2))
+    moving, fixed = np.array([(z, z - k) for z in range(depth) for k in (1, 2, 3) if z >= k]).T
+    shifts = truth[moving] - truth[fixed] + rng.normal(0, 0.3, (len(moving), problems, 2))
+    scores = rng.uniform(0.6, 0.9, (len(moving), problems))
+    wild = rng.random((len(moving), problems)) < 0.05  # failed matches: far off, with low peaks
+    shifts[wild] += rng.normal(0, 30, (wild.sum(), 2))
+    scores[wild] = 0.3
+    scores[rng.random(scores.shape) < 0.05] = np.nan  # no measurement
+    solved = rigid.solve_translations(depth, moving, fixed, shifts, scores)
+    for n in range(problems):
+        pairs = [
+            (z, j, np.array([[1.0, 0.0, shifts[p, n, 0]], [0.0, 1.0, shifts[p, n, 1]]]), scores[p, n])
+            for p, (z, j) in enumerate(zip(moving, fixed, strict=True))
+            if np.isfinite(scores[p, n])
+        ]
+        np.testing.assert_allclose(solved[:, n], rigid.solve_rigid(depth, pairs, (96, 96))[:, :, 2], atol=1e-9)
+    assert np.abs(solved - (truth - truth.mean(axis=0))).max() < 1.0

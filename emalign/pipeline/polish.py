@@ -12,9 +12,9 @@ strongly). FlyEM benchmark stacks (rms / adj px): 10 nm (peak 0.83) 1.84 / 1.34 
 polish
     per z-block: every section warped at full resolution by its refined field, and each of its
     patches (``polish_patch`` px, half overlapping) phase-correlated with the same patch of the
-    3 sections before it; once every block is done, node by node, the prealignment's solve
-    (:func:`emalign.pipeline.estimate.solve_pairs`: robust, breaks and bad sections, a z-trend of
-    :data:`TREND_STIFFNESS` kept) gives one shift per section; interpolated between nodes, the
+    3 sections before it; once every block is done, for a tile of nodes at a time, the prealignment's
+    robust solve restricted to translations (:func:`node_shifts`: breaks and bad sections, a z-trend of
+    :data:`TREND_STIFFNESS` kept) gives one shift per section and node; interpolated between nodes, the
     shifts are composed into ``fields/global``. A stack left alone keeps its refined fields.
 """
 
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from emalign.consensus import smooth_trend
 from emalign.fields import compose
 from emalign.io import Stack
 from emalign.patches import PatchGrid
-from emalign.pipeline.estimate import solve_pairs
 from emalign.pipeline.refine import WarpedSections, fine_spacing
 from emalign.pipeline.store import NODE_TILE, OFFSETS, Workspace
+from emalign.rigid import solve_translations
 
 TREND_STIFFNESS = 1e3
 """Curvature weight of the z-trend kept in each node's shifts. The polish corrects section-to-section
@@ -68,16 +69,27 @@ def polish_block(ws: Workspace, stack: Stack, index: int) -> None:
     ws.mark_done("polish", index)
 
 
-def _node_shifts(
-    pairs: np.ndarray, excluded: np.ndarray, breaks: list[int], patch: tuple[int, int], trend_stiffness: float
-) -> np.ndarray:
-    """``(Z, 2)`` solved shifts of one node from its ``(Z, len(OFFSETS), 3)`` pair shifts and peaks."""
-    table = np.full((*pairs.shape[:2], 7), np.nan)
-    table[..., [0, 4]] = 1.0
-    table[..., 1] = table[..., 3] = 0.0
-    table[..., 2], table[..., 5], table[..., 6] = pairs[..., 0], pairs[..., 1], pairs[..., 2]
-    matrices = solve_pairs(table, excluded, breaks, patch, trend_stiffness)
-    return matrices[:, :, 2]
+def node_shifts(pairs: np.ndarray, excluded: np.ndarray, breaks: list[int], trend_stiffness: float) -> np.ndarray:
+    """``(Z, 2, ny, nx)`` shifts of a tile of nodes from their ``(Z, len(OFFSETS), ny, nx, 3)`` pair shifts and peaks.
+
+    Segment by segment, the prealignment's robust solve without rotations
+    (:func:`emalign.rigid.solve_translations`: pairs touching an excluded section do not count), minus
+    the z-trend of ``trend_stiffness``; excluded sections get zero.
+    """
+    depth, _, ny, nx, _ = pairs.shape
+    solution = np.zeros((depth, ny * nx, 2))
+    for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
+        index = [(z, i) for z in range(start, stop) for i, k in enumerate(OFFSETS) if z - k >= start]
+        if not index:
+            continue
+        moving, slot = np.array(index).T
+        fixed = moving - np.asarray(OFFSETS)[slot]
+        table = pairs[moving, slot].reshape(len(index), ny * nx, 3)
+        scores = np.where((excluded[moving] | excluded[fixed])[:, None], 0.0, table[..., 2])
+        solved = solve_translations(stop - start, moving - start, fixed - start, table[..., :2], scores)
+        solution[start:stop] = solved - smooth_trend(solved, trend_stiffness, (~excluded[start:stop]).astype(float))
+    solution[excluded] = 0.0
+    return np.transpose(solution.reshape(depth, ny, nx, 2), (0, 3, 1, 2))
 
 
 def solve_polish(ws: Workspace, polished: bool) -> None:
@@ -89,13 +101,11 @@ def solve_polish(ws: Workspace, polished: bool) -> None:
     grid, shifts = polish_grid(ws), ws.array("polish/shifts")
     if polished:
         pairs = ws.array("polish/pairs")
-        common = (excluded, breaks, grid.size, TREND_STIFFNESS)
         for y in range(0, grid.shape[0], NODE_TILE):  # a tile of nodes at a time: memory flat in the section size
             for x in range(0, grid.shape[1], NODE_TILE):
                 tile = np.asarray(pairs[:, :, y : y + NODE_TILE, x : x + NODE_TILE])
                 ny, nx = tile.shape[2:4]
-                solved = [[_node_shifts(tile[:, :, i, j], *common) for j in range(nx)] for i in range(ny)]
-                shifts[:, :, y : y + ny, x : x + nx] = np.transpose(solved, (2, 3, 0, 1))
+                shifts[:, :, y : y + ny, x : x + nx] = node_shifts(tile, excluded, breaks, TREND_STIFFNESS)
     for start, stop in plan.blocks():
         block = np.asarray(shifts[start:stop]) if polished else None
         for z in range(start, stop):
