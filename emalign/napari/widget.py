@@ -1,7 +1,7 @@
 """The "Align sections" dock widget: align an image layer (or a z-range of it) without freezing the viewer.
 
 The sections are read and aligned by :func:`emalign.register_sections` in a napari worker thread; the
-widget's progress bar counts the network's passes (one per section and xy tile), and the result comes
+widget's progress bar counts the alignment's stages (prealign, network, stitch, refine, polish), and the result comes
 back as new layers on the source layer's grid: ``<name> aligned`` (translated to the first section of
 the range) and the pull fields (``<name> field |u| px`` and ``<name> field vectors``, hidden at first).
 """
@@ -19,7 +19,6 @@ from napari.qt.threading import FunctionWorker, create_worker
 from superqt.utils import ensure_main_thread
 
 from emalign import models
-from emalign.inference import tiles
 from emalign.napari.reader import field_layers
 from emalign.register import METHODS, Registration, register_sections
 
@@ -33,29 +32,8 @@ def align_sections(
     device: str = "auto",
     report: Callable[[int, int], None] | None = None,
 ) -> Registration:
-    """:func:`emalign.register_sections` with ``report(done, total)`` after each pass of the network.
-
-    ``total`` is sections x xy tiles; blank sections are not run, so the count can end short of it
-    (a last ``report(total, total)`` closes it).
-    """
-    net = models.load(model)
-    total = max(1, len(stack) * len(list(tiles(stack.shape[1:], 512, 64))))
-    done = 0
-
-    def counted(*_: object) -> None:
-        nonlocal done
-        done += 1
-        if report is not None:
-            report(min(done, total), total)
-
-    handle = net.register_forward_hook(counted)
-    try:
-        result = register_sections(stack, model=net, method=method, device=device)
-    finally:
-        handle.remove()
-    if report is not None:
-        report(total, total)
-    return result
+    """:func:`emalign.register_sections` with ``report(done, total)`` after each of its stages."""
+    return register_sections(stack, model=model, method=method, device=device, report=report)
 
 
 def _read_and_align(data: object, z0: int, z1: int, model: str, method: str, report: Callable) -> Registration:
