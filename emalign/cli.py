@@ -267,6 +267,8 @@ def demo(output_path: str, sections: int, size: int, seed: int, model: str, devi
 @click.option("--supervised-weight", default=1.0, show_default=True, help="weight of the exact synthetic target")
 @click.option("--similarity-weight", default=0.0, show_default=True, help="weight of the local-NCC loss")
 @click.option("--smooth-weight", default=0.05, show_default=True)
+@click.option("--teacher", default="", help="a trained model (name or .pt) to distil from (fields and features)")
+@click.option("--distill-weight", default=1.0, show_default=True, help="weight of the distillation loss")
 @click.option("--val-every", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -291,6 +293,8 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
         supervised_weight=opts["supervised_weight"],
         similarity_weight=opts["similarity_weight"],
         smooth_weight=opts["smooth_weight"],
+        teacher=opts["teacher"],
+        distill_weight=opts["distill_weight"],
         val_every=opts["val_every"],
         seed=opts["seed"],
         device=opts["device"],

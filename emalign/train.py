@@ -13,19 +13,27 @@ references plus smoothness. Weights of the three terms are options.
 Early steps mix in *same-section* windows (every reference a copy of the moving section),
 so the network first learns to match, then to match across the content change of real
 neighbours (a curriculum; DESIGN.md).
+
+Distillation (``teacher``): a trained network guides a cheaper one on the same windows, CRD-style
+(fields and features): the student's field is pulled towards the teacher's (end-point error) and its
+encoder features, at every level where the two have the same shape, towards the teacher's
+(channel-normalised, mean squared difference). A student built from an architecture name starts
+from the teacher's weights wherever names and shapes agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emalign import models
@@ -68,6 +76,8 @@ class TrainConfig:
     val_z_step: int = 4
     seed: int = 0
     device: str = "auto"
+    teacher: str = ""
+    distill_weight: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -239,11 +249,46 @@ class WindowSampler:
         return out.clamp(1e-3, 1.0) * valid
 
 
+@contextlib.contextmanager
+def encoder_outputs(model: FAEMReg) -> Iterator[list[torch.Tensor]]:
+    """Collects the outputs of ``model``'s encoder levels (finest first) during the forward passes in the block."""
+    outputs: list[torch.Tensor] = []
+    handles = [stage.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for stage in model.encoder]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def distillation_loss(
+    teacher: FAEMReg, stack: torch.Tensor, pred: torch.Tensor, features: Sequence[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """End-point error of the student's field ``pred`` to the teacher's on ``stack (N, D, H, W)``, plus the mean
+    squared difference of the channel-normalised encoder ``features`` (the student's, finest level first) and the
+    teacher's at the levels where the shapes agree."""
+    with torch.no_grad(), encoder_outputs(teacher) as guide_features:
+        guide = teacher(stack)
+    loss = endpoint_error(pred, guide, mask)
+    for mine, theirs in zip(features, guide_features, strict=False):
+        if mine.shape == theirs.shape:
+            diff = F.normalize(mine, dim=1) - F.normalize(theirs, dim=1)
+            loss = loss + diff.square().sum(1).mean()
+    return loss
+
+
 def training_loss(
-    model: FAEMReg, stack: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig
+    model: FAEMReg,
+    stack: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: TrainConfig,
+    teacher: FAEMReg | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the supervised field error, reference similarity and smoothness."""
-    pred = model(stack)
+    """Weighted sum of the supervised field error, reference similarity, smoothness and (with a
+    ``teacher``) distillation."""
+    with encoder_outputs(model) as features:
+        pred = model(stack)
     terms = {"epe": endpoint_error(pred, target, mask)}
     loss = cfg.supervised_weight * terms["epe"]
     if cfg.similarity_weight:
@@ -254,6 +299,9 @@ def training_loss(
         loss = loss + cfg.similarity_weight * terms["ncc"]
     terms["smooth"] = smoothness(pred)
     loss = loss + cfg.smooth_weight * terms["smooth"]
+    if teacher is not None:
+        terms["distill"] = distillation_loss(teacher, stack, pred, features, mask)
+        loss = loss + cfg.distill_weight * terms["distill"]
     return loss, terms
 
 
@@ -271,10 +319,22 @@ def validate(model: FAEMReg, batches: Sequence[tuple[torch.Tensor, ...]], device
     return {"val_epe": float(np.mean(errors)), "val_epe_identity": float(np.mean(baseline))}
 
 
-def _initial_model(cfg: TrainConfig) -> FAEMReg:
+def warm_start(student: FAEMReg, teacher: FAEMReg) -> int:
+    """Copy the teacher's tensors into the student wherever names and shapes agree; returns how many."""
+    theirs = teacher.state_dict()
+    shared = {key: value for key, value in student.state_dict().items() if key in theirs}
+    copied = {key: theirs[key] for key, value in shared.items() if theirs[key].shape == value.shape}
+    student.load_state_dict(copied, strict=False)
+    return len(copied)
+
+
+def _initial_model(cfg: TrainConfig, teacher: FAEMReg | None) -> FAEMReg:
     name = cfg.model
     if name in models.CONFIGS and not Path(name).exists():
-        return models.build(name)
+        model = models.build(name)
+        if teacher is not None:
+            warm_start(model, teacher)
+        return model
     return models.load(name).train()
 
 
@@ -300,7 +360,8 @@ def train(
     if device.type == "cpu":
         reuse_freed_memory()
     torch.manual_seed(cfg.seed)
-    model = _initial_model(cfg).to(device)
+    teacher = models.load(cfg.teacher, device).requires_grad_(False) if cfg.teacher else None
+    model = _initial_model(cfg, teacher).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     history: dict = {"steps": [], "val_epe": [], "val_epe_identity": [], "loss": []}
     start, best = 0, math.inf
@@ -341,7 +402,7 @@ def train(
         same = cfg.same_section_start + (cfg.same_section_end - cfg.same_section_start) * min(1.0, 2 * frac)
         stack, target, mask = sampler.sample(cfg.batch, same_section=same)
         with autocast(device):
-            loss, terms = training_loss(model, stack.to(device), target.to(device), mask.to(device), cfg)
+            loss, terms = training_loss(model, stack.to(device), target.to(device), mask.to(device), cfg, teacher)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)

@@ -186,3 +186,46 @@ def test_train_refuses_a_file_as_output(tmp_path):
     path.write_text("x")
     with pytest.raises(EmalignError, match="not a directory"):
         train(_config(1), path, progress=False)
+
+
+# --- distillation ------------------------------------------------------------------------------------------
+
+
+def test_warm_start_copies_the_teachers_weights_where_names_and_shapes_agree():
+    from emalign import models
+    from emalign.train import warm_start
+
+    teacher, student = models.load("faemreg-small"), models.build("faemreg-fast")
+    copied = warm_start(student, teacher)
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    differing = [key for key in mine if key not in theirs or mine[key].shape != theirs[key].shape]
+    assert differing and copied == len(mine) - len(differing)  # the finest head: no cost volume there
+    assert all(torch.equal(mine[key], theirs[key]) for key in mine if key not in differing)
+
+
+def _distance_to_teacher(student, teacher, batch) -> float:
+    from emalign.models.losses import endpoint_error
+
+    stack, _, mask = batch
+    with torch.no_grad():
+        return float(endpoint_error(student.eval()(stack), teacher(stack), mask))
+
+
+@pytest.mark.slow
+def test_distillation_pulls_the_students_fields_towards_the_teachers(tmp_path, volume):
+    from dataclasses import replace
+
+    from emalign import models
+    from emalign.train import warm_start
+
+    cfg = replace(
+        _config(40), model="faemreg-fast", teacher="faemreg-small", supervised_weight=0.0, val_every=40, lr=2e-4
+    )
+    teacher = models.load("faemreg-small")
+    batch = WindowSampler([volume], 3, cfg, seed=7).sample(8, z_step=1)
+    start = models.build("faemreg-fast")
+    warm_start(start, teacher)
+    train(cfg, tmp_path, resume=False, progress=False)
+    before = _distance_to_teacher(start, teacher, batch)
+    after = _distance_to_teacher(models.load(tmp_path / "last.pt"), teacher, batch)
+    assert after < 0.85 * before, (before, after)
