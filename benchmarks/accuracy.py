@@ -23,7 +23,7 @@ RESULTS = Path(__file__).parent / "results"
 ARTIFACTS = ("blank", "low_contrast", "noisy")
 
 
-ALL = ("none", "chain", "tvl1", "sequential", "align")
+ALL = ("none", "chain", "tvl1", "elastix", "sequential", "align", "fast")
 FAST = ("none", "chain", "align")
 FINE = (*ALL, "unpolished")
 FINE_FAST = (*FAST, "unpolished")
@@ -33,7 +33,7 @@ FINE_FAST = (*FAST, "unpolished")
 def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
     """(title, aligned stack, artifacts, methods) of each benchmark stack.
 
-    The slow baselines (TV-L1 chain, the paper's sequential inference) run on the two held-out
+    The slow baselines (TV-L1 and elastix chains, the paper's sequential inference) run on the two held-out
     FlyEM stacks; the other stacks compare emalign with the rigid chain.
     """
     sample1, sample2 = evaluate.FLYEM
@@ -71,13 +71,18 @@ def main() -> None:
             "none": ("no alignment", evaluate.no_alignment),
             "chain": ("pairwise-rigid chain", evaluate.rigid_chain),
             "tvl1": ("rigid chain + TV-L1 flow chain (scikit-image)", evaluate.tvl1_chain),
+            "elastix": ("rigid chain + elastix B-spline chain (itk-elastix)", evaluate.elastix_chain),
             "sequential": (
-                f"emalign {args.model}, sequential (paper inference)",
+                f"emalign {args.model}, sequential (paper inference, leashed)",
                 evaluate.emalign_aligner("sequential", args.model),
             ),
             "align": (
                 f"emalign {args.model}, `emalign align`",
                 evaluate.pipeline_aligner(tmp, AlignParams(model=args.model)),
+            ),
+            "fast": (
+                "emalign faemreg-fast (distilled student), `emalign align --model faemreg-fast`",
+                evaluate.pipeline_aligner(tmp, AlignParams(model="faemreg-fast")),
             ),
             "unpolished": (
                 f"emalign {args.model}, `emalign align --polish off`",

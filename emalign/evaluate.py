@@ -7,6 +7,7 @@ Used by ``emalign demo``, the benchmarks and the tests; the metric itself lives 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from emalign import metrics, rigid, synth
-from emalign.register import register_sections
+from emalign.register import full_resolution_fields, register_sections
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLYEM = ("flyem_medulla_training_sample1.tif", "flyem_medulla_training_sample2.tif")
@@ -48,24 +49,51 @@ def rigid_chain(stack: np.ndarray) -> np.ndarray:
     return rigid.affine_fields(rigid.rigid_chain(stack), stack.shape[1:])
 
 
-def tvl1_chain(stack: np.ndarray) -> np.ndarray:
-    """The classic elastic baseline: the rigid chain, then TV-L1 optical flow (scikit-image) of each
-    section against the previous aligned one, chained (each section is pulled onto its neighbour)."""
-    from skimage.registration import optical_flow_tvl1
-
+def _elastic_chain(stack: np.ndarray, register: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """The rigid chain, then each prealigned section pulled onto the previous aligned one by
+    ``register(fixed, moving) -> (2, Y, X)`` pull field (intensities scaled to [0, 1]), chained."""
     from emalign.fields import compose, warp
 
     coarse = rigid_chain(stack)
-    unit = np.float32(1.0 / max(float(np.max(stack)), 1e-12))  # TV-L1's default weights expect intensities in [0, 1]
+    unit = np.float32(1.0 / max(float(np.max(stack)), 1e-12))
     fields = np.zeros_like(coarse)
     fields[0] = coarse[0]
     previous = warp(stack[0] * unit, fields[0])
     for z in range(1, len(stack)):
         prealigned = warp(stack[z] * unit, coarse[z])
-        flow = optical_flow_tvl1(previous, prealigned).astype(np.float32)
-        fields[z] = compose(coarse[z], flow)
+        fields[z] = compose(coarse[z], register(previous, prealigned))
         previous = warp(stack[z] * unit, fields[z])
     return fields
+
+
+def tvl1_chain(stack: np.ndarray) -> np.ndarray:
+    """The classic elastic baseline: the rigid chain, then TV-L1 optical flow (scikit-image) of each
+    section against the previous aligned one, chained (each section is pulled onto its neighbour)."""
+    from skimage.registration import optical_flow_tvl1
+
+    return _elastic_chain(stack, lambda fixed, moving: optical_flow_tvl1(fixed, moving).astype(np.float32))
+
+
+def elastix_chain(stack: np.ndarray, grid_spacing: float = 40.0) -> np.ndarray:
+    """The classic intensity-based baseline: the rigid chain, then elastix's default B-spline registration
+    (itk-elastix: mutual information, bending-energy penalty, 3 resolutions, control points every
+    ``grid_spacing`` px) of each section against the previous aligned one, chained."""
+    import itk
+
+    params = itk.ParameterObject.New()
+    params.AddParameterMap(params.GetDefaultParameterMap("bspline", 3, grid_spacing))
+
+    def register(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+        images = itk.GetImageFromArray(np.ascontiguousarray(fixed)), itk.GetImageFromArray(np.ascontiguousarray(moving))
+        _, transform = itk.elastix_registration_method(*images, parameter_object=params, log_to_console=False)
+        with tempfile.TemporaryDirectory() as scratch:  # transformix writes its field to a file there
+            field = itk.transformix_deformation_field(
+                images[1], transform, output_directory=scratch, log_to_console=False
+            )
+            offsets = np.asarray(field).copy()  # (Y, X, (x, y)): fixed -> moving
+        return np.stack([offsets[..., 1], offsets[..., 0]]).astype(np.float32)
+
+    return _elastic_chain(stack, register)
 
 
 def emalign_aligner(method: str = "stitched", model: str = "faemreg-small", **options) -> Aligner:
@@ -83,7 +111,6 @@ def pipeline_aligner(
     """The full pipeline (TIFF in, OME-Zarr out under ``workdir``) as an :data:`Aligner`."""
     import tifffile
 
-    from emalign.fields import resample
     from emalign.pipeline import AlignParams, align
 
     def run(stack: np.ndarray) -> np.ndarray:
@@ -99,9 +126,7 @@ def pipeline_aligner(
             overwrite=True,
             progress=False,
         )
-        grid = ws.array("fields/global")
-        stride = ws.params.stride
-        return np.stack([resample(np.asarray(grid[z]), stride, 1, stack.shape[1:]) for z in range(stack.shape[0])])
+        return full_resolution_fields(ws)
 
     return run
 
@@ -150,6 +175,7 @@ __all__ = [
     "ISBI",
     "NO_MISALIGNMENT",
     "SHARED_DATA",
+    "elastix_chain",
     "emalign_aligner",
     "evaluate",
     "markdown_table",

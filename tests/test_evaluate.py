@@ -22,6 +22,12 @@ def test_baselines_reduce_the_misalignment_and_no_alignment_does_not(stack):
     assert all(r["seconds"] >= 0 and r["mpx_per_s"] > 0 for r in results.values())
 
 
+def test_elastix_chain_reduces_the_section_to_section_misalignment(stack):
+    pytest.importorskip("itk", reason="itk-elastix (the `bench` extra) gives the elastix baseline")
+    results = evaluate.evaluate(stack, {"none": evaluate.no_alignment, "elastix": evaluate.elastix_chain}, seed=2)
+    assert results["elastix"]["adj"] < 0.5 * results["none"]["adj"], results
+
+
 def test_an_aligned_stack_is_left_as_it_is_by_no_alignment(stack):
     results = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=evaluate.NO_MISALIGNMENT)
     assert results["none"]["rms"] == pytest.approx(0.0, abs=1e-6)
