@@ -1,13 +1,16 @@
 """End-to-end throughput and peak memory of `emalign align` (read, every stage, write).
 
-    python benchmarks/speed.py [--sections 100] [--size 448] [--repeat 3] [--grow 10]
+    python benchmarks/speed.py [--sections 100] [--size 448] [--repeat 3] [--grow 10] [--xy-grow 2]
 
 Builds a procedural EM-like stack with known misalignment (Zarr input), runs `emalign align`
 in a fresh process per run, and reports the median time of the pipeline (read, prealign,
 estimate, stitch, refine, polish, render, write, qc: the ``time:`` line `align` prints), the median wall time of
 the whole process (adding Python's start and the imports, ~2.5 s), MPx/s of input for both,
 and the peak resident memory of that process. ``--grow N`` adds a row for a stack N times longer in z
-(the same sections repeated), to show that memory stays flat as stacks grow in z.
+(the same sections repeated), to show that memory stays flat as stacks grow in z; ``--xy-grow N`` a
+row with sections N times larger per side. Every row also times the pairwise-rigid chain
+(:func:`emalign.evaluate.rigid_chain`, in this process, on the same sections read into memory) and
+gives emalign's time as a multiple of it.
 Writes a Markdown table to benchmarks/results/speed.md.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from emalign import synth
+from emalign import evaluate, synth
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,6 +53,14 @@ def make_input(path: Path, sections: int, size: int, repeat_z: int = 1) -> tuple
     return shape
 
 
+def time_rigid_chain(src: Path) -> float:
+    """Seconds of the pairwise-rigid chain baseline on the stack at ``src`` (read into memory first)."""
+    stack = np.asarray(zarr.open_array(str(src), mode="r")[:])
+    start = time.perf_counter()
+    evaluate.rigid_chain(stack)
+    return time.perf_counter() - start
+
+
 def run_align(src: Path, out: Path, extra: list[str]) -> tuple[float, float, float]:
     """Pipeline seconds (as `align` prints them), process seconds and peak RSS (MiB) of one `emalign align`."""
     cmd = [sys.executable, "-m", "emalign.cli", "align", str(src), str(out), "--overwrite", "--quiet", *extra]
@@ -69,18 +80,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (median reported)")
     parser.add_argument("--grow", type=int, default=10, help="z growth factor of the second row (0: none)")
+    parser.add_argument("--xy-grow", type=int, default=2, help="side growth factor of the third row (0: none)")
     parser.add_argument("--extra", default="", help="extra `emalign align` options, e.g. '--device cuda'")
     parser.add_argument("--out", default=str(RESULTS / "speed.md"))
     args = parser.parse_args()
     rows = []
+    grown = [(1, 1)] + [(args.grow, 1)] * (args.grow > 1) + [(1, args.xy_grow)] * (args.xy_grow > 1)
     with tempfile.TemporaryDirectory() as tmp:
-        for grow in [1] + ([args.grow] if args.grow > 1 else []):
-            src = Path(tmp) / f"input-{grow}.zarr"
-            shape = make_input(src, args.sections, args.size, grow)
-            runs = [
-                run_align(src, Path(tmp) / "out.zarr", args.extra.split())
-                for _ in range(args.repeat if grow == 1 else 1)
-            ]
+        for z_grow, xy_grow in grown:
+            src = Path(tmp) / f"input-{z_grow}-{xy_grow}.zarr"
+            shape = make_input(src, args.sections, args.size * xy_grow, z_grow)
+            repeat = args.repeat if (z_grow, xy_grow) == (1, 1) else 1
+            runs = [run_align(src, Path(tmp) / "out.zarr", args.extra.split()) for _ in range(repeat)]
+            chain = statistics.median(time_rigid_chain(src) for _ in range(repeat))
             pipeline = statistics.median(r[0] for r in runs)
             process = statistics.median(r[1] for r in runs)
             mpx = np.prod(shape) / 1e6
@@ -94,6 +106,7 @@ def main() -> None:
                     "process_mpx_per_s": mpx / process,
                     "peak_mib": max(r[2] for r in runs),
                     "runs": len(runs),
+                    "chain_s": chain,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -101,13 +114,15 @@ def main() -> None:
         "emalign align, end to end (read, prealign, estimate, stitch, refine, polish, render, write, qc), "
         + time.strftime("%Y-%m-%d"),
         "",
-        "| stack (z, y, x) | MPx | runs | pipeline s | MPx/s | process s | MPx/s (process) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stack (z, y, x) | MPx | runs | pipeline s | MPx/s | process s | MPx/s (process) | peak RSS MiB "
+        "| rigid chain s | x rigid chain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {' x '.join(map(str, r['shape']))} | {r['mpx']:.1f} | {r['runs']} | {r['pipeline_s']:.1f} | "
-            f"{r['mpx_per_s']:.2f} | {r['process_s']:.1f} | {r['process_mpx_per_s']:.2f} | {r['peak_mib']:.0f} |"
+            f"{r['mpx_per_s']:.2f} | {r['process_s']:.1f} | {r['process_mpx_per_s']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['chain_s']:.1f} | {r['pipeline_s'] / r['chain_s']:.1f} |"
         )
     table = "\n".join(lines)
     print(table)
