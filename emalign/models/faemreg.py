@@ -25,7 +25,7 @@ student distilled from ``faemreg-small`` (:mod:`emalign.train`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +115,8 @@ CONFIGS: dict[str, FAEMRegConfig] = {
         correlation_levels=(3, 2, 1),
         validity_channel=True,
     ),
-    "faemreg-fast": FAEMRegConfig(
-        name="faemreg-fast",
-        references=3,
-        encoder=(((16, 5),), ((24, 3),), ((32, 3),), ((48, 3),)),
-        decoder=(32, 24, 16),
-        input_scale=0.5,
-        correlation_radius=3,
-        correlation_levels=(3, 2),
-        validity_channel=True,
-    ),
 }
+CONFIGS["faemreg-fast"] = replace(CONFIGS["faemreg-small"], name="faemreg-fast", correlation_levels=(3, 2))
 
 
 def _act() -> nn.Module:
