@@ -5,13 +5,15 @@
 Every table has two parts: the misaligned stack (shifts ~15 px, rotations ~1 deg, scale ~1 %,
 elastic ~2 px at ~100 px) and the same stack left aligned ("do no harm": what each method
 does to a stack that needs nothing). Prints Markdown tables and writes them to
-benchmarks/results/accuracy.md. Needs ../shared/data.
+benchmarks/results/accuracy.md, and a bar chart of every table to benchmarks/results/accuracy.png.
+Needs ../shared/data.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +61,39 @@ def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
     ]
 
 
+def plot(cases: list[tuple[str, dict[str, dict]]], path: Path) -> None:
+    """One panel per stack: rms / adj / drift of every method on the misaligned stack, and its rms on the
+    aligned one (do no harm); ``cases`` holds (title, {method: metrics}) with the do-no-harm rows named
+    ``"<method>, on the aligned stack (do no harm)"``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 3.2 * len(cases)), squeeze=False)
+    bars = (("rms", "rms", False), ("adj", "adj", False), ("drift", "drift", False), ("rms", "do no harm (rms)", True))
+    for ax, (title, results) in zip(axes[:, 0], cases, strict=True):
+        methods = [name for name in results if not name.endswith("(do no harm)") and name != "no alignment"]
+        x = np.arange(len(methods))
+        for i, (key, label, harm) in enumerate(bars):
+            rows = [results.get(f"{m}, on the aligned stack (do no harm)", {}) if harm else results[m] for m in methods]
+            ax.bar(x + (i - 1.5) * 0.2, [row.get(key, np.nan) for row in rows], 0.2, label=label)
+        ax.set_xticks(x, [textwrap.fill(m.removeprefix("emalign ").split(" (")[0], 24) for m in methods], fontsize=7)
+        ax.set_ylabel("px")
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncols=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="faemreg-small")
     parser.add_argument("--quick", action="store_true", help="only the first case")
     parser.add_argument("--out", default=str(RESULTS / "accuracy.md"))
     args = parser.parse_args()
-    tables = []
+    tables, plotted = [], []
     with tempfile.TemporaryDirectory() as tmp:
         aligners = {
             "none": ("no alignment", evaluate.no_alignment),
@@ -97,9 +125,11 @@ def main() -> None:
             table = evaluate.markdown_table(results, title)
             print(table + "\n", flush=True)
             tables.append(table)
+            plotted.append((title, results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n\n".join(tables) + "\n")
-    print(f"written to {args.out}")
+    plot(plotted, Path(args.out).with_suffix(".png"))
+    print(f"written to {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":
