@@ -627,6 +627,37 @@ def _least_squares(design: sparse.spmatrix, target: np.ndarray, weights: np.ndar
     return spsolve(normal, design.T @ (weights * target))
 
 
+def _match_weights(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares weights ``s^2 / (1 - s^2)`` of matches from their correlation peaks ``(P, ...)`` (clipped to
+    [0, 0.99]; about the inverse error variance of a match), and per problem (axis 0 reduced) the mean
+    positive weight (1 where there is none): the scale of the solve's prior."""
+    peaks = np.clip(scores, 0.0, 0.99)
+    weights = peaks**2 / (1 - peaks**2)
+    positive = weights > 0
+    scale = np.where(positive.any(axis=0), weights.sum(axis=0) / np.maximum(positive.sum(axis=0), 1), 1.0)
+    return weights, scale
+
+
+def _cauchy_reweight(
+    weights: np.ndarray, robust: np.ndarray, residual: np.ndarray, reject: float, min_residual: float
+) -> np.ndarray | None:
+    """One re-weighting step of the robust solves, pairs along axis 0 (each column its own problem).
+
+    The Cauchy scale of a problem is ``reject`` robust sigmas of its inliers' residuals (pairs still
+    above half their weight), at least ``min_residual``. A problem without inliers keeps its weights;
+    None when no problem has any (the solve stops).
+    """
+    inliers = robust > 0.5 * weights
+    alive = inliers.any(axis=0)
+    if not alive.any():
+        return None
+    typical = np.nanmedian(np.where(inliers[:, alive], residual[:, alive], np.nan), axis=0)
+    cauchy = np.maximum(min_residual, reject * 1.4826 * typical)
+    robust = robust.copy()
+    robust[:, alive] = weights[:, alive] / (1 + (residual[:, alive] / cauchy) ** 2)
+    return robust
+
+
 def solve_rigid(
     n_sections: int,
     pairs: Sequence[tuple[int, int, np.ndarray, float]],
@@ -664,13 +695,12 @@ def solve_rigid(
     """
     moving = np.array([p[0] for p in pairs], dtype=int)
     fixed = np.array([p[1] for p in pairs], dtype=int)
-    scores = np.clip([float(p[3]) for p in pairs], 0.0, 0.99)
-    weights = scores**2 / (1 - scores**2)
+    weights, scale = _match_weights(np.array([float(p[3]) for p in pairs], float).reshape(-1, 1))
+    weights, scale = weights[:, 0], float(scale[0])
     measured = [_angle_and_shift(p[2], shape) for p in pairs]
     pair_angles = np.deg2rad([m[0] for m in measured])
     pair_shifts = np.array([m[1] for m in measured]).reshape(-1, 2)
     radius = np.sqrt(sum(n**2 for n in shape[-2:]) / 12)  # RMS distance of the image's pixels to its centre
-    scale = weights[weights > 0].mean() if (weights > 0).any() else 1.0
     difference = _incidence(n_sections, np.arange(1, n_sections), np.arange(n_sections - 1))
     prior = scale * (1e-4 * difference.T @ difference + (spring + 1e-9) * sparse.identity(n_sections))
     prior2 = sparse.kron(prior, sparse.identity(2))
@@ -684,11 +714,10 @@ def solve_rigid(
         shifts = _least_squares(design, pair_shifts.reshape(-1), np.repeat(robust, 2), prior2).reshape(-1, 2)
         error = shifts[moving] - _rotate(shifts[fixed], cos, sin) - pair_shifts
         residual = np.sqrt((error**2).sum(axis=1) + (radius * (relative - pair_angles)) ** 2)
-        inliers = robust > 0.5 * weights
-        if not inliers.any():
+        reweighted = _cauchy_reweight(weights[:, None], robust[:, None], residual[:, None], reject, min_residual)
+        if reweighted is None:
             break
-        cauchy = max(min_residual, reject * 1.4826 * np.median(residual[inliers]))
-        robust = weights / (1 + (residual / cauchy) ** 2)
+        robust = reweighted[:, 0]
     angles -= angles.mean()
     cos, sin = np.cos(angles), np.sin(angles)
     mean_rotation = np.array([[cos.mean(), -sin.mean()], [sin.mean(), cos.mean()]])
@@ -729,11 +758,8 @@ def solve_translations(
     shifts, scores = np.asarray(shifts, float), np.asarray(scores, float)
     usable = np.isfinite(scores) & np.isfinite(shifts).all(axis=-1)
     shifts = np.where(usable[..., None], shifts, 0.0)
-    peaks = np.clip(np.where(usable, scores, 0.0), 0.0, 0.99)
-    weights = peaks**2 / (1 - peaks**2)  # (P, N)
+    weights, scale = _match_weights(np.where(usable, scores, 0.0))  # (P, N), (N,)
     problems = weights.shape[1]
-    positive = weights > 0
-    scale = np.where(positive.any(axis=0), weights.sum(axis=0) / np.maximum(positive.sum(axis=0), 1), 1.0)
     band = int(max(moving - fixed, default=1)) if len(moving) else 1
     prior = np.zeros((band + 1, n_sections))  # first-difference prior (1e-4) and a tiny ridge, upper banded form
     prior[band, :-1] += 1e-4
@@ -758,13 +784,10 @@ def solve_translations(
             solution[n] = solveh_banded(normal[n], rhs[n])
         error = solution[:, moving] - solution[:, fixed] - np.transpose(shifts, (1, 0, 2))  # (N, P, 2)
         residual = np.sqrt((error**2).sum(axis=-1)).T  # (P, N)
-        inliers = robust > 0.5 * weights
-        alive = inliers.any(axis=0)  # a problem without inliers keeps its weights, as solve_rigid stops there
-        if not alive.any():
+        reweighted = _cauchy_reweight(weights, robust, residual, reject, min_residual)
+        if reweighted is None:
             break
-        typical = np.nanmedian(np.where(inliers[:, alive], residual[:, alive], np.nan), axis=0)
-        cauchy = np.maximum(min_residual, reject * 1.4826 * typical)
-        robust[:, alive] = weights[:, alive] / (1 + (residual[:, alive] / cauchy) ** 2)
+        robust = reweighted
     solution -= solution.mean(axis=1, keepdims=True)
     return np.transpose(solution, (1, 0, 2))
 

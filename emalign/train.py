@@ -287,7 +287,7 @@ def training_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Weighted sum of the supervised field error, reference similarity, smoothness and (with a
     ``teacher``) distillation."""
-    with encoder_outputs(model) as features:
+    with encoder_outputs(model) if teacher is not None else contextlib.nullcontext([]) as features:
         pred = model(stack)
     terms = {"epe": endpoint_error(pred, target, mask)}
     loss = cfg.supervised_weight * terms["epe"]
