@@ -67,7 +67,7 @@ def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int]
     """Fine-tuning settings for a stack sample: adjacent sections, the pipeline's residual motion, small lr."""
     depth, height, width = sample_shape
     cfg = TrainConfig(
-        model=model,
+        model=str(models.checkpoint_path(model)),  # fine-tune the trained weights (a bare name trains from scratch)
         procedural=0,
         z_steps=(1,),
         same_section_start=0.0,
