@@ -38,6 +38,7 @@ __all__ = [
     "rigid_matrix",
     "soft_mask",
     "solve_rigid",
+    "unrelated_peak",
     "whitened_spectra",
 ]
 
@@ -47,6 +48,9 @@ _N_ANGLES = 360  # polar samples over 180 degrees of the Fourier magnitude
 _MIN_VALID = 0.05  # an image with less valid area than this fraction is blank
 _PATCH_GRID = 4  # refinement matches a 4 x 4 grid of half-size patches
 REFINE_STEPS = 2  # default Gauss-Newton steps of the patch-based refinement
+OFFSET_CLASS_TOLERANCE = 2.0
+"""How much larger than the best offset class's a class's typical residual may be in :func:`solve_rigid`
+before its pairs are down-weighted."""
 _CROP = 4  # the sub-pixel peak interpolates the correlation on +-_CROP px around the integer peak
 
 
@@ -384,6 +388,17 @@ class _Section:
         return self._patches
 
 
+def unrelated_peak(fixed: _Section, moving: _Section) -> float:
+    """Phase-correlation peak of ``fixed`` with ``moving`` turned by 180 degrees (0 if either is blank).
+
+    The window and the low-pass are symmetric, so the turned image's whitened spectrum is the
+    conjugate of the image's (up to a translation, which does not change the peak height).
+    """
+    if fixed.blank or moving.blank:
+        return 0.0
+    return float(correlation_peaks(fixed.spectrum, np.conj(moving.spectrum), fixed.image.shape, 1)[1][0])
+
+
 def _angle_candidate(fixed: _Section, moving: _Section, max_rotation_deg: float) -> float:
     """The rotation (degrees, within the limit) at which the polar Fourier magnitudes correlate best."""
     profile = np.fft.irfft(np.sum(np.conj(fixed.polar) * moving.polar, axis=0), n=_N_ANGLES)
@@ -537,6 +552,7 @@ def pairwise_rigid(
     lowpass: float | None = LOWPASS,
     progress: bool = False,
     refine_steps: int = REFINE_STEPS,
+    unrelated: dict[int, float] | None = None,
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
 
@@ -550,6 +566,9 @@ def pairwise_rigid(
         max_rotation_deg, upsample, lowpass: see :func:`estimate_rigid`.
         progress: show a progress bar.
         refine_steps: Gauss-Newton steps of the rotation refinement (at least 1 when rotations are searched).
+        unrelated: if given, filled with ``{z: peak}``: the correlation peak of section ``z - 1`` with
+            section ``z`` turned by 180 degrees (same content statistics, no shared structure): what a
+            pair of unrelated sections scores in this stack (:func:`unrelated_peak`).
 
     Returns:
         ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
@@ -562,6 +581,8 @@ def pairwise_rigid(
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
         sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample), lowpass)
         sections.pop(z - max(offsets) - 1, None)
+        if unrelated is not None and z - 1 in sections:
+            unrelated[z] = unrelated_peak(sections[z - 1], sections[z])
         for k in offsets:
             if z - k in sections:
                 estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
@@ -658,6 +679,21 @@ def _cauchy_reweight(
     return robust
 
 
+def _offset_balance(offsets: np.ndarray, residual: np.ndarray, weights: np.ndarray, floor: float) -> np.ndarray:
+    """Per pair, the weight factor of its z-offset class: 1, or ``(sigma_best / sigma_k)^2`` for a class whose
+    typical residual ``sigma_k`` (median over its weighted pairs, at least ``floor`` px) is over
+    :data:`OFFSET_CLASS_TOLERANCE` times the best class's."""
+    classes = [k for k in np.unique(offsets) if (weights[offsets == k] > 0).any()]
+    sigma = {k: max(floor, float(np.median(residual[(offsets == k) & (weights > 0)]))) for k in classes}
+    factor = np.ones(len(offsets))
+    if sigma:
+        best = min(sigma.values())
+        for k, value in sigma.items():
+            if value > OFFSET_CLASS_TOLERANCE * best:
+                factor[offsets == k] = (best / value) ** 2
+    return factor
+
+
 def solve_rigid(
     n_sections: int,
     pairs: Sequence[tuple[int, int, np.ndarray, float]],
@@ -678,8 +714,11 @@ def solve_rigid(
     and an optional spring toward the raw geometry. Outliers are down-weighted by iteratively
     re-weighted least squares with a Cauchy loss whose scale is ``reject`` robust sigmas of the
     residuals (at least ``min_residual`` px); a pair's residual combines its translation error
-    and its angle error times the RMS radius of the image. The gauge is fixed afterwards: mean
-    angle and mean translation over z are zero.
+    and its angle error times the RMS radius of the image. Pairs are also trusted by class, per
+    offset ``z - j``: a class whose typical residual is over :data:`OFFSET_CLASS_TOLERANCE` times
+    the best class's is down-weighted by the squared ratio (at wide z-spacing, pairs three
+    sections apart match near the noise floor and would pull the solve). The gauge is fixed
+    afterwards: mean angle and mean translation over z are zero.
 
     Args:
         n_sections: ``Z``.
@@ -714,7 +753,8 @@ def solve_rigid(
         shifts = _least_squares(design, pair_shifts.reshape(-1), np.repeat(robust, 2), prior2).reshape(-1, 2)
         error = shifts[moving] - _rotate(shifts[fixed], cos, sin) - pair_shifts
         residual = np.sqrt((error**2).sum(axis=1) + (radius * (relative - pair_angles)) ** 2)
-        reweighted = _cauchy_reweight(weights[:, None], robust[:, None], residual[:, None], reject, min_residual)
+        balanced = weights * _offset_balance(moving - fixed, residual, weights, min_residual)
+        reweighted = _cauchy_reweight(balanced[:, None], robust[:, None], residual[:, None], reject, min_residual)
         if reweighted is None:
             break
         robust = reweighted[:, 0]

@@ -27,7 +27,7 @@ from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, refine, run_stage
 from emalign.pipeline.adapt import longest_run
-from emalign.pipeline.estimate import find_breaks
+from emalign.pipeline.estimate import break_threshold, find_breaks
 from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
 
@@ -470,7 +470,9 @@ def test_adapt_fine_tunes_a_checkpoint_on_the_stack_records_it_and_estimates_wit
     base = models.load("faemreg-small").state_dict()
     assert any(not torch.equal(base[key], value) for key, value in ckpt["state"].items())
     change = sum(float((value - base[key]).float().square().sum()) for key, value in ckpt["state"].items())
-    assert change < 1e-4 * sum(float(value.float().square().sum()) for value in base.values())  # fine-tuned, not re-drawn
+    assert change < 1e-4 * sum(
+        float(value.float().square().sum()) for value in base.values()
+    )  # fine-tuned, not re-drawn
     assert not (out / "model" / "run").exists()
     assert not np.array_equal(global_fields(out), global_fields(aligned[0]))
     error = alignment_metrics(residual_fields(misaligned.fields, upsampled(global_fields(out), 8, SHAPE[1:])))
@@ -535,6 +537,15 @@ def test_breaks_need_every_pair_across_the_gap_to_fail():
     assert find_breaks(scores, np.zeros(10, bool), 0.1) == [4]
     scores[5, 1] = 0.4  # 5 still matches 3: the content continues, section 4 alone is poor
     assert find_breaks(scores, np.zeros(10, bool), 0.1) == []
+
+
+def test_weak_neighbours_above_the_noise_floor_of_unrelated_sections_are_no_break():
+    # 60 nm FlyEM: neighbours score 0.25 (weakest 0.12), sections against a turned neighbour 0.09 +- 0.007
+    unrelated = 0.09 + 0.007 * np.random.default_rng(0).standard_normal(40)
+    threshold = break_threshold(0.25, unrelated, np.zeros(40, bool))
+    assert 0.1 < threshold < 0.12
+    assert break_threshold(0.25, np.full(40, np.nan), np.zeros(40, bool)) == 0.125  # no floor: half the median
+    assert break_threshold(0.8, unrelated, np.zeros(40, bool)) == threshold  # fine spacing: the floor decides
 
 
 def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):

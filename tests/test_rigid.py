@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from emalign import fields, rigid
+from emalign.synth import em_texture
 
 FLYEM = Path(__file__).resolve().parents[2] / "shared" / "data" / "flyem_medulla_training_sample1.tif"
 
@@ -256,3 +257,29 @@ def test_solve_translations_gives_solve_rigids_translations_for_many_problems_at
         ]
         np.testing.assert_allclose(solved[:, n], rigid.solve_rigid(depth, pairs, (96, 96))[:, :, 2], atol=1e-9)
     assert np.abs(solved - (truth - truth.mean(axis=0))).max() < 1.0
+
+
+def test_solve_rigid_down_weights_an_offset_whose_matches_are_all_poor():
+    # At wide z-spacing pairs three sections apart match at the noise floor: every one of them is off.
+    shape, rng = (256, 256), np.random.default_rng(12)
+    truth = random_transforms(40, shape, rng)
+    motions = np.stack([inverse(t) for t in truth])
+    pairs = synthetic_pairs(truth, (1, 2), noise=0.3, rng=rng, shape=shape)
+    pairs += [
+        (z, j, compose(m, rigid.rigid_matrix(0.0, rng.normal(0, 4, 2), shape)), s)
+        for z, j, m, s in synthetic_pairs(truth, (3,), noise=0.3, rng=rng, shape=shape)
+    ]
+    assert residual_spread(rigid.solve_rigid(40, pairs, shape), motions, shape) < 0.8  # 2.9 px if trusted
+
+
+def test_unrelated_peak_is_the_peak_against_the_section_turned_half_round():
+    a, b = (np.asarray(s, np.float32) for s in em_texture((2, 128, 128), seed=0))
+    turned = rigid._Section(np.ascontiguousarray(b[::-1, ::-1]), rigid.LOWPASS)
+    fixed, moving = rigid._Section(a, rigid.LOWPASS), rigid._Section(b, rigid.LOWPASS)
+    expected = rigid.correlation_peaks(fixed.spectrum, turned.spectrum, a.shape, 1)[1][0]
+    assert rigid.unrelated_peak(fixed, moving) == pytest.approx(expected, abs=1e-9)
+    assert (
+        rigid.unrelated_peak(fixed, moving)
+        < 0.3
+        < rigid.correlation_peaks(fixed.spectrum, moving.spectrum, a.shape, 1)[1][0]
+    )

@@ -5,7 +5,9 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
     OUT/0, OUT/1, ...          aligned pyramid (emalign.io.OmeZarrWriter), OUT/done per section
     OUT/sections/flags         (Z,) uint8: 1 blank, 2 damaged, 4 skipped by the user, 8 break (first
                                section of a segment that matches nothing before it)
-    OUT/sections/stats         (Z, 2) float32: valid fraction, contrast (std / 255 or range)
+    OUT/sections/stats         (Z, 3) float32: valid fraction, contrast (std / 255 or range), peak of the
+                               section before against this one turned by 180 degrees (the score of
+                               unrelated content; NaN for the first section)
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, full-res px)
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
@@ -130,7 +132,7 @@ class Workspace:
         }
         block = plan.params.block  # arrays written by parallel block tasks: one chunk per block, no shared chunk
         create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
-        create_array(out, "sections/stats", (depth, 2), (block, 2), np.float32)
+        create_array(out, "sections/stats", (depth, 3), (block, 3), np.float32)
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
         create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
