@@ -45,6 +45,7 @@ def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
         (f"FlyEM sample 2 (held out), 40 nm, {len(held_out)} sections", held_out, (), ALL),
         ("FlyEM sample 2, every slice (10 nm), 62 sections", evaluate.shared_stack(sample2, 1, 62), (), FINE),
         ("FlyEM sample 2, every 2nd slice (20 nm), 62 sections", evaluate.shared_stack(sample2, 2, 62), (), FINE_FAST),
+        ("FlyEM sample 2, every 6th slice (60 nm), 42 sections", evaluate.shared_stack(sample2, 6), (), FAST),
         (
             f"FlyEM samples 1 + 2, every 4th slice (40 nm), {len(both)} sections (two blocks: one break)",
             both,

@@ -5,7 +5,8 @@ prealign
     section against the 3 before it, at low resolution; then, once every block is done,
     one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
     removed (:func:`emalign.rigid.detrend_rigid`); damaged sections are flagged, and breaks
-    (no content continues across them) split the stack into independently solved segments.
+    (no pair across them scores above the noise floor of unrelated sections: :func:`break_threshold`)
+    split the stack into independently solved segments.
 estimate
     per z-block: the network on the symmetric window of every section, all sections warped
     by their prealignment (each section is read and warped once per block), the fields
