@@ -1,6 +1,6 @@
 """How much the accuracy numbers depend on the one misalignment of the main benchmark.
 
-    python benchmarks/seeds.py [--seeds 4] [--spacings 1,2,4]
+    python benchmarks/seeds.py [--seeds 4] [--spacings 1,2,4,6]
 
 For every z-spacing (every slice = 10 nm), both FlyEM stacks are misaligned with several random
 seeds (as in benchmarks/accuracy.py: shifts ~15 px, rotations ~1 deg, scale ~1 %, elastic ~2 px)
@@ -26,7 +26,7 @@ METRICS = ("rms", "adj", "drift")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4, help="misalignments per stack (seeds 0..N-1)")
-    parser.add_argument("--spacings", default="1,2,4", help="z-steps in slices of 10 nm")
+    parser.add_argument("--spacings", default="1,2,4,6", help="z-steps in slices of 10 nm")
     parser.add_argument("--out", default=str(RESULTS / "seeds.md"))
     args = parser.parse_args()
     lines = [
