@@ -14,7 +14,7 @@ the refine and polish stages. Two ways to run the network between them:
   accumulating. The pass runs twice, up and down the stack, and each section gets the mean of its
   two fields: their errors are partly independent, and the first section of a segment, which has no
   aligned references on the way up, gets its field from the way down (40 nm FlyEM benchmark: 3.15 / 2.21 / 2.17 px one
-  way, 2.79 / 2.04 / 1.99 both ways). (Chaining each section rigidly onto the previous output
+  way, 2.79 / 2.03 / 1.99 both ways). (Chaining each section rigidly onto the previous output
   instead, with no leash, the same weights went chaotic on that stack: 18 px rms.)
 """
 
@@ -48,8 +48,8 @@ SEQUENTIAL_LEASH = 0.2
 chain (prealign, sequential pass, refine, polish; rms / adj / drift px) on the 40 nm FlyEM benchmark
 stack, one way: 0 -> 3.55 / 2.29 / 2.22, 0.2 -> 3.31 / 2.23 / 2.09, 0.4 -> 3.22 / 2.30 / 2.07, 0.6 -> 3.21 / 2.49 /
 2.08; on sample 1 at 40 nm 4.47 / 4.33 / 4.52 / 4.99 rms, and at 10 nm the lowest adj with 0.2 on both. Both ways
-(the pass as it is now): 0 -> 2.79 / 2.03 / 1.95, 0.1 -> 2.78 / 2.02 / 1.96, 0.2 -> 2.79 / 2.04 / 1.99, 0.3 -> 2.81 /
-2.09 / 2.01; 0.2 moves the aligned stacks least (40 nm 2.05 px rms, 10 nm 1.07)."""
+(the pass as it is now): 0 -> 2.79 / 2.03 / 1.95, 0.1 -> 2.78 / 2.02 / 1.96, 0.2 -> 2.79 / 2.03 / 1.99, 0.3 -> 2.81 /
+2.09 / 2.01; 0.2 moves the aligned stacks least (40 nm 2.06 px rms, 10 nm 1.08)."""
 STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
 
 

@@ -38,7 +38,6 @@ __all__ = [
     "rigid_matrix",
     "soft_mask",
     "solve_rigid",
-    "unrelated_peak",
     "whitened_spectra",
 ]
 
@@ -388,7 +387,7 @@ class _Section:
         return self._patches
 
 
-def unrelated_peak(fixed: _Section, moving: _Section) -> float:
+def _unrelated_peak(fixed: _Section, moving: _Section) -> float:
     """Phase-correlation peak of ``fixed`` with ``moving`` turned by 180 degrees (0 if either is blank).
 
     The window and the low-pass are symmetric, so the turned image's whitened spectrum is the
@@ -568,7 +567,7 @@ def pairwise_rigid(
         refine_steps: Gauss-Newton steps of the rotation refinement (at least 1 when rotations are searched).
         unrelated: if given, filled with ``{z: peak}``: the correlation peak of section ``z - 1`` with
             section ``z`` turned by 180 degrees (same content statistics, no shared structure): what a
-            pair of unrelated sections scores in this stack (:func:`unrelated_peak`).
+            pair of unrelated sections scores in this stack.
 
     Returns:
         ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
@@ -582,7 +581,7 @@ def pairwise_rigid(
         sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample), lowpass)
         sections.pop(z - max(offsets) - 1, None)
         if unrelated is not None and z - 1 in sections:
-            unrelated[z] = unrelated_peak(sections[z - 1], sections[z])
+            unrelated[z] = _unrelated_peak(sections[z - 1], sections[z])
         for k in offsets:
             if z - k in sections:
                 estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
