@@ -778,10 +778,11 @@ def solve_translations(
     """:func:`solve_rigid` without rotations, for many independent problems that share their pairs.
 
     Each problem (e.g. a patch position of every section) asks ``t_z - t_j = shift`` for every pair
-    ``(z, j)``; the same weights, robust re-weighting, negligible first-difference prior and gauge
+    ``(z, j)``; the same weights, Cauchy re-weighting, negligible first-difference prior and gauge
     (mean translation zero) as :func:`solve_rigid`, which gives the same translations when all its
-    angles are zero. The normal equations are banded (bandwidth: the largest ``z - j``), so each
-    problem costs O(Z).
+    angles are zero and no offset class is down-weighted (this solve trusts every offset class alike;
+    it serves the polish stage, by default run only at fine z-spacing, where the classes agree). The normal
+    equations are banded (bandwidth: the largest ``z - j``), so each problem costs O(Z).
 
     Args:
         n_sections: ``Z``.
