@@ -13,9 +13,10 @@ the refine and polish stages. Two ways to run the network between them:
   references is passed on with a factor ``1 - SEQUENTIAL_LEASH`` and dies out along z instead of
   accumulating. The pass runs twice, up and down the stack, and each section gets the mean of its
   two fields: their errors are partly independent, and the first section of a segment, which has no
-  aligned references on the way up, gets its field from the way down (40 nm FlyEM benchmark: 3.15 / 2.21 / 2.17 px one
-  way, 2.79 / 2.03 / 1.99 both ways). (Chaining each section rigidly onto the previous output
-  instead, with no leash, the same weights went chaotic on that stack: 18 px rms.)
+  aligned references on the way up, gets its field from the way down (40 nm FlyEM benchmark, when
+  introduced: 3.15 / 2.21 / 2.17 px one way, 2.79 / 2.03 / 1.99 both ways). (Chaining each section
+  rigidly onto the previous output instead, with no leash, the same weights went chaotic on that
+  stack: 18 px rms.)
 """
 
 from __future__ import annotations

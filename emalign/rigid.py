@@ -833,7 +833,11 @@ def solve_translations(
 
 
 def detrend_rigid(
-    matrices: np.ndarray, shape: Sequence[int], stiffness: float, weights: np.ndarray | None = None
+    matrices: np.ndarray,
+    shape: Sequence[int],
+    stiffness: float,
+    weights: np.ndarray | None = None,
+    angle_stiffness: float | None = None,
 ) -> np.ndarray:
     """Remove the smooth trend along z from per-section rigid transforms.
 
@@ -845,8 +849,9 @@ def detrend_rigid(
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
         shape: ``(Y, X)`` of the sections.
-        stiffness: curvature weight; larger is closer to a straight line.
+        stiffness: curvature weight of the shifts' trend; larger is closer to a straight line.
         weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
+        angle_stiffness: curvature weight of the angles' trend (default: ``stiffness``).
 
     Returns:
         ``(Z, 2, 3)`` rigid pull affines holding only the jitter about the trend.
@@ -854,5 +859,8 @@ def detrend_rigid(
     from emalign.consensus import smooth_trend
 
     params = np.array([[angle, *shift] for angle, shift in (_angle_and_shift(m, shape) for m in matrices)])
-    jitter = params - smooth_trend(params, stiffness, weights)
+    trend = smooth_trend(params, stiffness, weights)
+    if angle_stiffness is not None:
+        trend[:, 0] = smooth_trend(params[:, 0], angle_stiffness, weights)
+    jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

@@ -4,7 +4,8 @@ prealign
     per z-block: section statistics (blank detection) and rigid pairwise estimates of each
     section against the 3 before it, at low resolution; then, once every block is done,
     one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
-    removed (:func:`emalign.rigid.detrend_rigid`); damaged sections are flagged, and breaks
+    removed (:func:`emalign.rigid.detrend_rigid`; the angles' trend is softer:
+    :data:`ANGLE_TREND_FACTOR`); damaged sections are flagged, and breaks
     (no pair across them scores above the noise floor of unrelated sections: :func:`break_threshold`)
     split the stack into independently solved segments.
 estimate
@@ -33,6 +34,16 @@ from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SK
 
 BATCH = 2
 """Windows per network call (keeps the largest temporaries of a 512 px tile under 64 MB)."""
+ANGLE_TREND_FACTOR = 0.01
+"""The angles' z-trend is this much softer than the shifts' (``--trend-stiffness``). A pairwise angle is far
+noisier than its share of the misalignment (40 nm FlyEM neighbours: 0.35 degrees against 1 degree of
+misalignment; shifts: ~0.5 px against 15 px), so the solved angles wander by their accumulated noise; with
+one stiffness for both, the prealignment applied that wander (an aligned 40 nm stack was turned by 1.4 px
+rms at the image's rms radius). A softer angle trend leaves that wander uncorrected, as the shifts' trend is
+(both FlyEM stacks, 4 misalignments each, rms / adj / drift px; an aligned stack moved, rms): 40 nm 3.75 /
+2.12 / 3.13 -> 3.57 / 2.10 / 3.12, aligned 2.69 -> 2.51; 60 nm 7.17 / 4.84 / 6.34 -> 5.22 / 3.57 / 4.69,
+aligned 4.39 -> 3.88 (one stack that the old trend lost, 20.1 px, now 6.1); 10 and 20 nm within 0.03 px.
+0.003 does as well, 0.03 slightly worse."""
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
@@ -210,7 +221,9 @@ def solve_pairs(
             ``(z, z - OFFSETS[i])``, NaN where there is no pair.
         bad: ``(Z,)`` sections whose pairs do not count; they get the identity.
         breaks: first sections of the later segments (no pair crosses a break).
-        shape: ``(Y, X)`` of the sections; trend_stiffness: see :func:`emalign.rigid.detrend_rigid`.
+        shape: ``(Y, X)`` of the sections.
+        trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles'
+            is :data:`ANGLE_TREND_FACTOR` times it.
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
@@ -224,7 +237,8 @@ def solve_pairs(
         if stop - start > 1:
             solved = rigid.solve_rigid(stop - start, pairs, shape)
             weights = (~bad[start:stop]).astype(float)
-            matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights=weights)
+            angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
+            matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
     matrices[bad] = np.eye(2, 3)
     return matrices
 
