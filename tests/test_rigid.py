@@ -288,15 +288,15 @@ def test_unrelated_peak_is_the_peak_against_the_section_turned_half_round():
 def test_detrend_rigid_keeps_a_slow_angle_wander_under_a_soft_angle_trend():
     rng = np.random.default_rng(0)
     shape, depth = (100, 100), 60
-    wander = 1.5 * np.sin(np.arange(depth) / 6.0)  # degrees, about one period over the stack: not a straight line
+    wander = 1.5 * np.sin(np.arange(depth) / 6.0)  # degrees, a period of ~38 sections: not a straight line
     jitter = rng.normal(0, 1.0, depth)
     matrices = np.stack([rigid.rigid_matrix(w + j, (0.0, 0.0), shape) for w, j in zip(wander, jitter, strict=True)])
 
-    def kept_angles(**stiffness: float) -> np.ndarray:
+    def corrected_angles(**stiffness: float) -> np.ndarray:
         detrended = rigid.detrend_rigid(matrices, shape, **stiffness)
         return np.array([rigid._angle_and_shift(m, shape)[0] for m in detrended])
 
-    soft = kept_angles(stiffness=1e4, angle_stiffness=100.0)
-    stiff = kept_angles(stiffness=1e4)
+    soft = corrected_angles(stiffness=1e4, angle_stiffness=100.0)
+    stiff = corrected_angles(stiffness=1e4)
     assert np.sqrt(np.mean((soft - jitter) ** 2)) < 0.45  # the wander stays as content, the jitter is corrected
     assert np.sqrt(np.mean((stiff - jitter) ** 2)) > 0.7  # one stiffness for all: the wander is "corrected" too
