@@ -18,9 +18,21 @@ from scipy.spatial import cKDTree
 from emalign import fields
 from emalign.errors import EmalignError
 
-__all__ = ["ARTIFACTS", "Misaligned", "demo_stack", "em_texture", "misalign", "random_affine", "smooth_field"]
+__all__ = [
+    "ARTIFACTS",
+    "CRACK_WIDTH",
+    "Misaligned",
+    "demo_stack",
+    "em_texture",
+    "misalign",
+    "random_affine",
+    "smooth_field",
+    "tear",
+]
 
-ARTIFACTS = ("blank", "low_contrast", "noisy")
+ARTIFACTS = ("blank", "low_contrast", "noisy", "crack")
+CRACK_WIDTH = 4
+"""Rows (px) of the white band a ``"crack"`` artifact leaves across its section."""
 _CHUNK = 16  # sections misaligned per batch
 _BLOCK = 4  # pixels per block side when tessellating
 _CANDIDATES = 10  # nearest seeds examined per block
@@ -307,6 +319,29 @@ def _to_dtype(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return image.astype(dtype)
 
 
+def tear(section: np.ndarray, field: np.ndarray, rng: np.random.Generator, white: float) -> None:
+    """Tear a misaligned section in place, keeping its ground truth exact: a straight crack of
+    :data:`CRACK_WIDTH` rows at a random row of the middle half, imaged ``white`` (saturated), and the
+    piece below it moved by 3-6 px in a random direction.
+
+    Args:
+        section: ``(Y, X)`` float32 raw section, changed in place.
+        field: ``(2, Y, X)`` its pull field (``raw(q) = true(q + field(q))``), changed in place: below the
+            crack it becomes ``fields.compose(field, jump)``.
+        rng: random generator.
+        white: the value of the crack's pixels.
+    """
+    ny = section.shape[0]
+    row = int(rng.integers(ny // 4, 3 * ny // 4))
+    angle = rng.uniform(0.0, 2 * np.pi)
+    jump = rng.uniform(3.0, 6.0) * np.array([np.sin(angle), np.cos(angle)], np.float32)
+    constant = np.broadcast_to(jump[:, None, None], field.shape).astype(np.float32)
+    below = slice(row + CRACK_WIDTH, None)
+    section[below] = fields.warp(section, constant)[below]
+    field[:, below] = fields.compose(field, constant)[:, below]
+    section[row : row + CRACK_WIDTH] = white
+
+
 def misalign(
     stack: np.ndarray,
     seed: int = 0,
@@ -328,7 +363,8 @@ def misalign(
 
     Artifacts (each on a different random section, never the first or last; applied after warping,
     inside the imaged area): ``"blank"`` all zeros, ``"low_contrast"`` contrast x0.2 about the
-    mean, ``"noisy"`` Gaussian noise with the section's standard deviation.
+    mean, ``"noisy"`` Gaussian noise with the section's standard deviation, ``"crack"`` a tear
+    across the section (:func:`tear`).
 
     Args:
         stack: ``(Z, Y, X)`` aligned sections, any real dtype (integer dtypes are rounded and clipped).
@@ -368,6 +404,9 @@ def misalign(
         values = raw[z][valid]
         if kind == "blank":
             raw[z] = 0
+        elif kind == "crack":
+            white = float(np.iinfo(stack.dtype).max) if np.issubdtype(stack.dtype, np.integer) else float(values.max())
+            tear(raw[z], truth[z], rng, white)
         elif kind == "low_contrast":
             raw[z][valid] = values.mean() + 0.2 * (values - values.mean())
         else:

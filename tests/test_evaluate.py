@@ -1,5 +1,6 @@
 """The accuracy harness (emalign/evaluate.py): baselines and the evaluate loop on small synthetic stacks."""
 
+import numpy as np
 import pytest
 
 from emalign import evaluate
@@ -38,3 +39,20 @@ def test_markdown_table_has_a_row_per_method(stack):
     table = evaluate.markdown_table(results, "title")
     assert table.startswith("**title**") and "| none |" in table and "| rigid |" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3
+
+
+def test_torn_section_error_is_zero_when_a_section_moves_with_its_neighbours_and_counts_a_jump():
+    residual = np.zeros((5, 2, 40, 40), np.float32)
+    residual[1:4] = 2.0  # sections 1-3 share one offset: each lines up with the mean of its neighbours
+    assert evaluate.torn_section_error(residual, [2]) == pytest.approx(0.0)
+    residual[2, 1, 20:] += 3.0  # the lower piece of section 2 is left 3 px off in x
+    interior = np.zeros((40, 40))
+    interior[20:] = 3.0
+    expected = np.sqrt(np.mean(interior[4:36, 4:36] ** 2))
+    assert evaluate.torn_section_error(residual, [2]) == pytest.approx(expected)
+
+
+def test_evaluate_watches_the_torn_sections(stack):
+    results = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, artifacts=("crack",))
+    assert results["none"]["torn_adj"] > 5.0  # unaligned: the misalignment itself
+    assert "torn_adj" not in evaluate.evaluate(stack, {"none": evaluate.no_alignment})["none"]

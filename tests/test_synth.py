@@ -3,7 +3,7 @@ import pytest
 
 from emalign import fields
 from emalign.errors import EmalignError
-from emalign.synth import Misaligned, demo_stack, em_texture, misalign, random_affine, smooth_field
+from emalign.synth import CRACK_WIDTH, Misaligned, demo_stack, em_texture, misalign, random_affine, smooth_field
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,3 +148,22 @@ def test_demo_stack_returns_aligned_and_misaligned():
     assert aligned.shape == (4, 64, 64) and aligned.dtype == np.uint8
     assert result.stack.shape == aligned.shape and result.fields.shape == (4, 2, 64, 64)
     assert result.flags == ["", "", "", ""]
+
+
+def test_a_crack_tears_a_section_and_its_truth_follows_the_moved_piece(volume):
+    clean = misalign(volume, seed=7, shift=2.0)
+    torn = misalign(volume, seed=7, shift=2.0, artifacts=("crack",))
+    z = torn.flags.index("crack")
+    others = [i for i in range(len(volume)) if i != z]
+    np.testing.assert_array_equal(torn.stack[others], clean.stack[others])
+    white = np.flatnonzero((torn.stack[z] == 255).all(axis=1))  # the crack, saturated across the section
+    assert len(white) == CRACK_WIDTH and np.all(np.diff(white) == 1)
+    top, below = int(white[0]), int(white[-1]) + 1
+    np.testing.assert_array_equal(torn.fields[z][:, :top], clean.fields[z][:, :top])
+    inner = (slice(below + 8, -8), slice(8, -8))
+    jump = (torn.fields[z][(slice(None), *inner)] - clean.fields[z][(slice(None), *inner)]).mean(axis=(1, 2))
+    assert 2.8 < np.hypot(*jump) < 6.2
+    raw = torn.stack[z][inner].astype(np.float32)
+    exact = np.abs(fields.warp(volume[z], torn.fields[z])[inner] - raw).mean()
+    untorn = np.abs(fields.warp(volume[z], clean.fields[z])[inner] - raw).mean()
+    assert exact < 0.25 * untorn  # the moved piece is where its ground truth says
