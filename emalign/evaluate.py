@@ -167,14 +167,12 @@ def torn_section_error(residual: np.ndarray, torn: Sequence[int], margin: float 
     """RMS (px) over the ``torn`` sections of their residual minus the mean of their neighbours' residuals.
 
     ``residual``: ``(Z, 2, Y, X)`` as from :func:`emalign.metrics.residual_fields`; the interior
-    (``margin`` of Y and X cut on each side) is measured, as in :func:`emalign.metrics.alignment_metrics`.
+    (:func:`emalign.metrics.interior`) is measured, as in :func:`emalign.metrics.alignment_metrics`.
     A torn section whose pieces each line up with the sections around it scores like an intact one; a
     field smeared across the tear leaves part of the jump in both pieces.
     """
-    _, _, ny, nx = residual.shape
-    my, mx = int(round(margin * ny)), int(round(margin * nx))
     errors = np.stack([residual[z] - (residual[z - 1] + residual[z + 1]) / 2 for z in torn])
-    return float(np.sqrt(np.mean(np.sum(errors[..., my : ny - my, mx : nx - mx] ** 2, axis=1))))
+    return float(np.sqrt(np.mean(np.sum(metrics.interior(errors, margin) ** 2, axis=1))))
 
 
 def markdown_table(results: dict[str, dict], title: str = "") -> str:

@@ -16,7 +16,7 @@ import torch
 from emalign import fields
 from emalign.errors import EmalignError
 
-__all__ = ["adjacent_correlation", "alignment_metrics", "format_metrics", "residual_fields"]
+__all__ = ["adjacent_correlation", "alignment_metrics", "format_metrics", "interior", "residual_fields"]
 
 
 def _check_stack(name: str, array: np.ndarray) -> None:
@@ -39,6 +39,13 @@ def residual_fields(truth: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     if estimate.shape != truth.shape:
         raise EmalignError(f"estimate shape {estimate.shape} != truth shape {truth.shape}")
     return fields.compose_torch(torch.from_numpy(truth), torch.from_numpy(estimate)).numpy()
+
+
+def interior(array: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """``array (..., Y, X)`` without ``margin`` of Y and of X on each side (a view): where residuals are measured."""
+    ny, nx = array.shape[-2:]
+    my, mx = int(round(margin * ny)), int(round(margin * nx))
+    return array[..., my : ny - my, mx : nx - mx]
 
 
 def alignment_metrics(
@@ -72,14 +79,13 @@ def alignment_metrics(
     """
     residuals = np.asarray(residuals)
     _check_stack("residuals", residuals)
-    nz, _, ny, nx = residuals.shape
+    nz = len(residuals)
     if estimate is not None and np.shape(estimate) != residuals.shape:
         raise EmalignError(f"estimate shape {np.shape(estimate)} != residuals shape {residuals.shape}")
     keep = np.setdiff1d(np.arange(nz), np.asarray(exclude, dtype=np.int64))
     if len(keep) == 0:
         raise EmalignError(f"all {nz} sections are excluded")
-    my, mx = int(round(margin * ny)), int(round(margin * nx))
-    rest = residuals[keep, :, my : ny - my, mx : nx - mx].astype(np.float32)
+    rest = interior(residuals, margin)[keep].astype(np.float32)
     rest -= rest.mean(axis=0, dtype=np.float64).astype(np.float32)
     z = keep.astype(np.float64)
     zc = z - z.mean()
