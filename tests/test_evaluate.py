@@ -56,3 +56,17 @@ def test_evaluate_watches_the_torn_sections(stack):
     results = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, artifacts=("crack",))
     assert results["none"]["torn_adj"] > 5.0  # unaligned: the misalignment itself
     assert "torn_adj" not in evaluate.evaluate(stack, {"none": evaluate.no_alignment})["none"]
+
+
+def test_remove_section_offsets_undoes_whole_pixel_section_jumps():
+    aligned = em_texture((6, 120, 120), seed=5, z_step=1.0)
+    placed = np.cumsum([[0, 0], [0, 0], [9, -12], [0, 0], [-5, 3], [0, 0]], axis=0)  # content moved down / right
+    canvas = np.zeros((6, 160, 160), np.uint8)
+    for z, (dy, dx) in enumerate(placed):
+        canvas[z, 20 + dy : 140 + dy, 20 + dx : 140 + dx] = aligned[z]
+    repaired, offsets = evaluate.remove_section_offsets(canvas, search=16)
+    assert np.array_equal(offsets - offsets[0], placed)
+    assert repaired.shape == (6, 160 - 9, 160 - 12)  # the area every section covers
+    oy, ox = 20 + placed[0] - (offsets[0] - offsets.min(axis=0))  # where the content starts, the same in every z
+    top, left = max(oy, 0), max(ox, 0)
+    assert np.array_equal(repaired[:, top : oy + 120, left : ox + 120], aligned[:, top - oy :, left - ox :])
