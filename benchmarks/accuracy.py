@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emalign import evaluate, synth
+from emalign import evaluate
 from emalign.pipeline import AlignParams
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,9 +69,9 @@ def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
 
 
 def torn_table(stack: np.ndarray, aligners: dict, cracked: dict[str, dict]) -> str:
-    """Each method's :func:`emalign.evaluate.torn_section_error` on the torn sections, and on the same
-    sections of the same misaligned stack without the cracks."""
-    torn = [z for z, flag in enumerate(synth.misalign(stack, artifacts=CRACKS).flags) if flag]
+    """Each method's :func:`emalign.evaluate.torn_section_error` on the torn sections (from ``cracked``, the
+    results with the cracks), and on the same sections of the same misaligned stack without them."""
+    torn = next(iter(cracked.values()))["torn_sections"]
     intact = evaluate.evaluate(stack, aligners, watch=torn)
     lines = [
         f"Sections {', '.join(map(str, torn))} against their neighbours, px (residual minus the mean of the "

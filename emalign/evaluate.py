@@ -45,7 +45,8 @@ def best_offset(previous: np.ndarray, section: np.ndarray, search: int = 64) -> 
     Both are ``(Y, X)`` images of one shape. ``previous``'s centre (``search`` px cut on each side) is
     compared with every window of ``section`` within ``search`` px; ``section(p + offset) ~ previous(p)``.
     Returns the offset and the normalized cross-correlation there and at no offset (a large gain marks a
-    section jump, not content change).
+    section jump, not content change). Independent of emalign's own matching (the phase correlation of
+    :mod:`emalign.rigid`), so a reference repaired with it does not favour the method under test.
     """
     from scipy import signal
 
@@ -194,7 +195,8 @@ def evaluate(
 
     Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``; sections
     blanked by artifacts are left out of the metrics. ``"torn_adj"`` is :func:`torn_section_error` of
-    the ``watch`` sections (default: those torn by ``"crack"`` artifacts), when there are any.
+    the ``watch`` sections (default: those torn by ``"crack"`` artifacts), listed in ``"torn_sections"``,
+    when there are any.
     """
     case = synth.misalign(aligned_stack, seed=seed, artifacts=artifacts, **(misalignment or {}))
     excluded = [z for z, flag in enumerate(case.flags) if flag == "blank"]
@@ -208,6 +210,7 @@ def evaluate(
         result = metrics.alignment_metrics(residual, estimate=fields, exclude=excluded)
         if torn:
             result["torn_adj"] = torn_section_error(residual, torn)
+            result["torn_sections"] = tuple(torn)
         result["seconds"] = seconds
         result["mpx_per_s"] = case.stack.size / 1e6 / max(seconds, 1e-9)
         results[name] = result

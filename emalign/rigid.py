@@ -859,8 +859,8 @@ def detrend_rigid(
     from emalign.consensus import smooth_trend
 
     params = np.array([[angle, *shift] for angle, shift in (_angle_and_shift(m, shape) for m in matrices)])
-    trend = smooth_trend(params, stiffness, weights)
-    if angle_stiffness is not None:
-        trend[:, 0] = smooth_trend(params[:, 0], angle_stiffness, weights)
+    trend = np.empty_like(params)
+    trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
+    trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from emalign import evaluate
+from emalign import evaluate, synth
 from emalign.synth import em_texture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,6 +55,8 @@ def test_torn_section_error_is_zero_when_a_section_moves_with_its_neighbours_and
 def test_evaluate_watches_the_torn_sections(stack):
     results = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, artifacts=("crack",))
     assert results["none"]["torn_adj"] > 5.0  # unaligned: the misalignment itself
+    torn = synth.misalign(stack, artifacts=("crack",)).flags.index("crack")
+    assert results["none"]["torn_sections"] == (torn,)
     assert "torn_adj" not in evaluate.evaluate(stack, {"none": evaluate.no_alignment})["none"]
 
 
