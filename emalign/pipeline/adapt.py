@@ -1,13 +1,18 @@
 """Stage 1b (``--adapt N``): fine-tune the network on the stack it is about to align, without labels.
 
-The rigidly prealigned input is the training data. Windows of adjacent sections cut from it
-get the synthetic misalignment of :mod:`emalign.train` (exact targets) and the unsupervised
-local-NCC term towards their references, so the network learns this stack's texture,
-contrast and section-to-section change before it estimates anything. Only a bounded sample
-is read: the longest run of good sections (at most :data:`SECTIONS`), cropped to at most
-:data:`SIZE` px about the centre, so memory does not grow with the stack. The adapted
-checkpoint is written to ``OUT/model/adapted.pt`` with its provenance and used by the
-estimate stage.
+The training data is a bounded sample of the input: the longest run of good sections (at most
+:data:`SECTIONS`), cropped to at most :data:`SIZE` px about the centre, so memory does not grow
+with the stack; rigidly prealigned, then aligned by the base model (the in-memory engine). Windows
+of adjacent sections cut from it get the synthetic misalignment of :mod:`emalign.train` (exact
+targets, which assume the sample aligned) and the unsupervised local-NCC term towards their
+references, so the network learns this stack's texture, contrast and section-to-section change
+before it estimates anything. The adapted checkpoint is written to ``OUT/model/adapted.pt`` with
+its provenance and used by the estimate stage.
+
+Why align the sample first: on a prealigned-only sample the synthetic targets are off by the
+misalignment the prealignment leaves, and the network learns to leave that in place (ISBI 2012, 3
+misalignments, 200 steps, mean rms / adj / drift px: 4.26 / 4.62 / 3.09 on the prealigned sample,
+4.19 / 4.54 / 3.00 on the aligned one, 4.22 / 4.57 / 3.02 without adaptation).
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ def longest_run(excluded: np.ndarray, limit: int) -> tuple[int, int]:
     return lo + trim // 2, hi - (trim - trim // 2)
 
 
-def adaptation_sample(ws: Workspace, stack: Stack) -> tuple[np.ndarray, dict]:
-    """The prealigned sample ``(Z', Y', X')`` float32 the network adapts to, and where it came from."""
+def prealigned_sample(ws: Workspace, stack: Stack) -> tuple[np.ndarray, dict]:
+    """The rigidly prealigned sample ``(Z', Y', X')`` float32 of the stack, and where it came from."""
     start, stop = longest_run(ws.excluded(), SECTIONS)
     height, width = stack.shape[1:]
     shape = (min(SIZE, height), min(SIZE, width))
@@ -61,6 +66,13 @@ def adaptation_sample(ws: Workspace, stack: Stack) -> tuple[np.ndarray, dict]:
         ]
     )
     return sample, {"sections": [start, stop], "origin": list(origin), "shape": list(shape)}
+
+
+def aligned_sample(sample: np.ndarray, model: str, device: str = "auto") -> np.ndarray:
+    """``sample (Z', Y', X')`` aligned by ``model`` (:func:`emalign.register.register_sections`), float32."""
+    from emalign.register import register_sections
+
+    return register_sections(sample, model=model, device=device).aligned.astype(np.float32)
 
 
 def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int], device: str = "auto") -> TrainConfig:
@@ -94,10 +106,13 @@ def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int]
 
 
 def adapt_model(ws: Workspace, stack: Stack, device: str = "auto", progress: bool = True) -> Path:
-    """Fine-tune ``ws.params.model`` on the prealigned stack for ``ws.params.adapt`` steps; returns the checkpoint."""
+    """Fine-tune ``ws.params.model`` on a sample of the stack aligned by it, for ``ws.params.adapt`` steps; returns
+    the checkpoint."""
     params = ws.params
-    sample, origin = adaptation_sample(ws, stack)
+    sample, origin = prealigned_sample(ws, stack)
     cfg = adaptation_config(params.model, params.adapt, sample.shape, device)
+    sample = aligned_sample(sample, params.model, device)
+    origin["aligned_by"] = params.model
     runs = Path(ws.path) / "model" / "run"
     if runs.exists():
         shutil.rmtree(runs)  # a killed adaptation starts over: the result must not depend on where it stopped
@@ -120,4 +135,4 @@ def adapt_model(ws: Workspace, stack: Stack, device: str = "auto", progress: boo
     return target
 
 
-__all__ = ["adapt_model", "adaptation_config", "adaptation_sample", "longest_run"]
+__all__ = ["adapt_model", "adaptation_config", "aligned_sample", "longest_run", "prealigned_sample"]

@@ -1,0 +1,116 @@
+"""How aligned are the benchmark's aligned references, as image matching sees them?
+
+    pip install -e ".[bench]" && python benchmarks/reference.py
+
+The accuracy benchmarks misalign an aligned stack and charge every aligner for any difference from
+it, so a wander that image matching sees in the reference itself is a floor under the drift and rms
+of any aligner that reads neighbour similarity. This feeds each *aligned* reference, unchanged, to
+three aligners: the pairwise-rigid chain, a robust rigid solve over redundant pairs
+(translation only, full resolution; pairs up to 8 sections apart at 10 nm, up to 3 at wider spacing,
+where sections further apart share no content), and `emalign align`. For each it reports the
+wander it applies (the ``drift`` of EVALUATION.md: RMS over z of the per-section mean translation,
+common offset and linear trend removed) and how alike the methods' wanders are (correlation of
+their per-section translations). At 10 nm the same solve on each quadrant of the
+sections on its own splits the wander into the part shared by the whole section (a frame drift) and
+the local rest (content that moves, or warps); at wider spacing a quadrant's matches are too weak for
+that (its solve wanders by 4-20 px) and the split is left out. Writes benchmarks/results/reference.md.
+Needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from emalign import evaluate, metrics, rigid
+
+RESULTS = Path(__file__).parent / "results"
+FINE = (1, 2, 3, 4, 6, 8)
+"""Pair offsets of the robust solve at 10 nm."""
+WIDE = (1, 2, 3)
+"""Pair offsets of the robust solve at 40-50 nm."""
+
+
+def robust_solve(stack: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
+    """Pull fields ``(Z, 2, Y, X)`` of a robust translation-only solve over pairs ``offsets`` apart."""
+    pairs = rigid.pairwise_rigid(stack, offsets, downsample=1, max_rotation_deg=0)
+    return rigid.affine_fields(rigid.solve_rigid(len(stack), pairs, stack.shape[1:]), stack.shape[1:])
+
+
+def wander(fields: np.ndarray) -> np.ndarray:
+    """``(Z, 2)`` px: per-section mean translation of ``fields (Z, 2, Y, X)`` over the metrics' interior, with
+    the common offset and the linear trend along z removed (what the ``drift`` metric sees)."""
+    means = metrics.interior(np.asarray(fields, np.float64)).mean(axis=(2, 3))
+    z = np.arange(len(means), dtype=float)
+    design = np.stack([np.ones_like(z), z], axis=1)
+    return means - design @ np.linalg.lstsq(design, means, rcond=None)[0]
+
+
+def rms(series: np.ndarray) -> float:
+    """RMS length of ``(..., Z, 2)`` translation vectors."""
+    return float(np.sqrt((series**2).sum(-1).mean()))
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two wanders (both components together)."""
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def quadrant_split(stack: np.ndarray, offsets: tuple[int, ...]) -> tuple[float, float]:
+    """``(shared, local)`` px: RMS of the mean of the four quadrants' :func:`robust_solve` wanders, and of each
+    quadrant's difference from that mean."""
+    half_y, half_x = stack.shape[1] // 2, stack.shape[2] // 2
+    quadrants = np.array(
+        [
+            wander(robust_solve(stack[:, y : y + half_y, x : x + half_x], offsets))
+            for y in (0, half_y)
+            for x in (0, half_x)
+        ]
+    )
+    shared = quadrants.mean(axis=0)
+    return rms(shared), rms(quadrants - shared)
+
+
+def references() -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
+    """(title, aligned stack, pair offsets of the robust solve) of the accuracy benchmark's references."""
+    sample1, sample2 = evaluate.FLYEM
+    isbi, _ = evaluate.remove_section_offsets(evaluate.shared_stack(evaluate.ISBI))
+    return [
+        ("FlyEM sample 1, 10 nm, 62 sections", evaluate.shared_stack(sample1, 1, 62), FINE),
+        ("FlyEM sample 2, 10 nm, 62 sections", evaluate.shared_stack(sample2, 1, 62), FINE),
+        ("FlyEM sample 1, 40 nm, 63 sections", evaluate.shared_stack(sample1, 4), WIDE),
+        ("FlyEM sample 2, 40 nm, 63 sections", evaluate.shared_stack(sample2, 4), WIDE),
+        ("ISBI 2012, 50 nm, 30 sections (section jumps removed)", isbi, WIDE),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "reference.md"))
+    args = parser.parse_args()
+    lines = [
+        "| reference (aligned, unchanged) | rigid chain wander | robust solve wander | emalign align wander "
+        "| corr emalign / chain | corr emalign / solve | shared by the quadrants | local |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        emalign = evaluate.pipeline_aligner(tmp)
+        for title, stack, offsets in references():
+            chain, solve, ours = (
+                wander(f) for f in (evaluate.rigid_chain(stack), robust_solve(stack, offsets), emalign(stack))
+            )
+            similar = [correlation(ours, chain), correlation(ours, solve)]
+            cells = [f"{c:.2f}" for c in (rms(chain), rms(solve), rms(ours), *similar)]
+            cells += [f"{c:.2f}" for c in quadrant_split(stack, offsets)] if offsets == FINE else ["-", "-"]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text + f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
