@@ -44,7 +44,7 @@ def cases() -> list[tuple[str, np.ndarray, tuple[str, ...], tuple[str, ...]]]:
     sample1, sample2 = evaluate.FLYEM
     both = np.concatenate([evaluate.shared_stack(name, 4) for name in (sample1, sample2)])
     held_out = evaluate.shared_stack(sample2, 4)
-    isbi, _ = evaluate.remove_section_offsets(evaluate.shared_stack(evaluate.ISBI))
+    isbi = evaluate.isbi_reference()
     return [
         (f"FlyEM sample 2 (held out), 40 nm, {len(held_out)} sections", held_out, (), ALL),
         ("FlyEM sample 2, every slice (10 nm), 62 sections", evaluate.shared_stack(sample2, 1, 62), (), FINE),

@@ -77,7 +77,7 @@ def quadrant_split(stack: np.ndarray, offsets: tuple[int, ...]) -> tuple[float, 
 def references() -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
     """(title, aligned stack, pair offsets of the robust solve) of the accuracy benchmark's references."""
     sample1, sample2 = evaluate.FLYEM
-    isbi, _ = evaluate.remove_section_offsets(evaluate.shared_stack(evaluate.ISBI))
+    isbi = evaluate.isbi_reference()
     return [
         ("FlyEM sample 1, 10 nm, 62 sections", evaluate.shared_stack(sample1, 1, 62), FINE),
         ("FlyEM sample 2, 10 nm, 62 sections", evaluate.shared_stack(sample2, 1, 62), FINE),

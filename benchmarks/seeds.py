@@ -46,7 +46,7 @@ def main() -> None:
             methods[f"emalign align --adapt {args.isbi_adapt}"] = evaluate.pipeline_aligner(
                 tmp, AlignParams(adapt=args.isbi_adapt)
             )
-            isbi, _ = evaluate.remove_section_offsets(evaluate.shared_stack(evaluate.ISBI))
+            isbi = evaluate.isbi_reference()
             lines += summary_rows("ISBI 2012, 50 nm", [isbi], methods, args.seeds)
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

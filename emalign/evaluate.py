@@ -91,6 +91,12 @@ def remove_section_offsets(stack: np.ndarray, search: int = 64) -> tuple[np.ndar
     return cropped, offsets
 
 
+def isbi_reference(data_dir: Path | None = None) -> np.ndarray:
+    """The ISBI 2012 stack from ../shared/data as the benchmarks' aligned reference: its whole-pixel section
+    jumps removed (:func:`remove_section_offsets`), cropped to the area every section covers."""
+    return remove_section_offsets(shared_stack(ISBI, data_dir=data_dir))[0]
+
+
 def no_alignment(stack: np.ndarray) -> np.ndarray:
     """The identity: leaves the misaligned stack as it is."""
     return np.zeros((stack.shape[0], 2, *stack.shape[1:]), np.float32)
@@ -250,6 +256,7 @@ __all__ = [
     "elastix_chain",
     "emalign_aligner",
     "evaluate",
+    "isbi_reference",
     "markdown_table",
     "no_alignment",
     "pipeline_aligner",
