@@ -19,6 +19,7 @@ import zarr
 from helpers import one_line_error
 
 import emalign.pipeline as pipeline
+import emalign.pipeline.adapt as adapt_stage
 from emalign import models
 from emalign.cluster import scheduler
 from emalign.errors import EmalignError
@@ -26,7 +27,7 @@ from emalign.fields import compose, folding_percent, resample, warp
 from emalign.io import downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, refine, run_stage
-from emalign.pipeline.adapt import aligned_sample, longest_run, prealigned_sample
+from emalign.pipeline.adapt import adapt_model, aligned_sample, longest_run, prealigned_sample
 from emalign.pipeline.estimate import break_threshold, find_breaks
 from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
@@ -491,6 +492,31 @@ def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigne
     assert where["sections"] == [0, SHAPE[0]] and aligned.shape == prealigned.shape and aligned.dtype == np.float32
     before, after = np.nanmean(adjacent_correlation(prealigned)), np.nanmean(adjacent_correlation(aligned))
     assert after > before + 0.01  # the demo stack's neighbours: 0.59 prealigned, 0.61 aligned
+
+
+def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, monkeypatch):
+    path, _ = case
+    stack = open_stack(path)
+    ws = Workspace.create(stack, tmp_path / "handed.zarr", AlignParams(block=4, adapt=2))
+    run_stage("prealign", ws, **STAGE)
+    seen = {}
+
+    class TrainingStarted(Exception):
+        pass
+
+    def recorded_alignment(sample, model, device="auto"):
+        seen["aligned"] = sample + 1.0  # any array other than the prealigned sample
+        return seen["aligned"]
+
+    def recorded_training(cfg, out, **kwargs):
+        seen["trained_on"] = kwargs["volumes"]
+        raise TrainingStarted
+
+    monkeypatch.setattr(adapt_stage, "aligned_sample", recorded_alignment)
+    monkeypatch.setattr(adapt_stage, "train", recorded_training)
+    with pytest.raises(TrainingStarted):
+        adapt_model(ws, stack, device="cpu", progress=False)
+    assert len(seen["trained_on"]) == 1 and seen["trained_on"][0] is seen["aligned"]
 
 
 def test_estimate_waits_for_adaptation_when_it_is_asked_for(case, tmp_path):
