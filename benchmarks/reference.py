@@ -18,7 +18,7 @@ that (its solve wanders by 4-20 px) and the split is left out.
 A second table bounds the drift of any aligner that keeps a curvature-penalised z-trend (as emalign's
 prealignment and refine stages do, so that an aligned stack with oblique content comes out unchanged). With
 trend stiffness ``s`` it keeps the trend of the benchmark misalignment's own per-section translations
-(independent per section, yet over 60 sections their Whittaker trend is not zero: the *leak*, RMS over
+(independent per section, yet over a stack of 30-63 sections their Whittaker trend is not zero: the *leak*, RMS over
 :data:`MISALIGNMENTS` misalignments), and it corrects the part of the reference's wander (as the robust solve
 sees it) that the trend does not follow (*moved*). Even with every section matched exactly as the matchers
 match it, its drift is about ``hypot(leak, moved)`` at the best stiffness. Writes
