@@ -24,7 +24,7 @@ from emalign import models
 from emalign.cluster import scheduler
 from emalign.errors import EmalignError
 from emalign.fields import compose, folding_percent, resample, warp
-from emalign.io import downsample2, is_complete, open_stack
+from emalign.io import Stack, downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, open_workspace, refine, run_stage
 from emalign.pipeline.adapt import adapt_model, aligned_sample, longest_run, prealigned_sample
@@ -482,11 +482,16 @@ def test_adapt_fine_tunes_a_checkpoint_on_the_stack_records_it_and_estimates_wit
     assert error["rms"] < 0.3 * baseline["rms"]
 
 
-def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigned(case, tmp_path):
-    path, _ = case
+def prealigned_for_adaptation(path: Path, out: Path) -> tuple[Workspace, Stack]:
+    """A workspace at ``out`` asking for ``--adapt 2`` on the stack at ``path``, prealigned; and the stack."""
     stack = open_stack(path)
-    ws = Workspace.create(stack, tmp_path / "sample.zarr", AlignParams(block=4, adapt=2))
+    ws = Workspace.create(stack, out, AlignParams(block=4, adapt=2))
     run_stage("prealign", ws, **STAGE)
+    return ws, stack
+
+
+def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigned(case, tmp_path):
+    ws, stack = prealigned_for_adaptation(case[0], tmp_path / "sample.zarr")
     prealigned, where = prealigned_sample(ws, stack)
     aligned = aligned_sample(prealigned, "faemreg-small", "cpu")
     assert where["sections"] == [0, SHAPE[0]] and aligned.shape == prealigned.shape and aligned.dtype == np.float32
@@ -495,10 +500,7 @@ def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigne
 
 
 def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, monkeypatch):
-    path, _ = case
-    stack = open_stack(path)
-    ws = Workspace.create(stack, tmp_path / "handed.zarr", AlignParams(block=4, adapt=2))
-    run_stage("prealign", ws, **STAGE)
+    ws, stack = prealigned_for_adaptation(case[0], tmp_path / "handed.zarr")
     seen = {}
 
     class TrainingStarted(Exception):
@@ -520,9 +522,7 @@ def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, 
 
 
 def test_estimate_waits_for_adaptation_when_it_is_asked_for(case, tmp_path):
-    path, _ = case
-    ws = Workspace.create(open_stack(path), tmp_path / "wait.zarr", AlignParams(block=4, adapt=2))
-    run_stage("prealign", ws, **STAGE)
+    ws, _ = prealigned_for_adaptation(case[0], tmp_path / "wait.zarr")
     with pytest.raises(EmalignError, match="run `emalign adapt` first"):
         run_stage("estimate", ws, **STAGE)
 
