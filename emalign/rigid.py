@@ -27,6 +27,7 @@ from scipy.sparse.linalg import spsolve
 from emalign import fields
 
 __all__ = [
+    "SECOND_OPINION_MARGIN",
     "RigidEstimate",
     "affine_fields",
     "correlation_peaks",
@@ -50,6 +51,10 @@ REFINE_STEPS = 2  # default Gauss-Newton steps of the patch-based refinement
 OFFSET_CLASS_TOLERANCE = 2.0
 """How much larger than the best offset class's a class's typical residual may be in :func:`solve_rigid`
 before its pairs are down-weighted."""
+SECOND_OPINION_MARGIN = 1.25
+"""In :func:`pairwise_rigid`, a pair whose peak is under this multiple of the stack's unrelated-pair peak is
+matched again at 2x coarser block means."""
+_MIN_SECOND_OPINION_SIDE = 16  # px of the coarser images: below this no second opinion is asked
 _CROP = 4  # the sub-pixel peak interpolates the correlation on +-_CROP px around the integer peak
 
 
@@ -552,6 +557,7 @@ def pairwise_rigid(
     progress: bool = False,
     refine_steps: int = REFINE_STEPS,
     unrelated: dict[int, float] | None = None,
+    second_opinion: float | None = None,
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
 
@@ -568,6 +574,12 @@ def pairwise_rigid(
         unrelated: if given, filled with ``{z: peak}``: the correlation peak of section ``z - 1`` with
             section ``z`` turned by 180 degrees (same content statistics, no shared structure): what a
             pair of unrelated sections scores in this stack.
+        second_opinion: if given (e.g. :data:`SECOND_OPINION_MARGIN`), a pair whose peak is under this
+            multiple of the median unrelated peak so far is matched again at ``2 * downsample``, and
+            the coarser estimate is kept if its peak stands higher above the unrelated peaks at its own
+            scale (ratio to their median). Where sections change a lot (wide z-spacing) fine detail
+            may not carry from one to the next while coarse structure does. The pair keeps the finer
+            match's score (its weight in :func:`solve_rigid` and the break detection do not change).
 
     Returns:
         ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
@@ -575,18 +587,39 @@ def pairwise_rigid(
         a blank section).
     """
     shape = tuple(stack.shape[-2:])
+    if second_opinion and min(shape) // (2 * downsample) < _MIN_SECOND_OPINION_SIDE:
+        second_opinion = None
     sections: dict[int, _Section] = {}
+    coarser: dict[int, _Section] = {}
+    floors: tuple[list[float], list[float]] = ([], [])  # unrelated peaks at the matching and the coarser scale
+
+    def coarser_section(z: int) -> _Section:
+        if z not in coarser:
+            coarser[z] = _Section(block_mean(sections[z].image, 2), lowpass)
+        return coarser[z]
+
     pairs = []
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
         sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample), lowpass)
         sections.pop(z - max(offsets) - 1, None)
-        if unrelated is not None and z - 1 in sections:
-            unrelated[z] = _unrelated_peak(sections[z - 1], sections[z])
+        coarser.pop(z - max(offsets) - 1, None)
+        if z - 1 in sections and (unrelated is not None or second_opinion):
+            peak = _unrelated_peak(sections[z - 1], sections[z])
+            if unrelated is not None:
+                unrelated[z] = peak
+            if second_opinion and peak > 0:
+                floors[0].append(peak)
+                floors[1].append(_unrelated_peak(coarser_section(z - 1), coarser_section(z)))
         for k in offsets:
-            if z - k in sections:
-                estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
-                estimate = _to_full_resolution(estimate, downsample, shape)
-                pairs.append((z, z - k, estimate.matrix, estimate.score))
+            if z - k not in sections:
+                continue
+            estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
+            matrix = upscale_matrix(estimate.matrix, downsample)
+            if second_opinion and floors[0] and estimate.score < second_opinion * np.median(floors[0]):
+                second = _estimate(coarser_section(z - k), coarser_section(z), max_rotation_deg, upsample, refine_steps)
+                if second.score / max(float(np.median(floors[1])), 1e-6) > estimate.score / np.median(floors[0]):
+                    matrix = upscale_matrix(second.matrix, 2 * downsample)
+            pairs.append((z, z - k, matrix, estimate.score))
     return pairs
 
 

@@ -185,6 +185,31 @@ def test_blank_section_is_bridged():
     assert np.isfinite(transforms).all()
 
 
+def test_pairs_matched_near_the_noise_floor_get_a_second_opinion_at_coarser_scale():
+    # Shared coarse structure, shifted per section, under strong independent fine noise (as between
+    # sections far apart in z): at the matching scale some pairs lock onto noise; 2x coarser they do not.
+    rng = np.random.default_rng(0)
+    size = 128
+    shared = ndimage.gaussian_filter(rng.standard_normal((size + 64, size + 64)), 3)
+    shared /= shared.std()
+    shifts = rng.integers(-12, 13, size=(8, 2))
+    stack = np.stack(
+        [
+            100 + 20 * (shared[32 + y : 32 + y + size, 32 + x : 32 + x + size] + 8 * rng.standard_normal((size, size)))
+            for y, x in shifts
+        ]
+    ).astype(np.float32)
+
+    def errors(pairs):  # raw_j(p) ~ raw_z(p + s_j - s_z)
+        return np.array([np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs])
+
+    single = rigid.pairwise_rigid(stack, (1,), downsample=1, max_rotation_deg=0)
+    checked = rigid.pairwise_rigid(stack, (1,), downsample=1, max_rotation_deg=0, second_opinion=1.25)
+    assert errors(single).max() > 5
+    assert errors(checked).max() < 3
+    assert [score for *_, score in checked] == [score for *_, score in single]  # the finer match's score is kept
+
+
 def synthetic_pairs(
     transforms: np.ndarray, offsets: tuple[int, ...], noise: float, rng: np.random.Generator, shape: tuple[int, int]
 ) -> list[tuple[int, int, np.ndarray, float]]:

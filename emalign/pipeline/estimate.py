@@ -112,6 +112,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
         max_rotation_deg=params.max_rotation_deg,
         refine_steps=1,
         unrelated=unrelated,
+        second_opinion=rigid.SECOND_OPINION_MARGIN,
     )
     ws.array("sections/stats")[start:stop] = np.array(
         [(*sections.stats[z], unrelated.get(z - first, np.nan)) for z in range(start, stop)]
