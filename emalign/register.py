@@ -11,12 +11,13 @@ the refine and polish stages. Two ways to run the network between them:
   prealigned frame) against the ``K`` most recent *aligned* ones (mirrored window). The network's
   field is shrunk by :data:`SEQUENTIAL_LEASH`: an error that reaches the next section through its
   references is passed on with a factor ``1 - SEQUENTIAL_LEASH`` and dies out along z instead of
-  accumulating. The pass runs twice, up and down the stack, and each section gets the mean of its
-  two fields: their errors are partly independent, and the first section of a segment, which has no
-  aligned references on the way up, gets its field from the way down (40 nm FlyEM benchmark, when
-  introduced: 3.15 / 2.21 / 2.17 px one way, 2.79 / 2.03 / 1.99 both ways). (Chaining each section
-  rigidly onto the previous output instead, with no leash, the same weights went chaotic on that
-  stack: 18 px rms.)
+  accumulating. Then the pass turns around (:data:`SEQUENTIAL_PASSES`): down the stack and up again,
+  each section now sees aligned references on both sides (a symmetric window, the network's main
+  training case): those this pass has just aligned, and the previous pass's on the side it has not
+  reached yet. Each section keeps its last pass's field; the first section of a segment, which has no
+  aligned references on the way up, gets its field on the way back. (Chaining each section rigidly
+  onto the previous output instead, with no leash, the same weights went chaotic on the 40 nm FlyEM
+  benchmark stack: 18 px rms.)
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ MIN_SIDE = 4
 SEQUENTIAL_LEASH = 0.2
 """Fraction of the network's field the sequential inference leaves out. Measured through the whole
 chain (prealign, sequential pass, refine, polish; rms / adj / drift px) on the 40 nm FlyEM benchmark
-stack, one way: 0 -> 3.55 / 2.29 / 2.22, 0.2 -> 3.31 / 2.23 / 2.09, 0.4 -> 3.22 / 2.30 / 2.07, 0.6 -> 3.21 / 2.49 /
-2.08; on sample 1 at 40 nm 4.47 / 4.33 / 4.52 / 4.99 rms, and at 10 nm the lowest adj with 0.2 on both. Both ways
-(the pass as it is now): 0 -> 2.79 / 2.03 / 1.95, 0.1 -> 2.78 / 2.02 / 1.96, 0.2 -> 2.79 / 2.03 / 1.99, 0.3 -> 2.81 /
-2.09 / 2.01; 0.2 moves the aligned stacks least (40 nm 2.06 px rms, 10 nm 1.08)."""
+stack, one pass up: 0 -> 3.55 / 2.29 / 2.22, 0.2 -> 3.31 / 2.23 / 2.09, 0.4 -> 3.22 / 2.30 / 2.07, 0.6 -> 3.21 /
+2.49 / 2.08; on sample 1 at 40 nm 4.47 / 4.33 / 4.52 / 4.99 rms, and at 10 nm the lowest adj with 0.2 on both."""
+SEQUENTIAL_PASSES = 3
+"""Passes of the sequential inference, alternating up and down the stack (see the module doc). 40 nm FlyEM
+sample 2, 4 misalignments, mean rms / adj / drift px (aligned copy moved, rms): one pass up and one down with
+the mean of their mirrored-window fields (before) 3.01 / 2.09 / 2.48 (1.79); 2 passes 3.01 / 2.02 / 2.46 (1.85);
+3 passes 2.98 / 1.99 / 2.45 (1.78); 4 passes 2.98 / 2.00 / 2.45 (1.77). Sample 1 (2 misalignments) 3.90 / 2.15 / 3.54
+-> 3.86 / 2.03 / 3.50 with 3; 10 nm sample 2 (2) 1.30 / 0.61 -> 1.34 / 0.62."""
 STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
 
 
@@ -74,47 +79,69 @@ def full_resolution_fields(ws: Workspace, name: str = "fields/global") -> np.nda
     return np.stack([resample(np.asarray(grid[z]), stride, 1, shape) for z in range(ws.plan.shape[0])])
 
 
+def _segments(excluded: np.ndarray, breaks: tuple[int, ...]) -> list[list[int]]:
+    """The good (non-excluded) sections of each segment between ``breaks``, in z order."""
+    segments: list[list[int]] = [[]]
+    for z, bad in enumerate(excluded):
+        if z in breaks:
+            segments.append([])
+        if not bad:
+            segments[-1].append(z)
+    return [segment for segment in segments if segment]
+
+
 def sequential_pass(ws: Workspace, net: FAEMReg, device: torch.device, progress: bool = False) -> None:
-    """The network stage the paper's way: ``fields/stitched`` from a pass up and a pass down the stack, averaged
-    (see the module doc).
+    """The network stage the paper's way, in :data:`SEQUENTIAL_PASSES` passes (see the module doc): ``fields/stitched``.
 
     Works on a prealigned workspace; blank or damaged sections keep their rigid placement and are not
-    used as references; a break starts the chain again. Marks the estimate and stitch stages done.
+    used as references; a break starts the chain again. Holds one segment's sections (three copies) in
+    memory: it is the in-memory API's method. Marks the estimate and stitch stages done.
     """
     ws.require("prealign")
     params, plan = ws.params, ws.plan
     k, stride, grid = net.config.references, params.stride, plan.grid_shape
     stack = io.open_stack(ws.input_path, level=params.level)
     mask = user_mask(ws, stack)
-    excluded, breaks = ws.excluded(), set(ws.breaks())
     matrices = np.asarray(ws.array("coarse/matrices")[:])
     depth = plan.shape[0]
-    passes = [range(depth), range(depth - 1, -1, -1)]
-    fine = np.zeros((depth, 2, *grid), np.float32)
-    estimates = np.zeros(depth)  # passes in which each section had aligned references
-    for order in passes:
-        aligned: list[np.ndarray] = []  # this segment's aligned sections, the most recent last
-        backward = order.step < 0
-        for z in tqdm(order, desc="sequential", disable=not progress):
-            if (z + 1 if backward else z) in breaks:
-                aligned = []
-            if excluded[z]:
-                continue
+    prealigned: dict[int, np.ndarray] = {}
+
+    def prealigned_section(z: int) -> np.ndarray:
+        if z not in prealigned:
             _, section = read_masked(stack, z, mask)
-            prealigned = warp(section, affine_field(matrices[z], section.shape))
-            field = np.zeros((2, *grid), np.float32)
-            if aligned:
-                refs = [aligned[max(len(aligned) - d, 0)] for d in range(1, k + 1)]
-                window = np.stack(refs[::-1] + [prealigned] + refs)[None]
-                raw = predict_windows(net, window, device, tile=params.tile, halo=params.halo)[0]
-                field = (1 - SEQUENTIAL_LEASH) * smooth_field(raw[:, ::stride, ::stride], params.smoothing / stride)
-                fine[z] += field
-                estimates[z] += 1
-            aligned = [*aligned, warp(prealigned, resample(field, stride, 1, section.shape))][-k:]
+            prealigned[z] = warp(section, affine_field(matrices[z], section.shape))
+        return prealigned[z]
+
+    def leashed_field(below: list[np.ndarray], z: int, above: list[np.ndarray]) -> np.ndarray:
+        """Section ``z``'s field against aligned references (nearest first; a missing side mirrors the other)."""
+        below, above = below or above, above or below
+        window = [below[min(d, len(below) - 1)] for d in range(k)][::-1] + [prealigned_section(z)]
+        window += [above[min(d, len(above) - 1)] for d in range(k)]
+        raw = predict_windows(net, np.stack(window)[None], device, tile=params.tile, halo=params.halo)[0]
+        return (1 - SEQUENTIAL_LEASH) * smooth_field(raw[:, ::stride, ::stride], params.smoothing / stride)
+
+    fine = np.zeros((depth, 2, *grid), np.float32)
+    segments = _segments(ws.excluded(), ws.breaks())
+    bar = tqdm(total=SEQUENTIAL_PASSES * sum(map(len, segments)), desc="sequential", disable=not progress)
+    for segment in segments:
+        previous: dict[int, np.ndarray] = {}  # the last pass's aligned sections
+        for index in range(SEQUENTIAL_PASSES):
+            upward = index % 2 == 0
+            order = segment if upward else segment[::-1]
+            current: dict[int, np.ndarray] = {}
+            for i, z in enumerate(order):
+                behind = [current[order[j]] for j in range(i - 1, max(i - 1 - k, -1), -1)]
+                ahead = [previous[order[j]] for j in range(i + 1, min(i + 1 + k, len(order)))] if previous else []
+                if behind or ahead:
+                    fine[z] = leashed_field(behind, z, ahead) if upward else leashed_field(ahead, z, behind)
+                current[z] = warp(prealigned_section(z), resample(fine[z], stride, 1, prealigned_section(z).shape))
+                bar.update()
+            previous = current
+        prealigned.clear()
+    bar.close()
     output = ws.array("fields/stitched")
     for z in range(depth):
-        mean = fine[z] / max(estimates[z], 1.0)
-        output[z] = compose(affine_field(matrices[z], grid, stride=stride), mean, stride=stride)
+        output[z] = compose(affine_field(matrices[z], grid, stride=stride), fine[z], stride=stride)
     for index in range(len(plan.blocks())):
         ws.mark_done("estimate", index)
     ws.mark_done("stitch", 0)

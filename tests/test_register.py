@@ -9,6 +9,7 @@ from emalign import models
 from emalign.errors import EmalignError
 from emalign.fields import warp
 from emalign.metrics import alignment_metrics, residual_fields
+from emalign.register import _segments
 from emalign.synth import demo_stack
 
 torch.set_num_threads(1)
@@ -115,6 +116,12 @@ def test_sequential_error_does_not_grow_along_z():
     metrics = alignment_metrics(residual_fields(misaligned.fields, result.fields))
     # the network chained onto a rigid chain (no leash) gave 19 px rms here, growing 0.4 px per section
     assert metrics["rms"] < 2.5 and abs(metrics["slope"]) < 0.05, metrics
+
+
+def test_sequential_passes_start_again_at_breaks_and_skip_excluded_sections():
+    excluded = np.array([False, True, False, False, False, True, False])
+    assert _segments(excluded, (3,)) == [[0, 2], [3, 4, 6]]
+    assert _segments(np.ones(3, bool), ()) == []
 
 
 def test_sequential_leaves_a_blank_section_blank_and_aligns_across_it(demo, unaligned_rms):
