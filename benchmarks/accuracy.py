@@ -124,7 +124,7 @@ def main() -> None:
             "tvl1": ("rigid chain + TV-L1 flow chain (scikit-image)", evaluate.tvl1_chain),
             "elastix": ("rigid chain + elastix B-spline chain (itk-elastix)", evaluate.elastix_chain),
             "sequential": (
-                f"emalign {args.model}, sequential (paper inference, leashed)",
+                f"emalign {args.model}, sequential (paper inference, leashed, 3 passes)",
                 evaluate.emalign_aligner("sequential", args.model),
             ),
             "align": (

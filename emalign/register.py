@@ -52,10 +52,11 @@ stack, one pass up: 0 -> 3.55 / 2.29 / 2.22, 0.2 -> 3.31 / 2.23 / 2.09, 0.4 -> 3
 2.49 / 2.08; on sample 1 at 40 nm 4.47 / 4.33 / 4.52 / 4.99 rms, and at 10 nm the lowest adj with 0.2 on both."""
 SEQUENTIAL_PASSES = 3
 """Passes of the sequential inference, alternating up and down the stack (see the module doc). 40 nm FlyEM
-sample 2, 4 misalignments, mean rms / adj / drift px (aligned copy moved, rms): one pass up and one down with
-the mean of their mirrored-window fields (before) 3.01 / 2.09 / 2.48 (1.79); 2 passes 3.01 / 2.02 / 2.46 (1.85);
-3 passes 2.98 / 1.99 / 2.45 (1.78); 4 passes 2.98 / 2.00 / 2.45 (1.77). Sample 1 (2 misalignments) 3.90 / 2.15 / 3.54
--> 3.86 / 2.03 / 3.50 with 3; 10 nm sample 2 (2) 1.30 / 0.61 -> 1.34 / 0.62."""
+sample 2, 4 misalignments, mean rms / adj / drift px (aligned copy moved, rms), stage-3 weights: one pass up
+and one down with the mean of their mirrored-window fields (before) 3.01 / 2.09 / 2.48 (1.79); 2 passes
+3.01 / 2.02 / 2.46 (1.85); 3 passes 2.98 / 1.99 / 2.45 (1.78); 4 passes 2.98 / 2.00 / 2.45 (1.77). Sample 1
+(2 misalignments) 3.90 / 2.15 / 3.54 -> 3.86 / 2.03 / 3.50 with 3; 10 nm sample 2 (2) 1.30 / 0.61 -> 1.34 /
+0.62. The shipped weights, 3 passes: 40 nm sample 2 2.97 / 1.97 / 2.46 (1.78)."""
 STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
 
 
