@@ -3,7 +3,13 @@ import pytest
 
 from emalign import fields
 from emalign.errors import EmalignError
-from emalign.metrics import adjacent_correlation, alignment_metrics, format_metrics, residual_fields
+from emalign.metrics import (
+    adjacent_correlation,
+    alignment_metrics,
+    format_metrics,
+    residual_fields,
+    residual_parts,
+)
 from emalign.synth import misalign, smooth_field
 
 
@@ -136,3 +142,24 @@ def test_adjacent_correlation_uses_pixels_valid_in_both():
     assert np.isnan(corr[3])
     mask = np.ones((32, 32), dtype=bool)
     assert adjacent_correlation(stack[:2], mask=mask)[0] < 1.0
+
+
+def test_residual_parts_split_translation_linear_and_non_affine_exactly():
+    shape = (40, 50)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    ramp = xx - xx.mean()  # zero mean: orthogonal to a translation
+    ripple = np.sin(2 * np.pi * yy / shape[0]) * np.sin(2 * np.pi * xx / shape[1])  # orthogonal to any affine map
+    weights = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])[:, None, None, None]  # zero mean over z: nothing shared
+    translation = weights * np.array([1.0, 0.5])[None, :, None, None] * np.ones(shape)
+    linear = weights * np.stack([0.1 * ramp, -0.05 * ramp])[None]
+    non_affine = weights * 0.7 * np.stack([ripple, ripple])[None]
+
+    def rms(part):
+        return np.sqrt(np.mean(np.sum(part**2, axis=1)))
+
+    parts = residual_parts((translation + linear + non_affine).astype(np.float32), margin=0.0)
+    assert parts["translation"] == pytest.approx(rms(translation), rel=1e-4)
+    assert parts["linear"] == pytest.approx(rms(linear), rel=1e-4)
+    assert parts["non-affine"] == pytest.approx(rms(non_affine), rel=1e-4)
+    shared = residual_parts(np.broadcast_to(non_affine[1:2] + translation[:1], (5, 2, *shape)), margin=0.0)
+    assert max(shared.values()) < 1e-5  # a field every section has is not a residual
