@@ -49,6 +49,10 @@ def _plan_options(func):
             help="patch-wise translations after refine (auto: at fine z-spacing only)",
         ),
         click.option("--polish-patch", default=96, show_default=True, help="polish patch side, px"),
+        click.option(
+            "--voxel-size", default=None, help="z,y,x of IN in --unit (default: IN's metadata, else estimated)"
+        ),
+        click.option("--unit", default="nanometer", show_default=True, help="unit of --voxel-size"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -139,7 +143,22 @@ def _params(opts: dict):
         polish=opts["polish"],
         polish_patch=opts["polish_patch"],
         mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
+        voxel_size=_voxel_size(opts["voxel_size"]),
+        unit=opts["unit"],
     )
+
+
+def _voxel_size(text: str | None) -> tuple[float, ...]:
+    """``"40,4,4"`` -> ``(40.0, 4.0, 4.0)``; empty -> ``()``."""
+    if not text:
+        return ()
+    try:
+        voxel = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise EmalignError(f"--voxel-size {text!r}: expected three numbers z,y,x") from None
+    if len(voxel) != 3:
+        raise EmalignError(f"--voxel-size {text!r}: expected three numbers z,y,x")
+    return voxel
 
 
 @click.group()
@@ -195,6 +214,8 @@ def _stage_command(stage: str, help_text: str):
         stack = open_stack(input_path, level=params.level)
         parse_z_range(z_range, stack.shape[0])
         ws = Workspace.create(stack, output_path, params)
+        if not opts["quiet"]:
+            click.echo(ws.resolution.describe())
         with scheduler(opts["scheduler"], _jobqueue(opts)) as compute:
             click.echo(run_stage(stage, ws, z_range, compute, opts["device"], not opts["quiet"]))
 
@@ -226,14 +247,7 @@ def import_command(
     """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
     from emalign.io import import_stack
 
-    voxel = None
-    if voxel_size:
-        try:
-            voxel = [float(v) for v in voxel_size.split(",")]
-        except ValueError:
-            raise EmalignError(f"--voxel-size {voxel_size!r}: expected three numbers z,y,x") from None
-        if len(voxel) != 3:
-            raise EmalignError(f"--voxel-size {voxel_size!r}: expected three numbers z,y,x")
+    voxel = list(_voxel_size(voxel_size)) or None
     import_stack(input_path, output_path, (1, chunk, chunk), voxel_size=voxel, unit=unit, overwrite=overwrite)
     click.echo(f"wrote {output_path}")
 

@@ -25,7 +25,7 @@ def run_demo(
     """
     out = Path(out)
     true, _ = synth.demo_stack((sections, size, size), seed=seed, z_step=4.0)
-    params = AlignParams(model=model)
+    params = AlignParams(model=model, voxel_size=synth.DEMO_VOXEL_NM, unit="nanometer")
     aligners = {
         "no alignment": evaluate.no_alignment,
         "pairwise-rigid chain": evaluate.rigid_chain,

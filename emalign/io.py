@@ -17,7 +17,7 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class Stack:
     level: int = 0
     locate: Callable[[int], str] | None = None
     """Names the file or the damaged chunk(s) of section z, for read errors (a picklable callable, or None)."""
+    voxel_known: bool = False
+    """True when `voxel_size` and `unit` come from the file's metadata (False: defaults)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -199,9 +201,11 @@ def _tiff_file_name(files: tuple[str, ...], z: int) -> str:
     return Path(files[z]).name
 
 
-def _tiff_header(path: Path) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None]], str, tuple, str]:
+def _tiff_header(
+    path: Path,
+) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None]], str, tuple, str, bool]:
     """From the header only: per pyramid level (shape, dtype, contiguous data offset or None), byte order,
-    voxel size and unit (from ImageJ calibration when present)."""
+    voxel size and unit (from ImageJ calibration when present), and whether they were present."""
     try:
         with _tiff_messages() as messages, tifffile.TiffFile(path) as tif:
             levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset) for s in tif.series[0].levels]
@@ -212,8 +216,8 @@ def _tiff_header(path: Path) -> tuple[list[tuple[tuple[int, ...], np.dtype, int 
             unit = _UNITS.get(str(imagej.get("unit", "")).strip().lower())
             xres, yres = tif.pages[0].resolution
             if unit and xres > 0 and yres > 0:
-                return levels, tif.byteorder, (float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit
-            return levels, tif.byteorder, (1.0, 1.0, 1.0), "nanometer"
+                return levels, tif.byteorder, (float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit, True
+            return levels, tif.byteorder, (1.0, 1.0, 1.0), "nanometer", False
     except EmalignError:
         raise
     except Exception as exc:
@@ -221,7 +225,7 @@ def _tiff_header(path: Path) -> tuple[list[tuple[tuple[int, ...], np.dtype, int 
 
 
 def _open_tiff(path: Path, level: int) -> Stack:
-    levels, byteorder, voxel_size, unit = _tiff_header(path)
+    levels, byteorder, voxel_size, unit, known = _tiff_header(path)
     if not 0 <= level < len(levels):
         raise _err(path, f"level {level} out of range (the TIFF has {len(levels)} level(s))")
     shape, dtype, offset = levels[level]
@@ -231,7 +235,7 @@ def _open_tiff(path: Path, level: int) -> Stack:
         reader = functools.partial(_read_raw_section, str(path), offset, dtype.newbyteorder(byteorder), shape3[1:])
     else:
         reader = functools.partial(_read_tiff_section, str(path), level, (0,) * keep[0], shape3[1:])
-    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level)
+    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, voxel_known=known)
 
 
 def _open_tiff_folder(path: Path, level: int) -> Stack:
@@ -263,9 +267,9 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
     _kept_axes(str(path), shape3, dtype)
     names = tuple(str(f) for f in files)
     reader = functools.partial(_read_tiff_file, names, shape2)
-    _, _, voxel_size, unit = headers[0]
+    _, _, voxel_size, unit, known = headers[0]
     locate = functools.partial(_tiff_file_name, names)
-    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, locate)
+    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, locate, known)
 
 
 def _multiscales(attrs: Any) -> dict | None:
@@ -321,7 +325,8 @@ def _open_zarr(path: Path, level: int, dataset: str | None) -> Stack:
     ]
     data = da.from_zarr(array, chunks=tuple(chunks))[tuple(slice(None) if a in keep else 0 for a in range(array.ndim))]
     voxel_size = tuple(float(scale[a]) for a in keep) if scale is not None else (1.0, 1.0, 1.0)
-    return Stack(data, str(path), voxel_size, unit, level, functools.partial(_bad_zarr_chunks, array, keep[0]))
+    locate = functools.partial(_bad_zarr_chunks, array, keep[0])
+    return Stack(data, str(path), voxel_size, unit, level, locate, scale is not None)
 
 
 def _bad_zarr_chunks(array: zarr.Array, z_axis: int, z: int) -> str:
@@ -478,6 +483,34 @@ def cast_to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(array), info.min, info.max).astype(dtype)
     return array.astype(dtype, copy=False)
+
+
+def _block_means(block: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
+    z, h, w = block.shape
+    means = block.reshape(z, h // factor, factor, w // factor, factor).mean((2, 4), dtype=np.float64)
+    return cast_to_dtype(means, dtype)
+
+
+def downsampled(stack: Stack, factor: int) -> Stack:
+    """`stack` as block means of `factor` x `factor` pixels (a last partial block in y or x dropped), its dtype;
+    voxel size multiplied. Output pixel i covers input pixels factor * i .. factor * i + factor - 1."""
+    if factor == 1:
+        return stack
+    data = stack.data
+    height, width = (side // factor * factor for side in data.shape[1:])
+    if min(height, width) < factor:
+        raise _err(stack.path, f"sections of {data.shape[1]} x {data.shape[2]} px are too small for {factor}x means")
+    sizes = [max(factor, chunk // factor * factor) for chunk in data.chunksize[1:]]
+    data = data[:, :height, :width].rechunk({1: sizes[0], 2: sizes[1]})
+    means = data.map_blocks(
+        _block_means,
+        factor,
+        stack.dtype,
+        chunks=(data.chunks[0], tuple(c // factor for c in data.chunks[1]), tuple(c // factor for c in data.chunks[2])),
+        dtype=stack.dtype,
+    )
+    voxel = (stack.voxel_size[0], stack.voxel_size[1] * factor, stack.voxel_size[2] * factor)
+    return replace(stack, data=means, voxel_size=voxel)
 
 
 def downsample2(section: np.ndarray) -> np.ndarray:

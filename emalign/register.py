@@ -40,7 +40,7 @@ from emalign.inference import predict_windows
 from emalign.io import cast_to_dtype, check_array
 from emalign.models.faemreg import FAEMReg
 from emalign.pipeline import AlignParams, Workspace, run_stage
-from emalign.pipeline.estimate import read_masked, smooth_field, user_mask
+from emalign.pipeline.estimate import read_masked, smooth_field, user_mask, working_model
 
 METHODS = ("stitched", "sequential")
 MIN_SIDE = 4
@@ -75,9 +75,10 @@ class Registration:
 
 
 def full_resolution_fields(ws: Workspace, name: str = "fields/global") -> np.ndarray:
-    """``(Z, 2, Y, X)`` float32: the workspace's field grids ``name`` resampled to every pixel."""
-    grid, stride, shape = ws.array(name), ws.params.stride, ws.plan.shape[1:]
-    return np.stack([resample(np.asarray(grid[z]), stride, 1, shape) for z in range(ws.plan.shape[0])])
+    """``(Z, 2, Y, X)`` float32: the workspace's field grids ``name`` resampled to every pixel of the input."""
+    grid, factor, shape = ws.array(name), ws.factor, ws.writer.shape[1:]
+    stride = factor * ws.params.stride
+    return np.stack([resample(factor * np.asarray(grid[z]), stride, 1, shape) for z in range(ws.plan.shape[0])])
 
 
 def _segments(excluded: np.ndarray, breaks: tuple[int, ...]) -> list[list[int]]:
@@ -101,7 +102,7 @@ def sequential_pass(ws: Workspace, net: FAEMReg, device: torch.device, progress:
     ws.require("prealign")
     params, plan = ws.params, ws.plan
     k, stride, grid = net.config.references, params.stride, plan.grid_shape
-    stack = io.open_stack(ws.input_path, level=params.level)
+    stack = ws.working_stack()
     mask = user_mask(ws, stack)
     matrices = np.asarray(ws.array("coarse/matrices")[:])
     depth = plan.shape[0]
@@ -201,7 +202,7 @@ def register_sections(
         for done, stage in enumerate(stages, start=1):
             if method == "sequential" and stage in ("estimate", "stitch"):
                 if stage == "estimate":
-                    sequential_pass(ws, models.load(ws.model, dev), dev, progress)
+                    sequential_pass(ws, working_model(models.load(ws.model, dev), ws.resolution.ratio), dev, progress)
             else:
                 run_stage(stage, ws, device=device, progress=progress)
             if report is not None:

@@ -414,6 +414,11 @@ def misalign(
     return Misaligned(stack=_to_dtype(raw, stack.dtype), fields=truth, flags=flags)
 
 
+DEMO_VOXEL_NM = (40.0, 10.0, 10.0)
+"""What :func:`demo_stack` models, ``(z, y, x)`` nm: serial sections of 40 nm imaged at 10 nm pixels (the
+network treats its texture as it does FlyEM's 10 nm pixels; z-step 4 of the texture is 40 nm-like)."""
+
+
 def demo_stack(
     shape: tuple[int, int, int] = (48, 256, 256), seed: int = 0, z_step: float = 4.0
 ) -> tuple[np.ndarray, Misaligned]:

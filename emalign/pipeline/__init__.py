@@ -17,7 +17,7 @@ import torch
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
-from emalign.io import Stack, open_stack
+from emalign.io import open_stack
 from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
@@ -29,10 +29,6 @@ from emalign.pipeline.stitch import stitch
 from emalign.pipeline.store import Workspace, open_workspace
 
 __all__ = ["STAGES", "AlignParams", "Plan", "Workspace", "align", "open_workspace", "run_stage"]
-
-
-def _stack(ws: Workspace) -> Stack:
-    return open_stack(ws.input_path, level=ws.params.level)
 
 
 def _finished(ws: Workspace, stage: str, index: int) -> bool:
@@ -47,22 +43,22 @@ def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> 
     torch.set_num_threads(threads)
     ws = Workspace(out)
     if stage == "render":
-        render_block(ws, _stack(ws), index)
+        render_block(ws, ws.input_stack(), index)
     elif not _finished(ws, stage, index):
         if stage == "prealign":
-            prealign_block(ws, _stack(ws), index)
+            prealign_block(ws, ws.working_stack(), index)
         elif stage == "estimate":
-            estimate_block(ws, _stack(ws), index, device=device)
+            estimate_block(ws, ws.working_stack(), index, device=device)
         elif stage == "refine":
-            refine_block(ws, _stack(ws), index)
+            refine_block(ws, ws.working_stack(), index)
         else:
-            polish_block(ws, _stack(ws), index)
+            polish_block(ws, ws.working_stack(), index)
 
 
 def _adapt_task(out: str, device: str, progress: bool) -> None:
     ws = Workspace(out)
     if not _finished(ws, "adapt", 0):
-        adapt_model(ws, _stack(ws), device, progress)
+        adapt_model(ws, ws.working_stack(), device, progress)
 
 
 def _stitch_task(out: str) -> None:
@@ -117,7 +113,7 @@ def run_stage(
             run_tasks([dask.delayed(_stitch_task)(path)], compute, "stitch", progress=False)
         return "stitch: stitched fields written"
     if stage == "qc":
-        return run_qc(ws, _stack(ws))
+        return run_qc(ws, ws.input_stack())
     if stage == "adapt":
         if not ws.params.adapt:
             return "adapt: off (--adapt 0)"
@@ -179,6 +175,8 @@ def align(
     resolve_device(device)
     stack = open_stack(input_path, level=params.level)
     ws = Workspace.create(stack, output_path, params, overwrite=overwrite)
+    if progress:
+        print(ws.resolution.describe())
     seconds: dict[str, float] = {}
     with scheduler(scheduler_spec, jobqueue_options) as compute:
         for stage in STAGES:

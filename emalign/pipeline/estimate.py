@@ -17,6 +17,7 @@ estimate
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,16 @@ from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
 from emalign.inference import predict_windows
-from emalign.io import Stack, check_chunk, open_stack
+from emalign.io import Stack, check_chunk, downsampled, open_stack
 from emalign.masks import invalid_pixels, pieces, piecewise_field
-from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
+from emalign.pipeline.store import (
+    FLAG_BLANK,
+    FLAG_BREAK,
+    FLAG_DAMAGED,
+    FLAG_SKIPPED,
+    OFFSETS,
+    Workspace,
+)
 
 BATCH = 2
 """Windows per network call (keeps the largest temporaries of a 512 px tile under 64 MB)."""
@@ -79,10 +87,14 @@ class CheckedSections:
 
 
 def user_mask(ws: Workspace, stack: Stack) -> Stack | None:
-    """The user's mask stack (``--mask``), checked against the input's shape; None without one."""
+    """The user's mask stack (``--mask``), checked against the input's shape, at the working resolution of
+    ``stack`` (a block is invalid where at least half of it is); None without one."""
     if not ws.params.mask:
         return None
     mask = open_stack(ws.params.mask)
+    if mask.shape != ws.writer.shape:
+        raise EmalignError(f"{ws.params.mask}: mask of shape {mask.shape} does not match the stack's {ws.writer.shape}")
+    mask = downsampled(mask, ws.factor)
     if mask.shape != stack.shape:
         raise EmalignError(f"{ws.params.mask}: mask of shape {mask.shape} does not match the stack's {stack.shape}")
     return mask
@@ -249,15 +261,24 @@ def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(field, (0, sigma, sigma), mode="nearest") if sigma > 0 else field
 
 
+def working_model(model: models.FAEMReg, ratio: float) -> models.FAEMReg:
+    """``model`` with its input scale multiplied by ``ratio`` (working pixel / training pixel), so it sees the
+    physical resolution it was trained at; changes ``model`` in place and returns it."""
+    if ratio != 1.0:
+        model.config = replace(model.config, input_scale=model.config.input_scale * ratio)
+    return model
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_model(name: str, device: str, stamp: float) -> models.FAEMReg:
-    return models.load(name, resolve_device(device))
+def _cached_model(name: str, device: str, ratio: float, stamp: float) -> models.FAEMReg:
+    return working_model(models.load(name, resolve_device(device)), ratio)
 
 
-def _model(name: str, device: str) -> models.FAEMReg:
-    """The network, loaded once per process (again when its checkpoint file changes, e.g. re-adapted)."""
+def _model(name: str, device: str, ratio: float = 1.0) -> models.FAEMReg:
+    """The network for a working pixel ``ratio`` times its training pixel, loaded once per process (again when
+    its checkpoint file changes, e.g. re-adapted)."""
     path = Path(name)
-    return _cached_model(name, device, path.stat().st_mtime if path.is_file() else 0.0)
+    return _cached_model(name, device, ratio, path.stat().st_mtime if path.is_file() else 0.0)
 
 
 def _piece_field(
@@ -280,7 +301,7 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
     """Relative fields of the sections of block ``index`` (symmetric windows, prealigned)."""
     start, stop = ws.plan.blocks()[index]
     params, plan = ws.params, ws.plan
-    model = _model(ws.model, device)
+    model = _model(ws.model, device, ws.resolution.ratio)
     k = model.config.references
     depth = plan.shape[0]
     excluded, breaks = ws.excluded(), ws.breaks()

@@ -7,7 +7,7 @@ resumed, and fanned out by z-range on a cluster.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from emalign.errors import EmalignError
 
@@ -42,6 +42,13 @@ class AlignParams:
         polish_patch: side of the polish stage's patches, px (half overlapping).
         mask: path of a mask stack of the input's shape, non-zero where pixels are invalid (cracks,
             folds, debris); detected invalid pixels (no data, saturated, featureless) are added.
+        voxel_size: ``(z, y, x)`` in ``unit``, overriding the input's metadata (empty: from the input, or
+            estimated from the data where it has none; see :mod:`emalign.pixelsize`).
+        unit: the unit of ``voxel_size`` (an OME-NGFF length unit).
+
+    Lengths in px (``stride``, ``smoothing``, ``tile``, ``halo``, ``polish_patch``) are pixels of the working
+    resolution (:class:`emalign.pixelsize.Resolution`: 10 nm where the input's pixels are 10 nm or finer);
+    :meth:`working` scales them for what the integer working factor leaves.
     """
 
     model: str = "faemreg-small"
@@ -62,15 +69,30 @@ class AlignParams:
     polish: str = "auto"
     polish_patch: int = 96
     mask: str = ""
+    voxel_size: tuple[float, ...] = ()
+    unit: str = "nanometer"
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["skip"] = list(self.skip)
+        data["voxel_size"] = list(self.voxel_size)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AlignParams:
-        return cls(**{**data, "skip": tuple(data.get("skip", ()))})
+        return cls(**{**data, "skip": tuple(data.get("skip", ())), "voxel_size": tuple(data.get("voxel_size", ()))})
+
+    def working(self, ratio: float) -> AlignParams:
+        """These parameters for a working pixel ``ratio`` times the training data's: the lengths that are
+        physical (smoothing, polish patch, prealignment resolution) divided by it; the rest unchanged."""
+        if ratio == 1.0:
+            return self
+        return replace(
+            self,
+            smoothing=self.smoothing / ratio,
+            polish_patch=max(16, round(self.polish_patch / ratio)),
+            coarse_downsample=max(1, round(self.coarse_downsample / ratio)),
+        )
 
     def validate(self) -> None:
         if self.stride < 1 or self.block < 1 or self.tile < 32 or self.halo < 0 or 2 * self.halo >= self.tile:
@@ -84,6 +106,10 @@ class AlignParams:
             raise EmalignError(f"bad plan: --polish-patch {self.polish_patch} (need at least 16 px)")
         if self.adapt < 0:
             raise EmalignError(f"bad plan: --adapt {self.adapt} must be 0 (off) or a number of steps")
+        if self.voxel_size and (
+            len(self.voxel_size) != 3 or not all(math.isfinite(v) and v > 0 for v in self.voxel_size)
+        ):
+            raise EmalignError(f"bad plan: --voxel-size {self.voxel_size} (need three positive numbers z,y,x)")
         if not 0 <= self.stitch_overlap < self.stitch_block:
             raise EmalignError(
                 f"bad plan: stitch overlap {self.stitch_overlap} must be below the block {self.stitch_block}"

@@ -33,7 +33,7 @@ def _neighbour_correlation(sections) -> list[float]:
 
 
 def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
-    """The per-section QC rows (streams the raw and aligned stacks once, subsampled)."""
+    """The per-section QC rows (streams the full-resolution raw ``stack`` and the aligned one once, subsampled)."""
     depth = ws.plan.shape[0]
     aligned = ws.writer.arrays[0]
     flags = ws.flags()
@@ -50,7 +50,7 @@ def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
                 "flags": flag_text(int(flags[z])),
                 "corr_before": before[z],
                 "corr_after": after[z],
-                "field_rms_px": float(np.sqrt(np.mean(np.sum(field**2, 0)))),
+                "field_rms_px": ws.factor * float(np.sqrt(np.mean(np.sum(field**2, 0)))),
                 "folding_pct": folding_percent(field / ws.params.stride) if min(field.shape[1:]) > 1 else 0.0,
             }
         )

@@ -51,17 +51,18 @@ def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: i
 
 
 def render_block(ws: Workspace, stack: Stack, index: int) -> None:
-    """Render and write the sections of block ``index`` not yet written; flagged ones pass through unchanged."""
+    """Render and write the sections of block ``index`` of the full-resolution ``stack`` not yet written (fields
+    scaled from the working resolution); flagged ones pass through unchanged."""
     ws.require("polish")
     start, stop = ws.plan.blocks()[index]
     excluded = ws.excluded()
     done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section
-    fields = ws.array("fields/global")
+    fields, factor = ws.array("fields/global"), ws.factor
     for z in range(start, stop):
         if done[z - start]:
             continue
         if excluded[z]:
             section = check_chunk(stack, z, require_finite=False)
         else:
-            section = render_section(stack, z, np.asarray(fields[z]), ws.params.stride)
+            section = render_section(stack, z, factor * np.asarray(fields[z]), factor * ws.params.stride)
         ws.writer.write_section(z, section)

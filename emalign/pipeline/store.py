@@ -9,7 +9,7 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
                                section before against this one turned by 180 degrees (the score of
                                unrelated content; NaN for the first section)
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
-    OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, full-res px)
+    OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, working px)
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
     OUT/fields/stitched        (Z, 2, gy, gx) float32: stitched pull field per section (prealignment included)
     OUT/refine/pairs           (Z, K, 7) float64: pairwise translations of the stitched sections (as coarse/pairs)
@@ -22,9 +22,11 @@ Layout (one Zarr v2 group, NGFF 0.4 at its root)::
     OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
-attrs["emalign"] holds the version, input, params, plan, model checksum and ``complete``.
-Fields are stored on a grid of stride ``s``: sample ``i`` sits at full-resolution ``i * s``,
-values in full-resolution pixels, pull convention, channels (dy, dx).
+attrs["emalign"] holds the version, input, params, plan, resolution (:class:`emalign.pixelsize.Resolution`),
+model checksum and ``complete``. Every stage before render works at the working resolution, ``factor`` x
+coarser than the input (block means; 1 for inputs of 10 nm pixels or coarser), and so do the arrays: fields
+are stored on a grid of stride ``s``: sample ``i`` sits at working pixel ``i * s``, values in working pixels,
+pull convention, channels (dy, dx). Render multiplies both by ``factor``.
 """
 
 from __future__ import annotations
@@ -39,9 +41,18 @@ import zarr
 
 from emalign import __version__, io, models
 from emalign.errors import EmalignError
-from emalign.io import OmeZarrWriter, Stack, emalign_attrs
+from emalign.io import OmeZarrWriter, Stack, check_chunk, downsampled, emalign_attrs, open_stack
 from emalign.patches import PatchGrid
 from emalign.pipeline.plan import AlignParams, Plan
+from emalign.pixelsize import (
+    ESTIMATE_CROP,
+    PLACEHOLDER,
+    Resolution,
+    check_pixel_size,
+    estimate_pixel_size,
+    to_nanometres,
+    working_resolution,
+)
 
 OFFSETS = (1, 2, 3)
 FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
@@ -66,6 +77,48 @@ def check_values(params: AlignParams) -> None:
             raise EmalignError(f"bad plan: {name} {value} (need a finite number >= 0)")
 
 
+def _central_crops(stack: Stack, count: int = 5) -> list[np.ndarray]:
+    """Central crops (at most :data:`ESTIMATE_CROP` px a side) of ``count`` sections spread over the stack."""
+    depth, height, width = stack.shape
+    crop = min(height, width, ESTIMATE_CROP)
+    region = (slice((height - crop) // 2, (height + crop) // 2), slice((width - crop) // 2, (width + crop) // 2))
+    picks = np.unique(np.linspace(0, depth - 1, min(count, depth)).round().astype(int))
+    return [check_chunk(stack, int(z), require_finite=False, region=region) for z in picks]
+
+
+def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tuple[float, float, float], str]:
+    """The input's :class:`Resolution` (from ``--voxel-size``, else its metadata, else estimated from its
+    texture), and the voxel size and unit the aligned output carries."""
+    if params.voxel_size:
+        where = f"{stack.path}: --voxel-size {','.join(f'{v:g}' for v in params.voxel_size)} {params.unit}"
+        pixel = check_pixel_size(to_nanometres(params.voxel_size[1], params.unit), where)
+        return working_resolution(pixel, "user"), tuple(params.voxel_size), params.unit
+    if stack.voxel_known and stack.voxel_size[1] != PLACEHOLDER:
+        try:
+            pixel = to_nanometres(stack.voxel_size[1], stack.unit)
+        except EmalignError as err:
+            raise EmalignError(f"{stack.path}: metadata: {err}") from None
+        return working_resolution(check_pixel_size(pixel, stack.path), "metadata"), stack.voxel_size, stack.unit
+    pixel = estimate_pixel_size(_central_crops(stack))
+    spacing = to_nanometres(stack.voxel_size[0], stack.unit) if stack.voxel_known else pixel
+    return working_resolution(pixel, "estimated"), (spacing, pixel, pixel), "nanometer"
+
+
+def working_stack(stack: Stack, factor: int) -> Stack:
+    """``stack`` at ``factor`` x coarser pixels: the input's own pyramid level where one has the shape of the
+    block means (:func:`emalign.io.downsampled`), else the block means."""
+    level = stack.level + int(np.log2(factor))
+    if factor > 1 and 2 ** (level - stack.level) == factor:
+        try:
+            coarser = open_stack(stack.path, level=level)
+        except EmalignError:
+            coarser = None
+        expected = [side // factor for side in stack.shape[1:]]
+        if coarser is not None and coarser.shape == (stack.shape[0], *expected):
+            return coarser
+    return downsampled(stack, factor)
+
+
 def flag_text(flags: int) -> str:
     """``"blank|damaged"`` style text for a flag byte ('' for a good section)."""
     return "|".join(name for bit, name in FLAG_NAMES.items() if flags & bit)
@@ -79,22 +132,40 @@ class Workspace:
         self.writer = OmeZarrWriter.open(path)
         self.group = zarr.open_group(self.path, mode="r+")
         meta = self.writer.attrs
-        self.params = AlignParams.from_dict(meta["params"])
+        self.resolution = Resolution.from_dict(meta.get("resolution") or {"pixel_nm": 0.0, "source": "metadata"})
+        self.params = AlignParams.from_dict(meta["params"]).working(self.resolution.ratio)
         self.plan = Plan(tuple(meta["plan"]["shape"]), self.params)
         self.input_path = meta["input"]["path"]
 
+    @property
+    def factor(self) -> int:
+        """Input pixels per working pixel (fields are stored in working pixels)."""
+        return self.resolution.factor
+
+    def input_stack(self) -> Stack:
+        """The input at full resolution (what render warps)."""
+        return open_stack(self.input_path, level=self.params.level)
+
+    def working_stack(self) -> Stack:
+        """The input at the working resolution (what every stage before render reads)."""
+        return working_stack(self.input_stack(), self.factor)
+
     @classmethod
     def create(cls, stack: Stack, out: str | os.PathLike, params: AlignParams, overwrite: bool = False) -> Workspace:
-        """Create the output for ``stack`` (or reopen it when params match, to resume)."""
+        """Create the output for ``stack`` (full resolution; or reopen it when params match, to resume)."""
         params.validate()
         check_values(params)
-        side = max(MIN_SIDE, 2 * params.coarse_downsample)
-        if min(stack.shape[1:]) < side:
+        resolution, voxel_size, unit = stack_resolution(stack, params)
+        working = working_stack(stack, resolution.factor)
+        effective = params.working(resolution.ratio)
+        side = max(MIN_SIDE, 2 * effective.coarse_downsample)
+        if min(working.shape[1:]) < side:
             raise EmalignError(
                 f"{stack.path}: sections of {stack.shape[1]} x {stack.shape[2]} px are too small to align "
-                f"(need at least {side} px per side with coarse_downsample {params.coarse_downsample})"
+                f"(need at least {side} px per side with coarse_downsample {effective.coarse_downsample} "
+                f"at {resolution.factor}x block means)"
             )
-        plan = Plan(stack.shape, params)
+        plan = Plan(working.shape, effective)
         source = {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
         existing = (emalign_attrs(out) or {}).get("input")
         if existing is not None and existing != source and not overwrite:
@@ -104,13 +175,13 @@ class Workspace:
             "input": source,
             "params": params.to_dict(),
             "plan": plan.to_dict(),
+            "resolution": resolution.to_dict(),
             "model": {"name": params.model, "sha256": models.checksum(params.model)},
         }
-        writer = OmeZarrWriter.create(
-            out, stack.shape, stack.dtype, stack.voxel_size, stack.unit, attrs=attrs, overwrite=overwrite
-        )
+        writer = OmeZarrWriter.create(out, stack.shape, stack.dtype, voxel_size, unit, attrs=attrs, overwrite=overwrite)
         if f"stages/{STAGES[-1]}" not in writer.group:  # new, or killed while its arrays were being created
-            cls._create_arrays(out, plan, stack.voxel_size)
+            f = resolution.factor
+            cls._create_arrays(out, plan, (voxel_size[0], voxel_size[1] * f, voxel_size[2] * f))
         return cls(out)
 
     @staticmethod
@@ -124,7 +195,7 @@ class Workspace:
             "axes": ["z", "c", "y", "x"],
             "channels": ["dy", "dx"],
             "convention": "pull: aligned(p) = raw(p + u(p))",
-            "units": "pixels of full resolution",
+            "units": "pixels of the working resolution",
             "stride": stride,
             "coordinateTransformations": [
                 {"type": "scale", "scale": [voxel_size[0], 1.0, voxel_size[1] * stride, voxel_size[2] * stride]}
