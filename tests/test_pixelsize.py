@@ -12,10 +12,10 @@ from scipy import ndimage
 
 from emalign.errors import EmalignError
 from emalign.evaluate import FLYEM, SHARED_DATA, shared_stack
-from emalign.io import downsampled, open_stack
+from emalign.io import downsampled, import_stack, open_stack
 from emalign.metrics import adjacent_correlation
 from emalign.pipeline import AlignParams, align
-from emalign.pipeline.store import stack_resolution
+from emalign.pipeline.store import stack_resolution, working_stack
 from emalign.pixelsize import (
     check_pixel_size,
     estimate_pixel_size,
@@ -104,7 +104,8 @@ def test_voxel_size_comes_from_the_user_then_the_metadata_then_the_texture(tmp_p
     found = stack_resolution(calibrated, AlignParams())
     assert (found[0].source, found[0].pixel_nm, found[0].factor) == ("metadata", pytest.approx(5.0), 2)
     guessed = stack_resolution(bare, AlignParams())
-    assert guessed[0].source == "estimated" and guessed[0].factor == 1 and guessed[2] == "nanometer"
+    assert guessed[0].source == "estimated" and guessed[0].factor == 1
+    assert guessed[1:] == ((1.0, 1.0, 1.0), "nanometer")  # the output repeats the input's metadata
 
 
 def test_an_absurd_voxel_size_in_the_metadata_is_a_one_line_error_naming_the_file(tmp_path):
@@ -133,3 +134,13 @@ def test_a_5_nm_stack_is_aligned_at_2x_block_means_and_rendered_at_full_resoluti
     np.testing.assert_array_equal(ws.array("fields/global")[:], means.array("fields/global")[:])
     aligned = np.asarray(group["0"][:])
     assert adjacent_correlation(aligned).mean() > adjacent_correlation(fine).mean() + 0.3
+
+
+def test_the_working_stack_is_the_inputs_own_pyramid_level_where_it_has_the_block_means_shape(tmp_path):
+    stack = em_texture((2, 128, 128), seed=1, z_step=4.0)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    import_stack(tmp_path / "s.tif", tmp_path / "s.zarr", voxel_size=(40, 5, 5), unit="nm", levels=2, progress=False)
+    imported = open_stack(tmp_path / "s.zarr")
+    assert working_stack(imported, 2).level == 1
+    assert working_stack(imported, 4).level == 0  # no level 2: block means of level 0
+    assert working_stack(imported, 4).shape == (2, 32, 32)

@@ -31,6 +31,7 @@ pull convention, channels (dy, dx). Render multiplies both by ``factor``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -78,17 +79,21 @@ def check_values(params: AlignParams) -> None:
 
 
 def _central_crops(stack: Stack, count: int = 5) -> list[np.ndarray]:
-    """Central crops (at most :data:`ESTIMATE_CROP` px a side) of ``count`` sections spread over the stack."""
+    """Central crops (at most :data:`ESTIMATE_CROP` px a side) of ``count`` sections spread over the stack;
+    a section that cannot be read is left out (the stage that reads it names it)."""
     depth, height, width = stack.shape
     crop = min(height, width, ESTIMATE_CROP)
     region = (slice((height - crop) // 2, (height + crop) // 2), slice((width - crop) // 2, (width + crop) // 2))
-    picks = np.unique(np.linspace(0, depth - 1, min(count, depth)).round().astype(int))
-    return [check_chunk(stack, int(z), require_finite=False, region=region) for z in picks]
+    crops = []
+    for z in np.unique(np.linspace(0, depth - 1, min(count, depth)).round().astype(int)):
+        with contextlib.suppress(EmalignError):
+            crops.append(check_chunk(stack, int(z), require_finite=False, region=region))
+    return crops
 
 
 def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tuple[float, float, float], str]:
     """The input's :class:`Resolution` (from ``--voxel-size``, else its metadata, else estimated from its
-    texture), and the voxel size and unit the aligned output carries."""
+    texture), and the voxel size and unit the aligned output carries (the input's unless the user gave one)."""
     if params.voxel_size:
         where = f"{stack.path}: --voxel-size {','.join(f'{v:g}' for v in params.voxel_size)} {params.unit}"
         pixel = check_pixel_size(to_nanometres(params.voxel_size[1], params.unit), where)
@@ -99,9 +104,8 @@ def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tup
         except EmalignError as err:
             raise EmalignError(f"{stack.path}: metadata: {err}") from None
         return working_resolution(check_pixel_size(pixel, stack.path), "metadata"), stack.voxel_size, stack.unit
-    pixel = estimate_pixel_size(_central_crops(stack))
-    spacing = to_nanometres(stack.voxel_size[0], stack.unit) if stack.voxel_known else pixel
-    return working_resolution(pixel, "estimated"), (spacing, pixel, pixel), "nanometer"
+    estimated = working_resolution(estimate_pixel_size(_central_crops(stack)), "estimated")
+    return estimated, stack.voxel_size, stack.unit  # the output's metadata repeats the input's, invents nothing
 
 
 def working_stack(stack: Stack, factor: int) -> Stack:
