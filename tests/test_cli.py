@@ -410,3 +410,32 @@ def test_a_killed_align_resumes_to_the_uninterrupted_result(stack, reference, tm
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(
+    ("voxel", "unit", "says"),
+    [
+        ("40,0,4", "nanometer", "--voxel-size"),
+        ("40,-4,4", "nanometer", "--voxel-size"),
+        ("40,4", "nanometer", "three numbers"),
+        ("40,4,4", "meter", "not plausible"),
+        ("40,4,4", "parsec", "parsec"),
+    ],
+)
+def test_a_missing_zero_negative_or_absurd_voxel_size_is_a_one_line_error_and_writes_nothing(
+    stack, tmp_path, voxel, unit, says
+):
+    out = tmp_path / "out.zarr"
+    assert says in error_line(invoke("align", stack, out, "--voxel-size", voxel, "--unit", unit))
+    assert not out.exists()
+
+
+def test_align_says_which_pixel_size_it_assumed_and_records_it(stack, tmp_path):
+    out = tmp_path / "out.zarr"
+    result = ok("align", stack, out, "--block", "4", "--polish", "off", "--voxel-size", "40,5,5")
+    assert "pixel size 5 nm (from --voxel-size); aligning at 2x block means (10 nm pixels)" in result.output
+    attrs = zarr.open_group(str(out), mode="r").attrs
+    assert attrs["emalign"]["params"]["voxel_size"] == [40.0, 5.0, 5.0]
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [40.0, 5.0, 5.0]
+    bare = ok("prealign", stack, tmp_path / "bare.zarr", "--block", "4")
+    assert "estimated from the texture scale" in bare.output
