@@ -10,7 +10,8 @@ the whole process (adding Python's start and the imports, ~2.5 s), MPx/s of inpu
 and the peak resident memory of the whole process tree (sampled; worker processes included). ``--grow N`` adds
 a row for a stack N times longer in z (the same sections repeated), to show that memory stays flat as stacks
 grow in z; ``--xy-grow N`` a row with sections N times larger per side. ``--sizes SIZE:SECTIONS,...`` adds rows
-of large sections made in bounded memory: a 1024^2 procedural volume mirror-tiled to SIZE^2 and placed by a
+of large sections made in bounded memory: a 1024^2 procedural volume tiled periodically to SIZE^2 (mirrored tiles
+would give the spectrum a mirror symmetry that makes rotations ambiguous) and placed by a
 random rigid map per section (15 px, 1 deg), written tile by tile; those rows also report the output's files per
 section at level 0 and the adjacent-section correlation of the output against the truth's (the tiled volume
 itself). ``--schedulers`` runs every row under each scheduler. Every row also times the pairwise-rigid chain
@@ -60,7 +61,7 @@ print(seconds, peak // 1024, process.returncode)
 """
 
 TILE_BASE = 1024
-"""Side of the procedural volume that ``--sizes`` rows mirror-tile."""
+"""Side of the procedural volume that ``--sizes`` rows tile."""
 
 
 def make_input(path: Path, sections: int, size: int, repeat_z: int = 1) -> tuple[int, int, int]:
@@ -74,10 +75,11 @@ def make_input(path: Path, sections: int, size: int, repeat_z: int = 1) -> tuple
 
 
 def _tiled_section(base: np.ndarray, matrix: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """The ``shape`` region at ``origin`` of the mirror-tiled ``base`` (Y, X) pulled by the affine ``matrix`` (2, 3)."""
+    """The ``shape`` region at ``origin`` of the periodically tiled ``base`` (Y, X) pulled by the affine ``matrix``
+    (2, 3)."""
     yy, xx = np.mgrid[origin[0] : origin[0] + shape[0], origin[1] : origin[1] + shape[1]].astype(np.float32)
     coords = np.einsum("ij,jyx->iyx", matrix[:, :2], np.stack([yy, xx])) + matrix[:, 2, None, None]
-    return np.clip(ndimage.map_coordinates(base, coords, order=1, mode="mirror"), 0, 255).astype(np.uint8)
+    return np.clip(ndimage.map_coordinates(base, coords, order=1, mode="grid-wrap"), 0, 255).astype(np.uint8)
 
 
 def make_tiled_input(path: Path, sections: int, size: int, seed: int = 0, tile: int = 2048) -> float:
@@ -162,7 +164,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (median reported)")
     parser.add_argument("--grow", type=int, default=10, help="z growth factor of the second row (0: none)")
     parser.add_argument("--xy-grow", type=int, default=2, help="side growth factor of the third row (0: none)")
-    parser.add_argument("--sizes", default="", help="SIZE:SECTIONS,... rows of mirror-tiled large sections")
+    parser.add_argument("--sizes", default="", help="SIZE:SECTIONS,... rows of tiled large sections")
     parser.add_argument("--schedulers", default="threads", help="comma-separated --scheduler values, one row each")
     parser.add_argument("--extra", default="", help="extra `emalign align` options, e.g. '--device cuda'")
     parser.add_argument("--out", default=str(RESULTS / "speed.md"))

@@ -143,8 +143,9 @@ def test_reader_gives_raw_fields_aligned_and_qc_layers_on_the_ngff_voxel_grid(ou
     assert raw_meta["scale"] == VOXEL and not raw_meta["visible"]
     np.testing.assert_array_equal(np.asarray(raw[5]), stack[5])
     magnitude, magnitude_meta, _ = layers["field |u| px"]
-    assert magnitude.shape == (8, 33, 33) and magnitude_meta["scale"] == (40.0, 32.0, 32.0)
-    fields = np.asarray(zarr.open_group(str(output), mode="r")["fields/global"][5])
+    # 4 nm pixels are aligned at 2x block means (8 nm): the stored grid is in working pixels, shown in input pixels
+    assert magnitude.shape == (8, 17, 17) and magnitude_meta["scale"] == (40.0, 64.0, 64.0)
+    fields = 2 * np.asarray(zarr.open_group(str(output), mode="r")["fields/global"][5])
     np.testing.assert_allclose(np.asarray(magnitude[5]), np.hypot(fields[0], fields[1]), rtol=1e-5)
     vectors, vectors_meta, kind = layers["field vectors"]
     assert kind == "vectors" and vectors_meta["scale"] == VOXEL
@@ -199,7 +200,7 @@ def test_napari_opens_an_output_through_the_plugin_manifest(viewer, output):
     assert [layer.name for layer in layers] == ["raw", "field |u| px", "field vectors", "aligned", "QC flags"]
     aligned = viewer.layers["aligned"]
     assert aligned.multiscale and tuple(aligned.scale) == VOXEL
-    assert tuple(viewer.layers["field |u| px"].scale) == (40.0, 32.0, 32.0)
+    assert tuple(viewer.layers["field |u| px"].scale) == (40.0, 64.0, 64.0)  # 2x working factor at 4 nm
     assert viewer.layers["QC flags"].features["flags"].tolist() == ["blank"]
     assert str(aligned.units[0]) == "nanometer"
 

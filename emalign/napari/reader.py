@@ -80,7 +80,8 @@ def read_output(path: str | os.PathLike | Sequence[str]) -> list[LayerData]:
     if "fields/global" in group:
         fields = group["fields/global"]
         stride = int(fields.attrs.get("stride") or attrs["params"]["stride"])
-        layers += field_layers(fields, stride, scale, unit=unit)
+        factor = int((attrs.get("resolution") or {}).get("factor", 1))
+        layers += field_layers(fields, stride, scale, unit=unit, factor=factor)
     layers.append(aligned)
     layers.append(qc_layer(rows, shape, scale, unit=unit))
     return layers
@@ -167,18 +168,21 @@ def field_layers(
     translate: Sequence[float] = (0.0, 0.0, 0.0),
     unit: str = "pixel",
     name: str = "field",
+    factor: int = 1,
 ) -> list[LayerData]:
     """A field magnitude image and a decimated vectors layer from pull fields ``(Z, 2, gy, gx)`` on a stride grid.
 
     ``scale``/``translate`` are those of the image the fields belong to (full-resolution pixels); field
-    sample ``(i, j)`` sits at pixel ``(i * stride, j * stride)``. ``fields`` may be a Zarr or NumPy array;
+    sample ``(i, j)`` sits at working pixel ``(i * stride, j * stride)``, values in working pixels, ``factor``
+    full-resolution pixels each (the alignment's working resolution). ``fields`` may be a Zarr or NumPy array;
     the magnitude stays lazy, the vectors read every ``k``-th sample (at most :data:`MAX_VECTORS` per side).
     """
     depth, _, gy, gx = (int(s) for s in fields.shape)
     scale = tuple(float(s) for s in scale)
     translate = tuple(float(t) for t in translate)
+    stride = stride * factor
     lazy = da.from_array(fields, chunks=(1, 2, gy, gx))
-    magnitude = da.sqrt((lazy.astype(np.float32) ** 2).sum(axis=1))
+    magnitude = factor * da.sqrt((lazy.astype(np.float32) ** 2).sum(axis=1))
     grid_scale = (scale[0], scale[1] * stride, scale[2] * stride)
     middle = np.asarray(magnitude[depth // 2])
     common = {"units": (unit,) * 3, "axis_labels": AXES, "translate": translate, "visible": False}
@@ -195,7 +199,7 @@ def field_layers(
         "image",
     )
     step = max(1, math.ceil(max(gy, gx) / MAX_VECTORS))
-    sampled = np.asarray(fields[:, :, ::step, ::step], dtype=np.float32)  # (Z, 2, vy, vx)
+    sampled = factor * np.asarray(fields[:, :, ::step, ::step], dtype=np.float32)  # (Z, 2, vy, vx), full-res px
     z, iy, ix = np.meshgrid(np.arange(depth), np.arange(sampled.shape[2]), np.arange(sampled.shape[3]), indexing="ij")
     vectors = np.zeros((z.size, 2, 3), np.float32)
     vectors[:, 0] = np.stack([z.ravel(), iy.ravel() * step * stride, ix.ravel() * step * stride], axis=1)
