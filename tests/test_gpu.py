@@ -1,0 +1,46 @@
+"""The CUDA path: the same alignment as the CPU's within bfloat16's precision (skipped without a GPU), and the
+GPU benchmark script itself, run on the CPU so that a session with a GPU finds it working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emalign import register_sections
+from emalign.synth import demo_stack
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(scope="module")
+def cpu_and_gpu():
+    stack = demo_stack((8, 192, 192), seed=5)[1].stack
+    return register_sections(stack, device="cpu"), register_sections(stack, device="cuda")
+
+
+@needs_cuda
+def test_fields_on_the_gpu_equal_the_cpus_within_a_twentieth_of_a_pixel(cpu_and_gpu):
+    cpu, gpu = cpu_and_gpu
+    assert np.sqrt(np.mean(np.sum((cpu.fields - gpu.fields) ** 2, axis=1))) <= 0.05
+
+
+@needs_cuda
+def test_the_gpus_output_matches_the_cpus_within_one_grey_level_on_999_per_mille(cpu_and_gpu):
+    cpu, gpu = cpu_and_gpu
+    difference = np.abs(cpu.aligned.astype(np.int32) - gpu.aligned.astype(np.int32))
+    assert np.mean(difference <= 1) >= 0.999
+
+
+def test_the_gpu_benchmark_script_runs_through_and_writes_its_table_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.md"
+    command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "96:4", "--compare", "4x96"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, text=True)
+    table = out.read_text()
+    assert "| 4 x 96 x 96 |" in table and "torch" in table
+    assert "global fields differ by 0.000 px RMS; 100.00 % of output pixels within 1 grey level" in table
