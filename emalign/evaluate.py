@@ -253,6 +253,15 @@ def torn_section_error(residual: np.ndarray, torn: Sequence[int], margin: float 
     return float(np.sqrt(np.mean(np.sum(metrics.interior(errors, margin) ** 2, axis=1))))
 
 
+def mean_range(values: Sequence[float], unit: float = 1.0) -> str:
+    """``"mean (min-max)"`` of ``values`` times ``unit``, 2 decimals (just the value for one): one table cell over
+    several misalignments."""
+    array = np.asarray(values, dtype=np.float64) * unit
+    if len(array) == 1:
+        return f"{array[0]:.2f}"
+    return f"{array.mean():.2f} ({array.min():.2f}-{array.max():.2f})"
+
+
 def markdown_table(results: dict[str, dict], title: str = "") -> str:
     """The metrics as a Markdown table (px, %, seconds)."""
     lines = [f"**{title}**", ""] if title else []
@@ -276,6 +285,7 @@ __all__ = [
     "evaluate",
     "isbi_reference",
     "markdown_table",
+    "mean_range",
     "no_alignment",
     "pipeline_aligner",
     "remove_section_offsets",

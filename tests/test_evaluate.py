@@ -90,3 +90,9 @@ def test_fail_counts_residuals_above_the_given_threshold(stack):
     loose = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=shifted)["none"]["fail"]
     strict = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=shifted, fail_px=1.0)["none"]
     assert loose == 0.0 and strict["fail"] > 0.2
+
+
+def test_mean_range_gives_the_mean_and_the_extremes_in_the_given_unit():
+    assert evaluate.mean_range([1.0, 2.0, 6.0]) == "3.00 (1.00-6.00)"
+    assert evaluate.mean_range([0.5, 1.5], unit=4.0) == "4.00 (2.00-6.00)"
+    assert evaluate.mean_range([0.5]) == "0.50"
