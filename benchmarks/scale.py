@@ -12,22 +12,28 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
   section, so memory stays small (`--texture flyem`: FlyEM sections mirror-tiled instead);
 - **misalignment**: (a) shifts 15 px, rotations 1 deg, scale 1 %, elastic 2 px at 100 px (as in
   benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
-  per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section); on FlyEM 10 nm and on
-  the 1024^2 texture ((c) only there: 100 px is 40 % of a FlyEM section);
+  per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
+  1024^2 texture, (a) and (b) on FlyEM 10 nm (100 px would be 40 % of its sections);
 - **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
   FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
   FlyEM stack as imaged.
 
 Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
 at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain
-and by `emalign align` (the input TIFF carries the true voxel size) over several misalignment seeds
-(mean and range); every stack is also fed in aligned and unchanged (do no harm, once). Metrics in px of
-the stack and in nm; fail % counts residuals above 250 nm (25 px at 10 nm); s/MPx is each method's
-wall time per megapixel of input. Writes benchmarks/results/scale.md. Needs ../shared/data.
+and by `emalign align` over several misalignment seeds (mean and range); every stack is also fed in
+aligned and unchanged (do no harm, once). The input TIFF carries the true voxel size (ImageJ calibration,
+`evaluate.pipeline_aligner(voxel_size=)`); a pipeline that does not use it yet aligns 4 nm pixels with its
+10 nm defaults. Metrics in px of the stack (mean and range) and in nm (mean); fail % counts residuals above
+250 nm (25 px at 10 nm); s/MPx is each method's wall time per megapixel of input (the small stacks of
+--quick pay mostly the pipeline's fixed start-up). Writes benchmarks/results/scale.md; prints each row as
+it comes and the tables at the end. Needs ../shared/data.
 
-Cost: about 330 MPx per method over the default matrix (30 MPx with --quick), at the 0.47 / 0.70 MPx/s
-of `emalign align` / the rigid chain on an idle 2-core EPYC (benchmarks/results/speed_epyc.md) about
-45 min (default) and 2-3 min (--quick); peak memory about 4 GB (the 4096^2 stack's fields).
+Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; printed at the start). At
+the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
+(benchmarks/results/speed_epyc.md) that is about 36 min, plus misalignment and metrics: about 45-50 min
+(--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
+memory about 6 GB, on the 4096^2 stack (the rigid chain's full-resolution phase correlation and the
+(Z, 2, Y, X) fields); 2 x 2048^2 peaked at 1.7 GB.
 """
 
 from __future__ import annotations
