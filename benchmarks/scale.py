@@ -32,8 +32,8 @@ Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; p
 the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
 (benchmarks/results/speed_epyc.md) that is about 36 min, plus misalignment and metrics: about 45-50 min
 (--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
-memory about 6 GB, on the 4096^2 stack (the rigid chain's full-resolution phase correlation and the
-(Z, 2, Y, X) fields); 2 x 2048^2 peaked at 1.7 GB.
+memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2 (the rigid chain's full-resolution phase correlation
+and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2.
 """
 
 from __future__ import annotations
