@@ -63,7 +63,7 @@ def summary_rows(label: str, stacks: list[np.ndarray], methods: dict, seeds: int
     rows = []
     for name, values in scores.items():
         table = np.array(values)
-        cells = [f"{c.mean():.2f} ({c.min():.2f}-{c.max():.2f})" for c in table.T]
+        cells = [evaluate.mean_range(c) for c in table.T]
         rows.append(f"| {label} | {name} | {len(table)} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     return rows

@@ -163,18 +163,35 @@ def emalign_aligner(method: str = "stitched", model: str = "faemreg-small", **op
     return align
 
 
-def pipeline_aligner(
-    workdir: str | Path, params=None, scheduler_spec: str = "threads", device: str = "auto"
-) -> Aligner:
-    """The full pipeline (TIFF in, OME-Zarr out under ``workdir``) as an :data:`Aligner`."""
+def write_tiff(path: str | Path, stack: np.ndarray, voxel_size: tuple[float, float, float] | None = None) -> None:
+    """Write ``stack`` as a multi-page TIFF; ``voxel_size`` ``(z, y, x)`` nm, when given, as ImageJ calibration
+    (what :mod:`emalign.io` reads as the stack's voxel size), else a plain TIFF."""
     import tifffile
 
+    if voxel_size is None:
+        tifffile.imwrite(path, stack)
+        return
+    dz, dy, dx = voxel_size
+    tifffile.imwrite(path, stack, imagej=True, resolution=(1 / dx, 1 / dy), metadata={"spacing": dz, "unit": "nm"})
+
+
+def pipeline_aligner(
+    workdir: str | Path,
+    params=None,
+    scheduler_spec: str = "threads",
+    device: str = "auto",
+    voxel_size: tuple[float, float, float] | None = None,
+) -> Aligner:
+    """The full pipeline (TIFF in, OME-Zarr out under ``workdir``) as an :data:`Aligner`.
+
+    ``voxel_size`` ``(z, y, x)`` nm, when given, goes into the input TIFF (:func:`write_tiff`).
+    """
     from emalign.pipeline import AlignParams, align
 
     def run(stack: np.ndarray) -> np.ndarray:
         workdir_path = Path(workdir)
         workdir_path.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(workdir_path / "input.tif", stack)
+        write_tiff(workdir_path / "input.tif", stack, voxel_size)
         ws, _, _ = align(
             workdir_path / "input.tif",
             workdir_path / "aligned.zarr",
@@ -196,13 +213,14 @@ def evaluate(
     artifacts: Sequence[str] = (),
     misalignment: dict | None = None,
     watch: Sequence[int] | None = None,
+    fail_px: float = 25.0,
 ) -> dict[str, dict]:
     """Misalign ``aligned_stack`` with known fields, run each aligner, return its metrics.
 
-    Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``; sections
-    blanked by artifacts are left out of the metrics. ``"torn_adj"`` is :func:`torn_section_error` of
-    the ``watch`` sections (default: those torn by ``"crack"`` artifacts), listed in ``"torn_sections"``,
-    when there are any.
+    Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``; sections blanked by artifacts
+    are left out of the metrics, and ``fail`` counts residuals above ``fail_px``. ``"torn_adj"`` is
+    :func:`torn_section_error` of the ``watch`` sections (default: those torn by ``"crack"`` artifacts),
+    listed in ``"torn_sections"``, when there are any.
     """
     case = synth.misalign(aligned_stack, seed=seed, artifacts=artifacts, **(misalignment or {}))
     excluded = [z for z, flag in enumerate(case.flags) if flag == "blank"]
@@ -213,7 +231,7 @@ def evaluate(
         fields = align(case.stack)
         seconds = time.perf_counter() - start
         residual = metrics.residual_fields(case.fields, fields)
-        result = metrics.alignment_metrics(residual, estimate=fields, exclude=excluded)
+        result = metrics.alignment_metrics(residual, fail_px=fail_px, estimate=fields, exclude=excluded)
         if torn:
             result["torn_adj"] = torn_section_error(residual, torn)
             result["torn_sections"] = tuple(torn)
@@ -233,6 +251,15 @@ def torn_section_error(residual: np.ndarray, torn: Sequence[int], margin: float 
     """
     errors = np.stack([residual[z] - (residual[z - 1] + residual[z + 1]) / 2 for z in torn])
     return float(np.sqrt(np.mean(np.sum(metrics.interior(errors, margin) ** 2, axis=1))))
+
+
+def mean_range(values: Sequence[float], unit: float = 1.0) -> str:
+    """``"mean (min-max)"`` of ``values`` times ``unit``, 2 decimals (just the value for one): one table cell over
+    several misalignments."""
+    array = np.asarray(values, dtype=np.float64) * unit
+    if len(array) == 1:
+        return f"{array[0]:.2f}"
+    return f"{array.mean():.2f} ({array.min():.2f}-{array.max():.2f})"
 
 
 def markdown_table(results: dict[str, dict], title: str = "") -> str:
@@ -258,10 +285,12 @@ __all__ = [
     "evaluate",
     "isbi_reference",
     "markdown_table",
+    "mean_range",
     "no_alignment",
     "pipeline_aligner",
     "remove_section_offsets",
     "rigid_chain",
     "torn_section_error",
     "tvl1_chain",
+    "write_tiff",
 ]

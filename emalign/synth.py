@@ -279,18 +279,29 @@ def smooth_field(
 
 
 def random_affine(
-    rng: np.random.Generator, shift: float, rotation_deg: float, scale: float, center: tuple[float, float]
+    rng: np.random.Generator,
+    shift: float,
+    rotation_deg: float,
+    scale: float,
+    center: tuple[float, float],
+    compression: float = 0.0,
 ) -> np.ndarray:
     """A random affine map ``(2, 3)`` in ``y, x`` order, mapping output ``p`` to input ``q = A p + t``.
 
-    ``q - center = s R(theta) (p - center) + d``: shift ``d ~ N(0, shift)`` px per axis, rotation
+    ``q - center = s R(theta) C (p - center) + d``: shift ``d ~ N(0, shift)`` px per axis, rotation
     ``theta ~ N(0, rotation_deg)`` degrees about ``center`` ``(cy, cx)`` px, isotropic scale
-    ``s ~ 1 + N(0, scale)``. Use :func:`emalign.fields.affine_field` to turn it into a pull field.
+    ``s ~ 1 + N(0, scale)``, and ``C = I - compression n n^T`` a scale by exactly ``1 - compression``
+    along a direction ``n`` uniform in angle (the knife's path; drawn only when ``compression`` is not 0,
+    so the other draws do not change). Use :func:`emalign.fields.affine_field` to turn it into a pull field.
     """
     d = rng.normal(0.0, shift, 2)
     theta = np.deg2rad(rng.normal(0.0, rotation_deg))
     s = 1.0 + rng.normal(0.0, scale)
     a = s * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    if compression:
+        phi = rng.uniform(0.0, np.pi)
+        n = np.array([np.sin(phi), np.cos(phi)])
+        a = a @ (np.eye(2) - compression * np.outer(n, n))
     c = np.asarray(center, dtype=np.float64)
     return np.concatenate([a, (c - a @ c + d)[:, None]], axis=1)
 
@@ -351,15 +362,16 @@ def misalign(
     elastic: float = 2.0,
     elastic_length: float = 100.0,
     artifacts: Sequence[str] = (),
+    compression: float = 0.0,
 ) -> Misaligned:
     """Misalign every section of an aligned stack independently, with exact ground truth.
 
     Section z gets ``a_z = fields.compose(e_z, f_z)``: ``f_z`` the pull field of
-    :func:`random_affine` (``shift`` px, ``rotation_deg`` degrees, ``scale``, about the image
-    centre) and ``e_z`` a :func:`smooth_field` (RMS ``elastic`` px, correlation length
-    ``elastic_length`` px). The true section is first deformed elastically and then placed by the
-    affine map: ``raw_z(q) = true_z(r + e_z(r))`` with ``r = q + f_z(q)``. Pixels that come from
-    outside the section are 0.
+    :func:`random_affine` (``shift`` px, ``rotation_deg`` degrees, ``scale``, ``compression`` along a
+    random direction per section, about the image centre) and ``e_z`` a :func:`smooth_field` (RMS
+    ``elastic`` px, correlation length ``elastic_length`` px). The true section is first deformed
+    elastically and then placed by the affine map: ``raw_z(q) = true_z(r + e_z(r))`` with
+    ``r = q + f_z(q)``. Pixels that come from outside the section are 0.
 
     Artifacts (each on a different random section, never the first or last; applied after warping,
     inside the imaged area): ``"blank"`` all zeros, ``"low_contrast"`` contrast x0.2 about the
@@ -390,7 +402,9 @@ def misalign(
         part = slice(start, min(start + _CHUNK, nz))
         placed, bent = [], []
         for _ in range(part.stop - part.start):
-            placed.append(fields.affine_field(random_affine(rng, shift, rotation_deg, scale, center), (ny, nx)))
+            placed.append(
+                fields.affine_field(random_affine(rng, shift, rotation_deg, scale, center, compression), (ny, nx))
+            )
             bent.append(smooth_field((ny, nx), elastic, elastic_length, rng))
         a = fields.compose_torch(torch.from_numpy(np.stack(bent)), torch.from_numpy(np.stack(placed)))
         image = torch.from_numpy(np.asarray(stack[part], dtype=np.float32)[:, None])

@@ -72,3 +72,27 @@ def test_remove_section_offsets_undoes_whole_pixel_section_jumps():
     oy, ox = 20 + placed[0] - (offsets[0] - offsets.min(axis=0))  # where the content starts, the same in every z
     top, left = max(oy, 0), max(ox, 0)
     assert np.array_equal(repaired[:, top : oy + 120, left : ox + 120], aligned[:, top - oy :, left - ox :])
+
+
+def test_write_tiff_stores_the_voxel_size_that_the_reader_finds(tmp_path, stack):
+    from emalign.io import open_stack
+
+    evaluate.write_tiff(tmp_path / "calibrated.tif", stack, (40.0, 4.0, 4.0))
+    evaluate.write_tiff(tmp_path / "plain.tif", stack)
+    calibrated = open_stack(tmp_path / "calibrated.tif")
+    assert calibrated.voxel_size == pytest.approx((40.0, 4.0, 4.0)) and calibrated.unit == "nanometer"
+    assert np.array_equal(np.asarray(calibrated.data), stack)
+    assert open_stack(tmp_path / "plain.tif").voxel_size == (1.0, 1.0, 1.0)
+
+
+def test_fail_counts_residuals_above_the_given_threshold(stack):
+    shifted = {"shift": 0.0, "rotation_deg": 0.0, "scale": 0.0, "elastic": 3.0}
+    loose = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=shifted)["none"]["fail"]
+    strict = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=shifted, fail_px=1.0)["none"]
+    assert loose == 0.0 and strict["fail"] > 0.2
+
+
+def test_mean_range_gives_the_mean_and_the_extremes_in_the_given_unit():
+    assert evaluate.mean_range([1.0, 2.0, 6.0]) == "3.00 (1.00-6.00)"
+    assert evaluate.mean_range([0.5, 1.5], unit=4.0) == "4.00 (2.00-6.00)"
+    assert evaluate.mean_range([0.5]) == "0.50"

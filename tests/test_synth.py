@@ -104,6 +104,33 @@ def test_misalign_pulls_content_from_p_plus_the_field():
         np.testing.assert_allclose((result.stack[z] - stack[z])[20:44, 20:44], dy + 2 * dx, atol=1e-3)
 
 
+def test_compression_scales_each_section_by_exactly_one_minus_c_along_its_own_direction():
+    yy, xx = np.mgrid[:64, :64].astype(np.float32)
+    stack = np.stack([yy + 2 * xx] * 6)  # a linear ramp: bilinear sampling of it is exact
+    result = misalign(stack, seed=3, shift=0.0, rotation_deg=0.0, scale=0.0, elastic=0.0, compression=0.03)
+    directions = []
+    for z in range(6):
+        mapped = result.fields[z].astype(np.float64) + np.mgrid[:64, :64]  # q = A p + t at every pixel
+        a = np.stack([mapped[:, 1, 0] - mapped[:, 0, 0], mapped[:, 0, 1] - mapped[:, 0, 0]], axis=1)
+        np.testing.assert_allclose(
+            mapped, np.einsum("ij,jyx->iyx", a, np.mgrid[:64, :64]) + mapped[:, :1, :1], atol=1e-4
+        )
+        np.testing.assert_allclose(np.linalg.svd(a, compute_uv=False), [1.0, 0.97], atol=1e-5)
+        values, vectors = np.linalg.eigh(a)  # symmetric: a pure compression, no rotation
+        np.testing.assert_allclose(a, a.T, atol=1e-5)
+        directions.append(np.degrees(np.arctan2(*vectors[:, np.argmin(values)])) % 180)
+        # the raw section is the true one sampled through the same affine map
+        np.testing.assert_allclose(result.stack[z][20:44, 20:44], (mapped[0] + 2 * mapped[1])[20:44, 20:44], atol=1e-3)
+    assert np.ptp(directions) > 20  # a random direction per section
+
+
+def test_compression_is_off_by_default_and_changes_the_fields_when_set(volume):
+    plain, zero = misalign(volume, seed=4), misalign(volume, seed=4, compression=0.0)
+    np.testing.assert_array_equal(plain.fields, zero.fields)
+    np.testing.assert_array_equal(plain.stack, zero.stack)
+    assert not np.array_equal(misalign(volume, seed=4, compression=0.02).fields[1:], plain.fields[1:])
+
+
 def test_misalign_has_requested_misalignment_and_zero_fill(volume):
     result = misalign(volume, seed=2, shift=10.0, elastic=2.0)
     mean_shift = result.fields.mean(axis=(2, 3))

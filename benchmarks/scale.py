@@ -1,0 +1,325 @@
+"""Accuracy along the axes on which real serial-section stacks differ (EVALUATION.md, "Realistic cases").
+
+    python benchmarks/scale.py [--quick] [--seeds 3] [--stacks flyem-4nm,size-1024] [--misalignments a,c]
+                               [--texture procedural|flyem]
+
+One run over a matrix of (stack, misalignment), four tables, each varying one axis:
+
+- **pixel size**: FlyEM sample 2, every 4th slice (40 nm), 32 sections at 10 nm pixels and zoomed
+  (cubic, section by section) 2x and 2.5x to 5 and 4 nm pixels (250, 500, 625 px wide);
+- **section size**: 448^2 (32 sections), 1024^2 (16), 2048^2 (6), 4096^2 (4, 2 seeds) of the procedural
+  texture (`synth.em_texture`, z_step 4); sizes above 1024 mirror-tile a 1024^2 block section by
+  section, so memory stays small (`--texture flyem`: FlyEM sections mirror-tiled instead);
+- **misalignment**: (a) shifts 15 px, rotations 1 deg, scale 1 %, elastic 2 px at 100 px (as in
+  benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
+  per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
+  1024^2 texture, (a) and (b) on FlyEM 10 nm (100 px would be 40 % of its sections);
+- **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
+  FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
+  FlyEM stack as imaged.
+
+Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
+at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain
+and by `emalign align` over several misalignment seeds (mean and range); every stack is also fed in
+aligned and unchanged (do no harm, once). The input TIFF carries the true voxel size (ImageJ calibration,
+`evaluate.pipeline_aligner(voxel_size=)`); a pipeline that does not use it yet aligns 4 nm pixels with its
+10 nm defaults. Metrics in px of the stack (mean and range) and in nm (mean); fail % counts residuals above
+250 nm (25 px at 10 nm); s/MPx is each method's wall time per megapixel of input (the small stacks of
+--quick pay mostly the pipeline's fixed start-up). Writes benchmarks/results/scale.md; prints each row as
+it comes and the tables at the end. Needs ../shared/data.
+
+Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; printed at the start). At
+the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
+(benchmarks/results/speed_epyc.md) that is about 36 min, plus misalignment and metrics: about 45-50 min
+(--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
+memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2 (the rigid chain's full-resolution phase correlation
+and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emalign import evaluate, synth
+
+RESULTS = Path(__file__).parent / "results"
+SPACING_NM = 40.0
+"""Section spacing of every stack (FlyEM every 4th slice; the texture's z_step 4), nm."""
+REFERENCE_NM = 10.0
+"""Pixel size at which the misalignments' lengths are given, nm."""
+FAIL_NM = 250.0
+"""A residual above this fails (25 px at 10 nm, as in :func:`emalign.metrics.alignment_metrics`)."""
+TILE = 1024
+"""Largest procedural texture generated in one piece; larger sections mirror-tile it."""
+METRICS = ("rms", "adj", "drift")
+
+MISALIGNMENTS = {
+    "a": ("(a) 15 px, 1 deg, 1 % scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.01}),
+    "b": (
+        "(b) 15 px, 1 deg, 1.5 % scale, 2.5 % compression",
+        {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.015, "compression": 0.025},
+    ),
+    "c": ("(c) 100 px, 4 deg, 1 % scale", {"shift": 100.0, "rotation_deg": 4.0, "scale": 0.01}),
+}
+"""Name: (label at 10 nm, :func:`emalign.synth.misalign` arguments); all with elastic 2 px at 100 px."""
+ELASTIC = {"elastic": 2.0, "elastic_length": 100.0}
+LENGTHS = ("shift", "elastic", "elastic_length")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """An aligned reference stack of the matrix, made on demand by ``load``."""
+
+    title: str
+    pixel_nm: float
+    shape: tuple[int, int, int]
+    load: Callable[[], np.ndarray]
+    seeds: int | None = None
+    """At most this many misalignment seeds (the largest stacks); None: as many as asked."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of the matrix: FlyEM sections (and crop), texture sizes with their sections and seed cap."""
+
+    flyem_sections: int
+    flyem_crop: int | None
+    sizes: dict[int, tuple[int, int | None]]
+    wide: int
+    """Section size of the misalignment axis."""
+    seeds: int
+
+
+FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3)
+QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2)
+
+
+def physical(misalignment: dict, pixel_nm: float) -> dict:
+    """``misalignment`` (lengths in px at :data:`REFERENCE_NM`) in px of a stack with ``pixel_nm`` pixels."""
+    factor = REFERENCE_NM / pixel_nm
+    return {key: value * factor if key in LENGTHS else value for key, value in (ELASTIC | misalignment).items()}
+
+
+def crop(stack: np.ndarray, size: int | None) -> np.ndarray:
+    """The central ``size`` x ``size`` of every section (all of it for None)."""
+    if size is None:
+        return stack
+    top, left = (stack.shape[1] - size) // 2, (stack.shape[2] - size) // 2
+    return stack[:, top : top + size, left : left + size]
+
+
+def zoomed(stack: np.ndarray, factor: float) -> np.ndarray:
+    """Every section zoomed by ``factor`` (cubic), uint8: finer pixels of the same content."""
+    from scipy import ndimage
+
+    if factor == 1:
+        return stack
+    return np.stack(
+        [
+            np.clip(
+                np.round(ndimage.zoom(s.astype(np.float32), factor, order=3, grid_mode=True, mode="reflect")), 0, 255
+            )
+            for s in stack
+        ]
+    ).astype(np.uint8)
+
+
+def mirror_tiled(stack: np.ndarray, size: int) -> np.ndarray:
+    """Every section (at most ``size`` px wide) mirror-tiled about its centre to ``size`` x ``size``."""
+    out = np.empty((len(stack), size, size), stack.dtype)
+    for z, section in enumerate(stack):
+        out[z] = np.pad(section, [((size - n) // 2, size - n - (size - n) // 2) for n in section.shape], "symmetric")
+    return out
+
+
+def flyem(plan: Plan, pixel_nm: float = REFERENCE_NM, reslice: str = "") -> np.ndarray:
+    """FlyEM sample 2 at 40 nm spacing, resliced across the FIB-SEM slices along ``reslice`` (``"y"``/``"x"``)
+    or as imaged (``""``), zoomed to ``pixel_nm`` pixels."""
+    volume = evaluate.shared_stack(evaluate.FLYEM[1])
+    volume = {"": volume, "y": volume.transpose(1, 0, 2), "x": volume.transpose(2, 0, 1)}[reslice]
+    stack = crop(volume[:: int(SPACING_NM / REFERENCE_NM)][: plan.flyem_sections], plan.flyem_crop)
+    return zoomed(np.ascontiguousarray(stack), REFERENCE_NM / pixel_nm)
+
+
+def texture(size: int, sections: int, kind: str) -> np.ndarray:
+    """A ``sections`` x ``size`` x ``size`` stack at 10 nm pixels and 40 nm spacing: the procedural texture
+    (generated up to :data:`TILE` px, mirror-tiled beyond) or FlyEM sections mirror-tiled."""
+    if kind == "flyem":
+        block = evaluate.shared_stack(evaluate.FLYEM[1], int(SPACING_NM / REFERENCE_NM), sections)
+    else:
+        side = min(size, TILE)
+        block = synth.em_texture((sections, side, side), seed=0, z_step=SPACING_NM / REFERENCE_NM)
+    return mirror_tiled(block, size)
+
+
+def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
+    """Every stack of the matrix by name."""
+    n = plan.flyem_sections
+    side = plan.flyem_crop or 250
+    made = {}
+    for pixel in (10.0, 5.0, 4.0):
+        width = round(side * REFERENCE_NM / pixel)
+        made[f"flyem-{pixel:g}nm"] = Stack(
+            f"FlyEM, {n} x {width}^2, {pixel:g} nm px", pixel, (n, width, width), functools.partial(flyem, plan, pixel)
+        )
+    for axis in "yx":
+        made[f"resliced-{axis}"] = Stack(
+            f"FlyEM resliced along {axis} (wander-free), {n} x {side}^2, 10 nm px",
+            REFERENCE_NM,
+            (n, side, side),
+            functools.partial(flyem, plan, reslice=axis),
+        )
+    name = "procedural texture" if kind == "procedural" else "FlyEM mirror-tiled"
+    for size, (sections, seeds) in plan.sizes.items():
+        made[f"size-{size}"] = Stack(
+            f"{name}, {sections} x {size}^2, 10 nm px",
+            REFERENCE_NM,
+            (sections, size, size),
+            functools.partial(texture, size, sections, kind),
+            seeds,
+        )
+    return made
+
+
+def axes(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The tables: (title, [(stack name, misalignment name)])."""
+    return [
+        ("Pixel size (misalignment the same in nm)", [(f"flyem-{p}nm", "a") for p in (10, 5, 4)]),
+        ("Section size", [(f"size-{size}", "a") for size in plan.sizes]),
+        (
+            "Misalignment",
+            [("flyem-10nm", "a"), ("flyem-10nm", "b")] + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
+        ),
+        ("Wander-free references", [("flyem-10nm", "a"), ("resliced-y", "a"), ("resliced-x", "a")]),
+    ]
+
+
+def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[str, list[dict]]]:
+    """``{misalignment or "harm": {method: [metrics per seed]}}`` of one stack."""
+    aligned = stack.load()
+    fail_px = FAIL_NM / stack.pixel_nm
+    out: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        methods = {
+            "no alignment": evaluate.no_alignment,
+            "pairwise-rigid chain": evaluate.rigid_chain,
+            "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
+        }
+        for name in misalignments:
+            setting = physical(MISALIGNMENTS[name][1], stack.pixel_nm)
+            runs = [
+                evaluate.evaluate(aligned, methods, seed=seed, misalignment=setting, fail_px=fail_px)
+                for seed in range(min(seeds, stack.seeds or seeds))
+            ]
+            out[name] = {method: [r[method] for r in runs] for method in methods}
+        unchanged = {m: f for m, f in methods.items() if m != "no alignment"}
+        harm = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
+        out["harm"] = {method: [result] for method, result in harm.items()}
+    return out
+
+
+def megapixels(everything: dict[str, Stack], todo: dict[str, list[str]], seeds: int) -> float:
+    """MPx of input each method aligns over the stacks and misalignments in ``todo`` (plus do no harm)."""
+    total = 0.0
+    for name, misalignments in todo.items():
+        stack = everything[name]
+        runs = len(misalignments) * min(seeds, stack.seeds or seeds) + 1
+        total += np.prod(stack.shape) / 1e6 * runs
+    return total
+
+
+def rows(stack: Stack, case: str, results: dict[str, list[dict]]) -> list[str]:
+    """One Markdown row per method: mean (range) in px, means in nm, fail %, s/MPx."""
+    lines = []
+    for method, runs in results.items():
+        px = [evaluate.mean_range([r[m] for r in runs]) for m in METRICS]
+        nm = " / ".join(f"{np.mean([r[m] for r in runs]) * stack.pixel_nm:.0f}" for m in METRICS)
+        fail = 100 * np.mean([r["fail"] for r in runs])
+        s_per_mpx = np.mean([1 / r["mpx_per_s"] for r in runs])
+        lines.append(
+            f"| {stack.title} | {case} | {method} | {len(runs)} | {' | '.join(px)} | {nm} | {fail:.1f} | "
+            f"{s_per_mpx:.2f} |"
+        )
+    return lines
+
+
+HEADER = [
+    "| stack | misalignment | method | seeds | rms px | adj px | drift px | rms / adj / drift nm | fail % | s/MPx |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def label(name: str, pixel_nm: float) -> str:
+    """The misalignment's label (``"harm"``: the do-no-harm case), with its shift in px of the stack where that
+    differs from 10 nm."""
+    if name == "harm":
+        return "none: aligned stack unchanged (do no harm)"
+    text, setting = MISALIGNMENTS[name]
+    if pixel_nm == REFERENCE_NM:
+        return text
+    return f"{text} at 10 nm ({physical(setting, pixel_nm)['shift']:g} px here)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small stacks (FlyEM 6 x 128^2, texture 256^2, 512^2)")
+    parser.add_argument("--seeds", type=int, help="misalignments per case (seeds 0..N-1; default 3, --quick 2)")
+    parser.add_argument("--stacks", help="comma-separated stack names (default all; see the tables)")
+    parser.add_argument("--misalignments", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--texture", choices=("procedural", "flyem"), default="procedural")
+    parser.add_argument("--out", default=str(RESULTS / "scale.md"))
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    seeds = args.seeds or plan.seeds
+    everything = stacks(plan, args.texture)
+    chosen = set(args.stacks.split(",")) if args.stacks else set(everything)
+    unknown = chosen - set(everything)
+    if unknown:
+        parser.error(f"unknown stacks {sorted(unknown)}; choose from {list(everything)}")
+    wanted = set(args.misalignments.split(","))
+    tables = [(title, [(s, m) for s, m in cases if s in chosen and m in wanted]) for title, cases in axes(plan)]
+    todo: dict[str, list[str]] = {}
+    for _, cases in tables:
+        for name, misalignment in cases:
+            todo.setdefault(name, [])
+            if misalignment not in todo[name]:
+                todo[name].append(misalignment)
+    print(f"{megapixels(everything, todo, seeds):.0f} MPx of input per method", flush=True)
+    start = time.perf_counter()
+    done = {}
+    for name, misalignments in todo.items():
+        stack = everything[name]
+        done[name] = run(stack, misalignments, seeds)
+        for key in [*misalignments, "harm"]:
+            print("\n".join(rows(stack, label(key, stack.pixel_nm), done[name][key])), flush=True)
+    parts = [
+        f"`python benchmarks/scale.py{' --quick' if args.quick else ''}`, {time.strftime('%Y-%m-%d')}: {seeds} "
+        f"misalignment seeds, {time.perf_counter() - start:.0f} s in all. Metrics px (mean and range over the "
+        f"seeds) and nm (mean); fail: residual above {FAIL_NM:g} nm; s/MPx: wall time per megapixel of input."
+    ]
+    for title, cases in tables:
+        if not cases:
+            continue
+        lines = [f"## {title}", "", *HEADER]
+        for name, misalignment in cases:
+            stack = everything[name]
+            lines += rows(stack, label(misalignment, stack.pixel_nm), done[name][misalignment])
+        for name in dict.fromkeys(name for name, _ in cases):
+            lines += rows(everything[name], label("harm", everything[name].pixel_nm), done[name]["harm"])
+        parts.append("\n".join(lines))
+    text = "\n\n".join(parts) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print("\n" + text + f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
