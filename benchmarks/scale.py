@@ -8,8 +8,8 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
 - **pixel size**: FlyEM sample 2, every 4th slice (40 nm), 32 sections at 10 nm pixels and zoomed
   (cubic, section by section) 2x and 2.5x to 5 and 4 nm pixels (250, 500, 625 px wide);
 - **section size**: 448^2 (32 sections), 1024^2 (16), 2048^2 (6), 4096^2 (4, 2 seeds) of the procedural
-  texture (`synth.em_texture`, z_step 4); sizes above 1024 mirror-tile a 1024^2 block section by
-  section, so memory stays small (`--texture flyem`: FlyEM sections mirror-tiled instead);
+  texture (`synth.em_texture`, z_step 4); sizes above 1024 tile a 1024^2 block section by
+  section, so memory stays small (`--texture flyem`: FlyEM sections tiled instead);
 - **misalignment**: (a) shifts 15 px, rotations 1 deg, scale 1 %, elastic 2 px at 100 px (as in
   benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
   per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
@@ -58,7 +58,7 @@ REFERENCE_NM = 10.0
 FAIL_NM = 250.0
 """A residual above this fails (25 px at 10 nm, as in :func:`emalign.metrics.alignment_metrics`)."""
 TILE = 1024
-"""Largest procedural texture generated in one piece; larger sections mirror-tile it."""
+"""Largest procedural texture generated in one piece; larger sections tile it."""
 METRICS = ("rms", "adj", "drift")
 
 MISALIGNMENTS = {
@@ -132,11 +132,12 @@ def zoomed(stack: np.ndarray, factor: float) -> np.ndarray:
     ).astype(np.uint8)
 
 
-def mirror_tiled(stack: np.ndarray, size: int) -> np.ndarray:
-    """Every section (at most ``size`` px wide) mirror-tiled about its centre to ``size`` x ``size``."""
+def tiled(stack: np.ndarray, size: int) -> np.ndarray:
+    """Every section (at most ``size`` px wide) tiled periodically about its centre to ``size`` x ``size`` (mirrored
+    tiles would give the spectrum a mirror symmetry that makes the rotation search ambiguous)."""
     out = np.empty((len(stack), size, size), stack.dtype)
     for z, section in enumerate(stack):
-        out[z] = np.pad(section, [((size - n) // 2, size - n - (size - n) // 2) for n in section.shape], "symmetric")
+        out[z] = np.pad(section, [((size - n) // 2, size - n - (size - n) // 2) for n in section.shape], "wrap")
     return out
 
 
@@ -151,13 +152,13 @@ def flyem(plan: Plan, pixel_nm: float = REFERENCE_NM, reslice: str = "") -> np.n
 
 def texture(size: int, sections: int, kind: str) -> np.ndarray:
     """A ``sections`` x ``size`` x ``size`` stack at 10 nm pixels and 40 nm spacing: the procedural texture
-    (generated up to :data:`TILE` px, mirror-tiled beyond) or FlyEM sections mirror-tiled."""
+    (generated up to :data:`TILE` px, tiled beyond) or FlyEM sections tiled."""
     if kind == "flyem":
         block = evaluate.shared_stack(evaluate.FLYEM[1], int(SPACING_NM / REFERENCE_NM), sections)
     else:
         side = min(size, TILE)
         block = synth.em_texture((sections, side, side), seed=0, z_step=SPACING_NM / REFERENCE_NM)
-    return mirror_tiled(block, size)
+    return tiled(block, size)
 
 
 def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
@@ -177,7 +178,7 @@ def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
             (n, side, side),
             functools.partial(flyem, plan, reslice=axis),
         )
-    name = "procedural texture" if kind == "procedural" else "FlyEM mirror-tiled"
+    name = "procedural texture" if kind == "procedural" else "FlyEM tiled"
     for size, (sections, seeds) in plan.sizes.items():
         made[f"size-{size}"] = Stack(
             f"{name}, {sections} x {size}^2, 10 nm px",
