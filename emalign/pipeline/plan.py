@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from emalign.errors import EmalignError
+from emalign.io import NGFF_VERSIONS, SHARD_XY
 
 POLISH_MODES = ("auto", "on", "off")
 
@@ -42,6 +43,8 @@ class AlignParams:
         polish_patch: side of the polish stage's patches, px (half overlapping).
         mask: path of a mask stack of the input's shape, non-zero where pixels are invalid (cracks,
             folds, debris); detected invalid pixels (no data, saturated, featureless) are added.
+        ngff: output layout, ``0.5`` (Zarr v3, sharded levels) or ``0.4`` (Zarr v2, for older readers).
+        shard: y/x side (px) of the output levels' shards under NGFF 0.5 (0: none), one section deep.
     """
 
     model: str = "faemreg-small"
@@ -62,6 +65,8 @@ class AlignParams:
     polish: str = "auto"
     polish_patch: int = 96
     mask: str = ""
+    ngff: str = NGFF_VERSIONS[0]
+    shard: int = SHARD_XY
 
     def to_dict(self) -> dict:
         data = asdict(self)
