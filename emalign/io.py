@@ -461,26 +461,30 @@ def create_array(
     fill_value: Any = 0,
     *,
     shards: Sequence[int] | None = None,
-    dimension_names: Sequence[str] | None = None,
+    image_axes: Sequence[str] | None = None,
     zarr_format: int | None = None,
 ) -> zarr.Array:
     """A Blosc-zstd compressed array ``name`` in ``group`` (a group, or the path of one, opened or created), chunks
     capped to the shape, in the group's Zarr format (``zarr_format`` for a new group; default 3).
 
-    Zarr v2: '/'-separated chunk keys. Zarr v3: ``shards`` (whole multiples of the chunks, capped to the shape)
-    pack chunks into one file each; writers of different shards never touch the same file."""
+    Chunk keys are '/'-separated v2 keys (``name/3/0/0``) in both formats, except for an NGFF image level
+    (``image_axes`` given) on Zarr v3: default keys (``name/c/3/0/0``) and ``image_axes`` as dimension names.
+    Zarr v3 only: ``shards`` (whole multiples of the chunks, capped to the shape) pack chunks into one file each
+    (a write to part of a shard rewrites the file: tasks must not share shards)."""
     if not isinstance(group, zarr.Group):
         group = zarr.open_group(str(group), mode="a", zarr_format=zarr_format)
     shape = tuple(int(s) for s in shape)
     chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
-    if group.metadata.zarr_format == 2:
-        if shards is not None:
-            raise ValueError(f"{name}: Zarr v2 has no shards")
-        layout: dict[str, Any] = {"compressors": COMPRESSOR, "chunk_key_encoding": {"name": "v2", "separator": "/"}}
-    else:
-        layout = {"compressors": COMPRESSOR_V3, "dimension_names": dimension_names}
+    v3 = group.metadata.zarr_format == 3
+    layout: dict[str, Any] = {"compressors": COMPRESSOR_V3 if v3 else COMPRESSOR}
+    if not (v3 and image_axes):
+        layout["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+    if v3:
+        layout["dimension_names"] = image_axes
         if shards is not None and (shards := _shard_shape(shape, chunks, shards)) != chunks:
             layout["shards"] = shards
+    elif shards is not None:
+        raise ValueError(f"{name}: Zarr v2 has no shards")
     return group.create_array(
         name,
         shape=shape,
@@ -686,9 +690,7 @@ class OmeZarrWriter:
         vz, vy, vx = (float(v) for v in voxel_size)
         datasets = []
         for level in range(levels or _auto_levels(shape)):
-            create_array(
-                group, str(level), _level_shape(shape, level), chunks, dtype, shards=shards, dimension_names=AXES
-            )
+            create_array(group, str(level), _level_shape(shape, level), chunks, dtype, shards=shards, image_axes=AXES)
             f = 2**level
             datasets.append(
                 {

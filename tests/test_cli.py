@@ -325,7 +325,7 @@ def test_import_of_a_tiff_gives_an_ome_zarr_of_the_same_data(stack, tmp_path):
 def test_import_writes_an_ngff_unit_name(stack, tmp_path):
     out = tmp_path / "unit.zarr"
     ok("import", stack, out, "--voxel-size", "40,4,4", "--unit", "nm")
-    axes = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]["axes"]
+    axes = zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["axes"]
     assert [axis["unit"] for axis in axes] == ["nanometer"] * 3
 
 

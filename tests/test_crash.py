@@ -8,7 +8,6 @@ rerun happens in this process (one torch import is enough). Stack: 8 x 64 x 64, 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -46,10 +45,14 @@ main(sys.argv[1:], prog_name="emalign")
 
 
 def chunk_files(folder: Path) -> list[Path]:
-    """Chunk files of a Zarr v2 array folder (no metadata, no temporary files of unfinished writes)."""
+    """Chunk (or shard) files of a Zarr array folder (no metadata, no temporary files of unfinished writes)."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and "partial" not in p.name]
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json" and "partial" not in p.name
+    ]
 
 
 def begun(out: Path, stage: str) -> bool:
@@ -66,10 +69,7 @@ def begun(out: Path, stage: str) -> bool:
         return bool(chunk_files(out / "polish" / "pairs"))
     if stage == "render":
         return bool(chunk_files(out / "done"))
-    try:  # qc starts once the output is marked complete
-        return bool(json.loads((out / ".zattrs").read_text())["emalign"]["complete"])
-    except (OSError, ValueError, KeyError):
-        return False
+    return is_complete(out)  # qc starts once the output is marked complete
 
 
 def level0(out: Path) -> np.ndarray:
@@ -131,7 +131,7 @@ def finished_work(out: Path) -> dict[str, list[Path]]:
         files["refine"] += chunk_files(out / "fields" / "refined")
     if done["polish"][-1]:
         files["polish"] += chunk_files(out / "polish" / "shifts") + chunk_files(out / "fields" / "global")
-    files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / str(z))]
+    files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / "c" / str(z))]
     return files
 
 
