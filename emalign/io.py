@@ -636,7 +636,6 @@ class OmeZarrWriter:
         attrs = json.loads(json.dumps(attrs or {}, default=_jsonable))  # as they will read back
         if len(shape) != 3 or min(shape) < 1 or (levels is not None and levels < 1):
             raise _err(path, f"cannot create an output of shape {shape} with {levels} pyramid level(s)")
-        check_layout(path, ngff, shard, chunks)
         if p.is_file():
             raise _err(path, "exists and is a file; expected a folder for the OME-Zarr output")
         existing = emalign_attrs(p)
@@ -659,6 +658,7 @@ class OmeZarrWriter:
                 raise _err(path, "exists, is not empty and is not a Zarr store; refusing to write into it")
             if not overwrite:
                 raise _err(path, "holds a Zarr store that is not an emalign output; pass overwrite=True to replace it")
+        check_layout(path, ngff, shard, chunks)
         created = not p.exists()
         try:
             return cls._create(path, shape, dtype, voxel_size, unit, chunks, levels, attrs, ngff, shard)
@@ -729,11 +729,22 @@ class OmeZarrWriter:
         if section.shape != self.shape[1:] or not 0 <= z < self.shape[0]:
             raise _err(self.path, f"cannot write section {z} of shape {section.shape} into a stack of {self.shape}")
         section = cast_to_dtype(section, self.dtype)
-        self.arrays[0][z] = section
+        self._write(self.arrays[0], z, section)
         for array in self.arrays[1:]:
             section = downsample2(section)
-            array[z] = section
-        self.done[z] = True
+            self._write(array, z, section)
+        self._write(self.done, z, True)
+
+    def _write(self, array: zarr.Array, z: int, value: Any) -> None:
+        """``array[z] = value``; an OSError naming no file (a full disk) gets the file of section z's first chunk."""
+        try:
+            array[z] = value
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            first = (z // (array.shards or array.chunks)[0],) + (0,) * (array.ndim - 1)
+            key = array.metadata.encode_chunk_key(first)
+            raise OSError(exc.errno, exc.strerror, str(Path(self.path) / array.path / key)) from exc
 
     def done_sections(self) -> np.ndarray:
         """Bool per section: True once all its levels are written."""
