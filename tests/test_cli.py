@@ -114,6 +114,23 @@ def test_align_writes_a_complete_output_and_reports_qc_and_timing(stack, referen
     assert meta["input"]["path"] == str(stack.resolve())
 
 
+def test_align_with_ngff_04_writes_the_zarr_v2_layout_with_the_same_result(stack, reference, tmp_path):
+    from ome_zarr_models.v04 import Image
+
+    ref, _ = reference
+    out = tmp_path / "v2.zarr"
+    ok("align", stack, out, *BLOCK, "--ngff", "0.4")
+    assert (out / ".zattrs").exists() and not (out / "zarr.json").exists()
+    group = zarr.open_group(str(out), mode="r")
+    assert group.metadata.zarr_format == 2 and group.attrs["multiscales"][0]["version"] == "0.4"
+    Image.from_zarr(group)  # a valid NGFF 0.4 image
+    assert is_complete(out) and open_stack(out).shape == SHAPE
+    np.testing.assert_array_equal(level0(out), level0(ref))
+    np.testing.assert_array_equal(global_fields(out), global_fields(ref))
+    assert (out / "qc.csv").read_text() == (ref / "qc.csv").read_text()
+    assert "output complete" in ok("render", stack, out, *BLOCK, "--ngff", "0.4").output  # resumes: all done
+
+
 # --- stage commands ---------------------------------------------------------------------------------------
 
 
@@ -293,6 +310,7 @@ def test_an_output_that_is_a_file_is_refused(stack, bad_inputs):
         (["align", "--skip", "one,two"], "--skip 'one,two'"),
         (["align", "--tile", "16"], "bad plan"),
         (["align", "--polish-patch", "8"], "--polish-patch 8"),
+        (["render", "--shard", "1000"], "--shard 1000: expected 0 (no shards) or a multiple of the (512, 512) px"),
     ],
 )
 def test_bad_options_are_one_line_errors_and_leave_no_complete_output(stack, tmp_path, args, named):
