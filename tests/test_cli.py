@@ -7,6 +7,7 @@ Stacks are tiny (12 x 96 x 96, ``--block 4``: three blocks per stage). Bad input
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import subprocess
@@ -129,6 +130,19 @@ def test_align_with_ngff_04_writes_the_zarr_v2_layout_with_the_same_result(stack
     np.testing.assert_array_equal(global_fields(out), global_fields(ref))
     assert (out / "qc.csv").read_text() == (ref / "qc.csv").read_text()
     assert "output complete" in ok("render", stack, out, *BLOCK, "--ngff", "0.4").output  # resumes: all done
+
+
+def test_a_stage_run_into_a_log_prints_per_block_progress_lines_with_an_eta(stack, reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "rerender.zarr"
+    shutil.copytree(ref, out)
+    zarr.open_array(str(out / "done"), mode="r+")[:] = False  # render all 3 blocks again
+    output = ok("render", stack, out, *[arg for arg in BLOCK if arg != "--quiet"]).output
+    lines = [line for line in output.splitlines() if line.startswith("render: ") and " blocks, " in line]
+    assert "\r" not in output and lines[0].startswith("render: 0/3 blocks, 0 %") and "ETA unknown" in lines[0]
+    assert lines[-1].startswith("render: 3/3 blocks, 100 %, ") and lines[-1].endswith(" s elapsed")
+    assert any(re.search(r"render: [12]/3 blocks, \d+ %, \d+ s elapsed, ETA \d+ s$", line) for line in lines)
+    np.testing.assert_array_equal(level0(out), level0(ref))
 
 
 # --- stage commands ---------------------------------------------------------------------------------------
