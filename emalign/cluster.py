@@ -248,10 +248,12 @@ class TaskProgress:
         self._stop.set()
         self._thread.join()
         with self._lock:
+            if kind is None:  # every task finished
+                self.done = self.total
+                if self.tty or self._printed_step < 10:
+                    self._report(force=True)
             if self.tty:
                 self.stream.write("\n")
-            elif kind is None and self._printed_step < 10:
-                self._report(force=True)
             self.stream.flush()
 
 
@@ -290,7 +292,7 @@ def run_tasks(
                     break  # gather raises it
                 if progress:
                     shown.advance()
-        return client.gather(futures)
+            return client.gather(futures)
     local = {key: compute_kwargs[key] for key in ("scheduler", "num_workers") if key in compute_kwargs}
     counting = _CountFinished([task.key for task in tasks], shown) if progress else contextlib.nullcontext()
     with shown, counting:

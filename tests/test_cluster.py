@@ -386,3 +386,15 @@ def test_progress_on_a_distributed_client_counts_each_finished_task():
     assert lines[0].startswith("refine: 0/10 blocks") and lines[-1].startswith("refine: 10/10 blocks, 100 %")
     counts = {int(re.match(r"refine: (\d+)/10", line).group(1)) for line in lines}
     assert counts == set(range(11))  # a line per task: each is 10 %
+
+
+def fail(_: int) -> None:
+    raise ValueError("this block failed")
+
+
+def test_progress_of_a_stage_whose_task_fails_does_not_claim_the_end():
+    stream = io.StringIO()
+    tasks = [dask.delayed(nap)(0.01), dask.delayed(fail)(1)]
+    with pytest.raises(ValueError, match="this block failed"):
+        run_tasks(tasks, {"scheduler": "sync", "num_workers": 1}, "prealign", stream=stream)
+    assert "prealign: 0/2 blocks" in stream.getvalue() and "100 %" not in stream.getvalue()
