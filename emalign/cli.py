@@ -20,6 +20,30 @@ from emalign.volumetric.cli import volume
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
 
+def _layout_options(func):
+    """The output layout: NGFF version and shard size (align, every stage, import)."""
+    from emalign.io import NGFF_VERSIONS, SHARD_XY
+
+    options = [
+        click.option(
+            "--ngff",
+            default=NGFF_VERSIONS[0],
+            show_default=True,
+            type=click.Choice(NGFF_VERSIONS),
+            help="output layout: 0.5 (Zarr v3, sharded) or 0.4 (Zarr v2, for older readers)",
+        ),
+        click.option(
+            "--shard",
+            default=SHARD_XY,
+            show_default=True,
+            help="y/x side of a shard (file) of the 0.5 output, px; 0: none",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _plan_options(func):
     """The options that define an alignment (recorded in the output)."""
     options = [
@@ -56,7 +80,7 @@ def _plan_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return _layout_options(func)
 
 
 def _run_options(func):
@@ -145,6 +169,8 @@ def _params(opts: dict):
         mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
         voxel_size=_voxel_size(opts["voxel_size"]),
         unit=opts["unit"],
+        ngff=opts["ngff"],
+        shard=opts["shard"],
     )
 
 
@@ -240,15 +266,32 @@ _stage_command("qc", "Stage 7: per-section quality table (qc.csv), plot (qc.png)
 @click.option("--voxel-size", default=None, help="z,y,x in units (default: from the input)")
 @click.option("--unit", default=None, help="unit of the voxel size (default: from the input)")
 @click.option("--overwrite", is_flag=True)
+@_layout_options
 @friendly
 def import_command(
-    input_path: str, output_path: str, chunk: int, voxel_size: str | None, unit: str | None, overwrite: bool
+    input_path: str,
+    output_path: str,
+    chunk: int,
+    voxel_size: str | None,
+    unit: str | None,
+    overwrite: bool,
+    ngff: str,
+    shard: int,
 ):
     """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
     from emalign.io import import_stack
 
     voxel = list(_voxel_size(voxel_size)) or None
-    import_stack(input_path, output_path, (1, chunk, chunk), voxel_size=voxel, unit=unit, overwrite=overwrite)
+    import_stack(
+        input_path,
+        output_path,
+        (1, chunk, chunk),
+        voxel_size=voxel,
+        unit=unit,
+        overwrite=overwrite,
+        ngff=ngff,
+        shard=shard,
+    )
     click.echo(f"wrote {output_path}")
 
 

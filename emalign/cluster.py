@@ -17,12 +17,18 @@ failed task may be retried (:data:`RETRIES`) and a lost worker's finished blocks
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 import dask
+from dask.callbacks import Callback
 from dask.delayed import Delayed
 
 from emalign.errors import EmalignError
@@ -31,6 +37,8 @@ SCHEDULERS = "threads[:N], sync, processes[:N], tcp://host:port or slurm"
 RETRIES = 2
 """Extra tries of a failed task on a distributed cluster; safe because block tasks rewrite whole chunks."""
 JOBQUEUE_CONFIG = "~/.config/dask/jobqueue.yaml"
+REPORT_EVERY = 10.0
+"""Seconds between the progress lines printed when stdout is not a terminal (also one line per 10 % of the tasks)."""
 
 
 def cores() -> int:
@@ -166,28 +174,126 @@ def scheduler(spec: str = "threads", jobqueue_options: dict | None = None) -> It
         yield {"scheduler": client, "threads_per_task": 1}
 
 
-def run_tasks(tasks: Sequence[Delayed], compute_kwargs: dict, label: str, progress: bool = True) -> list:
-    """Compute independent tasks (with a progress bar); results come back in order.
+class TaskProgress:
+    """Finished tasks of one stage out of ``total``, with the time elapsed and an ETA.
+
+    On a terminal: one line redrawn in place (carriage return) every ``tick`` s and at each finished task.
+    Otherwise (a log file, a SLURM job's output): a plain line when the stage starts, every ``every`` s (default
+    :data:`REPORT_EVERY`), at each further 10 % of the tasks and at the end, e.g.
+    ``estimate: 12/40 blocks, 30 %, 41 s elapsed, ETA 95 s``.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        stream: TextIO | None = None,
+        every: float | None = None,
+        tick: float = 1.0,
+        unit: str = "blocks",
+    ) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every, self.tick = REPORT_EVERY if every is None else every, tick
+        self.done = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._start = self._printed_at = time.perf_counter()
+        self._printed_step = -1
+        self._thread = threading.Thread(target=self._ticks, daemon=True)
+
+    def line(self) -> str:
+        """``label: done/total unit, P %, T s elapsed, ETA E s`` (no ETA before the first task or at the end)."""
+        elapsed = time.perf_counter() - self._start
+        text = f"{self.label}: {self.done}/{self.total} {self.unit}, {100 * self.done // self.total} %, "
+        text += f"{elapsed:.0f} s elapsed"
+        if 0 < self.done < self.total:
+            text += f", ETA {math.ceil(elapsed / self.done * (self.total - self.done))} s"
+        elif self.done == 0:
+            text += ", ETA unknown"
+        return text
+
+    def advance(self, count: int = 1) -> None:
+        """Count ``count`` more finished tasks."""
+        with self._lock:
+            self.done = min(self.total, self.done + count)
+            self._report()
+
+    def _report(self, force: bool = False) -> None:
+        """Write the line if due (called with the lock held)."""
+        now = time.perf_counter()
+        step = 10 * self.done // self.total
+        if self.tty:
+            self.stream.write(f"\r{self.line()}\x1b[K")
+        elif force or step > self._printed_step or now - self._printed_at >= self.every:
+            self.stream.write(f"{self.line()}\n")
+            self._printed_at, self._printed_step = now, step
+        else:
+            return
+        self.stream.flush()
+
+    def _ticks(self) -> None:
+        while not self._stop.wait(self.tick if self.tty else min(self.tick, self.every)):
+            with self._lock:
+                self._report()
+
+    def __enter__(self) -> TaskProgress:
+        with self._lock:
+            self._report(force=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            if kind is None:  # every task finished
+                self.done = self.total
+                if self.tty or self._printed_step < 10:
+                    self._report(force=True)
+            if self.tty:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+class _CountFinished(Callback):
+    """Advances a :class:`TaskProgress` as dask's local scheduler finishes each of ``keys``."""
+
+    def __init__(self, keys: Sequence, progress: TaskProgress) -> None:
+        super().__init__()
+        self.keys, self.progress = set(keys), progress
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        if key in self.keys:
+            self.progress.advance()
+
+
+def run_tasks(
+    tasks: Sequence[Delayed], compute_kwargs: dict, label: str, progress: bool = True, stream: TextIO | None = None
+) -> list:
+    """Compute independent tasks, with per-task progress and an ETA (:class:`TaskProgress` on ``stream``, default
+    stdout) unless ``progress`` is False; results come back in order.
 
     On a distributed client a task that fails is tried again up to :data:`RETRIES` times, and one whose
     worker dies is rescheduled by dask.
     """
     if not tasks:
         return []
+    shown = TaskProgress(label, len(tasks), stream) if progress else contextlib.nullcontext()
     client = compute_kwargs.get("scheduler")
     if not isinstance(client, str):
+        from distributed import as_completed
+
         futures = client.compute(list(tasks), retries=RETRIES)
-        if progress:
-            from distributed import progress as distributed_progress
-
-            print(f"{label}:")
-            distributed_progress(futures)
-        return client.gather(futures)
+        with shown:
+            for future in as_completed(futures):
+                if future.status == "error":
+                    break  # gather raises it
+                if progress:
+                    shown.advance()
+            return client.gather(futures)
     local = {key: compute_kwargs[key] for key in ("scheduler", "num_workers") if key in compute_kwargs}
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        print(f"{label}:")
-        with ProgressBar():
-            return list(dask.compute(*tasks, **local))
-    return list(dask.compute(*tasks, **local))
+    counting = _CountFinished([task.key for task in tasks], shown) if progress else contextlib.nullcontext()
+    with shown, counting:
+        return list(dask.compute(*tasks, **local))

@@ -27,16 +27,24 @@ import numpy as np
 import tifffile
 import zarr
 from tqdm import tqdm
+from zarr.codecs import BloscCodec
 
 from emalign.errors import EmalignError, IncompleteOutputWarning
 
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+COMPRESSOR_V3 = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+"""COMPRESSOR for Zarr v3 arrays."""
 SECTION_CHUNKS = (1, 512, 512)
+NGFF_VERSIONS = ("0.5", "0.4")
+"""What the writer makes: NGFF 0.5 on Zarr v3 (default, sharded levels) or NGFF 0.4 on Zarr v2 (older readers)."""
+SHARD_XY = 4096
+"""Default y/x side (px) of one shard (one file) of an NGFF 0.5 level; shards are one chunk deep in z."""
 PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at most this many pixels
 DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
 MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+AXES = ("z", "y", "x")
 _UNITS = {
     "nm": "nanometer",
     "nanometer": "nanometer",
@@ -437,6 +445,16 @@ def check_chunk(
     return section
 
 
+def _shard_shape(shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int]) -> tuple[int, ...]:
+    """``shards`` capped to the array: at most the whole chunks covering ``shape`` per axis (chunks already capped).
+
+    Each shard side must be a multiple of the chunk side (ValueError otherwise)."""
+    capped = tuple(min(int(sh), -(-s // c) * c) for s, c, sh in zip(shape, chunks, shards, strict=True))
+    if any(sh < c or sh % c for sh, c in zip(capped, chunks, strict=True)):
+        raise ValueError(f"shards {tuple(shards)} are not whole multiples of the chunks {tuple(chunks)}")
+    return capped
+
+
 def create_array(
     group: str | os.PathLike | zarr.Group,
     name: str,
@@ -446,22 +464,50 @@ def create_array(
     attrs: dict | None = None,
     overwrite: bool = False,
     fill_value: Any = 0,
+    *,
+    shards: Sequence[int] | None = None,
+    image_axes: Sequence[str] | None = None,
+    zarr_format: int | None = None,
 ) -> zarr.Array:
-    """A zarr v2 array ``name`` in ``group`` (a group, or the path of one, opened or created): Blosc-zstd
-    compressed, '/'-separated chunk keys, chunks capped to the shape."""
+    """A Blosc-zstd compressed array ``name`` in ``group`` (a group, or the path of one, opened or created), chunks
+    capped to the shape, in the group's Zarr format (``zarr_format`` for a new group; default 3).
+
+    Chunk keys are '/'-separated v2 keys (``name/3/0/0``) in both formats, except for an NGFF image level
+    (``image_axes`` given) on Zarr v3: default keys (``name/c/3/0/0``) and ``image_axes`` as dimension names.
+    Zarr v3 only: ``shards`` (whole multiples of the chunks, capped to the shape) pack chunks into one file each
+    (a write to part of a shard rewrites the file: tasks must not share shards)."""
     if not isinstance(group, zarr.Group):
-        group = zarr.open_group(str(group), mode="a", zarr_format=2)
+        group = zarr.open_group(str(group), mode="a", zarr_format=zarr_format)
+    shape = tuple(int(s) for s in shape)
+    chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
+    v3 = group.metadata.zarr_format == 3
+    layout: dict[str, Any] = {"compressors": COMPRESSOR_V3 if v3 else COMPRESSOR}
+    if not (v3 and image_axes):
+        layout["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+    if v3:
+        layout["dimension_names"] = image_axes
+        if shards is not None and (shards := _shard_shape(shape, chunks, shards)) != chunks:
+            layout["shards"] = shards
+    elif shards is not None:
+        raise ValueError(f"{name}: Zarr v2 has no shards")
     return group.create_array(
         name,
-        shape=tuple(shape),
-        chunks=tuple(max(1, min(c, s)) for c, s in zip(chunks, shape, strict=True)),
+        shape=shape,
+        chunks=chunks,
         dtype=dtype,
-        compressors=COMPRESSOR,
         fill_value=fill_value,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
         attributes=attrs,
         overwrite=overwrite,
+        **layout,
     )
+
+
+def check_layout(path: str | os.PathLike, ngff: str, shard: int, chunks: Sequence[int] = SECTION_CHUNKS) -> None:
+    """Refuse an unknown NGFF version, or a shard side that is negative or not a multiple of the y/x chunks."""
+    if ngff not in NGFF_VERSIONS:
+        raise _err(path, f"--ngff {ngff!r}: expected one of {', '.join(NGFF_VERSIONS)}")
+    if shard < 0 or (shard and any(shard % int(c) for c in chunks[1:])):
+        raise _err(path, f"--shard {shard}: expected 0 (no shards) or a multiple of the {tuple(chunks[1:])} px chunks")
 
 
 def _level_shape(shape: Sequence[int], level: int) -> tuple[int, int, int]:
@@ -559,19 +605,26 @@ def _version() -> str:
 
 
 class OmeZarrWriter:
-    """Writes a (z, y, x) stack section by section into OME-Zarr (zarr v2 on disk, NGFF 0.4) with a 2x pyramid.
+    """Writes a (z, y, x) stack section by section into OME-Zarr with a 2x pyramid: NGFF 0.5 on Zarr v3 with
+    sharded levels (default), or NGFF 0.4 on Zarr v2.
 
     Level l has shape (Z, ceil(Y / 2^l), ceil(X / 2^l)). A bool array `done` (one chunk per section) records the
-    sections whose every level is written, so a killed run resumes and concurrent writers of different sections
-    never write the same file (given chunks of one section in z). attrs["emalign"] holds provenance, "params" and
-    "complete" (set by `mark_complete`). Create the output once (`create`), then any process may `open` it.
+    sections whose every level is written, so a killed run resumes. Shards are as deep in z as the chunks (one
+    section by default), so concurrent writers of different sections never write the same file (a shard write
+    reads, modifies and rewrites the whole file). attrs["emalign"] holds provenance, "params" and "complete"
+    (set by `mark_complete`). Create the output once (`create`), then any process may `open` it.
     """
 
     def __init__(self, path: str, group: zarr.Group) -> None:
         self.path = path
         self.group = group
-        self.arrays = [group[d["path"]] for d in group.attrs["multiscales"][0]["datasets"]]
+        self.arrays = [group[d["path"]] for d in (_multiscales(group.attrs) or {})["datasets"]]
         self.done = group["done"]
+
+    @property
+    def ngff(self) -> str:
+        """The NGFF version of the output: "0.5" (Zarr v3) or "0.4" (Zarr v2)."""
+        return "0.4" if self.group.metadata.zarr_format == 2 else "0.5"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -594,19 +647,25 @@ class OmeZarrWriter:
         dtype: Any,
         voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
         unit: str = "nanometer",
-        chunks: Sequence[int] = SECTION_CHUNKS,
+        chunks: Sequence[int] | None = None,
         levels: int | None = None,
         attrs: dict | None = None,
         overwrite: bool = False,
+        *,
+        ngff: str = NGFF_VERSIONS[0],
+        shard: int = SHARD_XY,
     ) -> OmeZarrWriter:
         """Create an empty output; an existing output with the same attrs["params"] is opened for resume instead.
 
-        Refused: a file at `path`, a non-empty folder that is not Zarr, and (unless `overwrite`) an emalign output
-        with other params or another Zarr store. `overwrite=True` deletes the existing Zarr store first.
+        `chunks`: default SECTION_CHUNKS. `ngff`: "0.5" (Zarr v3) or "0.4" (Zarr v2). `shard`: y/x side (px) of
+        the 0.5 levels' shards, a multiple of the chunks (0: no shards; capped to each level). Refused: a file at
+        `path`, a non-empty folder that is not Zarr, and (unless `overwrite`) an emalign output with other params
+        or another Zarr store. `overwrite=True` deletes the existing Zarr store first.
         """
         p = Path(path)
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
+        chunks = tuple(int(c) for c in chunks or SECTION_CHUNKS)
         attrs = json.loads(json.dumps(attrs or {}, default=_jsonable))  # as they will read back
         if len(shape) != 3 or min(shape) < 1 or (levels is not None and levels < 1):
             raise _err(path, f"cannot create an output of shape {shape} with {levels} pyramid level(s)")
@@ -620,11 +679,11 @@ class OmeZarrWriter:
                 )
             writer = cls.open(path)
             check_writable(p)
-            if (writer.shape, writer.dtype) != (shape, dtype):
+            if (writer.shape, writer.dtype, writer.ngff) != (shape, dtype, ngff):
                 raise _err(
                     path,
-                    f"holds an output of shape {writer.shape} {writer.dtype}, not {shape} {dtype}; "
-                    "pass overwrite=True to replace it",
+                    f"holds an NGFF {writer.ngff} output of shape {writer.shape} {writer.dtype}, not NGFF {ngff} "
+                    f"{shape} {dtype}; pass overwrite=True to replace it",
                 )
             return writer
         if p.exists() and any(p.iterdir()):
@@ -632,9 +691,10 @@ class OmeZarrWriter:
                 raise _err(path, "exists, is not empty and is not a Zarr store; refusing to write into it")
             if not overwrite:
                 raise _err(path, "holds a Zarr store that is not an emalign output; pass overwrite=True to replace it")
+        check_layout(path, ngff, shard, chunks)
         created = not p.exists()
         try:
-            return cls._create(path, shape, dtype, voxel_size, unit, chunks, levels, attrs)
+            return cls._create(path, shape, dtype, voxel_size, unit, chunks, levels, attrs, ngff, shard)
         except OSError as exc:
             if created:  # leave no half-made output behind (a full disk gets its space back)
                 shutil.rmtree(p, ignore_errors=True)
@@ -651,15 +711,19 @@ class OmeZarrWriter:
         chunks: Sequence[int],
         levels: int | None,
         attrs: dict,
+        ngff: str,
+        shard: int,
     ) -> OmeZarrWriter:
         p = Path(path)
         if p.exists():
             shutil.rmtree(p)
-        group = zarr.open_group(str(p), mode="w", zarr_format=2)
+        v2 = ngff == "0.4"
+        group = zarr.open_group(str(p), mode="w", zarr_format=2 if v2 else 3)
+        shards = None if v2 or not shard else (chunks[0], shard, shard)
         vz, vy, vx = (float(v) for v in voxel_size)
         datasets = []
         for level in range(levels or _auto_levels(shape)):
-            create_array(group, str(level), _level_shape(shape, level), chunks, dtype)
+            create_array(group, str(level), _level_shape(shape, level), chunks, dtype, shards=shards, image_axes=AXES)
             f = 2**level
             datasets.append(
                 {
@@ -672,14 +736,15 @@ class OmeZarrWriter:
             )
         create_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
         multiscales = {
-            "version": "0.4",
+            **({"version": ngff} if v2 else {}),
             "name": p.stem,
-            "axes": [{"name": axis, "type": "space", "unit": unit} for axis in "zyx"],
+            "axes": [{"name": axis, "type": "space", "unit": unit} for axis in AXES],
             "datasets": datasets,
             "type": "mean",
             "metadata": {"method": "emalign.io.downsample2", "description": "2x2 mean in y, x; z never downsampled"},
         }
-        group.attrs.update({"multiscales": [multiscales], "emalign": {**attrs, "complete": False}})
+        ome = {"multiscales": [multiscales]} if v2 else {"ome": {"version": ngff, "multiscales": [multiscales]}}
+        group.attrs.update({**ome, "emalign": {**attrs, "complete": False}})
         return cls(str(path), group)
 
     @classmethod
@@ -697,11 +762,22 @@ class OmeZarrWriter:
         if section.shape != self.shape[1:] or not 0 <= z < self.shape[0]:
             raise _err(self.path, f"cannot write section {z} of shape {section.shape} into a stack of {self.shape}")
         section = cast_to_dtype(section, self.dtype)
-        self.arrays[0][z] = section
+        self._write(self.arrays[0], z, section)
         for array in self.arrays[1:]:
             section = downsample2(section)
-            array[z] = section
-        self.done[z] = True
+            self._write(array, z, section)
+        self._write(self.done, z, True)
+
+    def _write(self, array: zarr.Array, z: int, value: Any) -> None:
+        """``array[z] = value``; an OSError naming no file (a full disk) gets the file of section z's first chunk."""
+        try:
+            array[z] = value
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            first = (z // (array.shards or array.chunks)[0],) + (0,) * (array.ndim - 1)
+            key = array.metadata.encode_chunk_key(first)
+            raise OSError(exc.errno, exc.strerror, str(Path(self.path) / array.path / key)) from exc
 
     def done_sections(self) -> np.ndarray:
         """Bool per section: True once all its levels are written."""
@@ -727,8 +803,12 @@ def import_stack(
     unit: str | None = None,
     levels: int | None = None,
     overwrite: bool = False,
+    ngff: str = NGFF_VERSIONS[0],
+    shard: int = SHARD_XY,
 ) -> str:
-    """Stream any readable stack into an OME-Zarr at `dst`, one section at a time; resumes a partial import."""
+    """Stream any readable stack into an OME-Zarr at `dst`, one section at a time; resumes a partial import.
+
+    `ngff`, `shard`: the output layout (see :meth:`OmeZarrWriter.create`)."""
     stack = open_stack(src, level=level, dataset=dataset)
     voxel_size = [float(v) for v in (stack.voxel_size if voxel_size is None else voxel_size)]
     if unit is not None and str(unit).strip().lower() not in _UNITS:
@@ -744,13 +824,17 @@ def import_stack(
         "levels": levels,
         "voxel_size": voxel_size,
         "unit": unit,
+        "ngff": ngff,
+        "shard": shard,
     }
     attrs = {
         "version": _version(),
         "input": {"path": source, "shape": list(stack.shape), "dtype": str(stack.dtype)},
         "params": params,
     }
-    writer = OmeZarrWriter.create(dst, stack.shape, stack.dtype, voxel_size, unit, chunks, levels, attrs, overwrite)
+    writer = OmeZarrWriter.create(
+        dst, stack.shape, stack.dtype, voxel_size, unit, chunks, levels, attrs, overwrite, ngff=ngff, shard=shard
+    )
     todo = np.flatnonzero(~writer.done_sections())
     total = stack.shape[0]
     for z in tqdm(

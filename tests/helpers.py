@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +38,18 @@ def one_line_error(path, func, *args, match: str | None = None, **kwargs) -> str
     assert "\n" not in message
     assert str(path) in message
     return message
+
+
+@contextlib.contextmanager
+def mounted(point: Path, *how: str):
+    """``mount *how point`` (needs root; skips otherwise), lazily unmounted afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    point.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", *how, str(point)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -7,6 +7,7 @@ Stacks are tiny (12 x 96 x 96, ``--block 4``: three blocks per stage). Bad input
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import subprocess
@@ -112,6 +113,36 @@ def test_align_writes_a_complete_output_and_reports_qc_and_timing(stack, referen
     meta = zarr.open_group(str(out), mode="r").attrs["emalign"]
     assert meta["params"] == AlignParams(block=4, polish="on", polish_patch=32).to_dict()
     assert meta["input"]["path"] == str(stack.resolve())
+
+
+def test_align_with_ngff_04_writes_the_zarr_v2_layout_with_the_same_result(stack, reference, tmp_path):
+    from ome_zarr_models.v04 import Image
+
+    ref, _ = reference
+    out = tmp_path / "v2.zarr"
+    ok("align", stack, out, *BLOCK, "--ngff", "0.4")
+    assert (out / ".zattrs").exists() and not (out / "zarr.json").exists()
+    group = zarr.open_group(str(out), mode="r")
+    assert group.metadata.zarr_format == 2 and group.attrs["multiscales"][0]["version"] == "0.4"
+    Image.from_zarr(group)  # a valid NGFF 0.4 image
+    assert is_complete(out) and open_stack(out).shape == SHAPE
+    np.testing.assert_array_equal(level0(out), level0(ref))
+    np.testing.assert_array_equal(global_fields(out), global_fields(ref))
+    assert (out / "qc.csv").read_text() == (ref / "qc.csv").read_text()
+    assert "output complete" in ok("render", stack, out, *BLOCK, "--ngff", "0.4").output  # resumes: all done
+
+
+def test_a_stage_run_into_a_log_prints_per_block_progress_lines_with_an_eta(stack, reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "rerender.zarr"
+    shutil.copytree(ref, out)
+    zarr.open_array(str(out / "done"), mode="r+")[:] = False  # render all 3 blocks again
+    output = ok("render", stack, out, *[arg for arg in BLOCK if arg != "--quiet"]).output
+    lines = [line for line in output.splitlines() if line.startswith("render: ") and " blocks, " in line]
+    assert "\r" not in output and lines[0].startswith("render: 0/3 blocks, 0 %") and "ETA unknown" in lines[0]
+    assert lines[-1].startswith("render: 3/3 blocks, 100 %, ") and lines[-1].endswith(" s elapsed")
+    assert any(re.search(r"render: [12]/3 blocks, \d+ %, \d+ s elapsed, ETA \d+ s$", line) for line in lines)
+    np.testing.assert_array_equal(level0(out), level0(ref))
 
 
 # --- stage commands ---------------------------------------------------------------------------------------
@@ -293,6 +324,7 @@ def test_an_output_that_is_a_file_is_refused(stack, bad_inputs):
         (["align", "--skip", "one,two"], "--skip 'one,two'"),
         (["align", "--tile", "16"], "bad plan"),
         (["align", "--polish-patch", "8"], "--polish-patch 8"),
+        (["render", "--shard", "1000"], "--shard 1000: expected 0 (no shards) or a multiple of the (512, 512) px"),
     ],
 )
 def test_bad_options_are_one_line_errors_and_leave_no_complete_output(stack, tmp_path, args, named):
@@ -325,7 +357,7 @@ def test_import_of_a_tiff_gives_an_ome_zarr_of_the_same_data(stack, tmp_path):
 def test_import_writes_an_ngff_unit_name(stack, tmp_path):
     out = tmp_path / "unit.zarr"
     ok("import", stack, out, "--voxel-size", "40,4,4", "--unit", "nm")
-    axes = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]["axes"]
+    axes = zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["axes"]
     assert [axis["unit"] for axis in axes] == ["nanometer"] * 3
 
 
@@ -436,6 +468,6 @@ def test_align_says_which_pixel_size_it_assumed_and_records_it(stack, tmp_path):
     assert "pixel size 5 nm (from --voxel-size); aligning at 2x block means (10 nm pixels)" in result.output
     attrs = zarr.open_group(str(out), mode="r").attrs
     assert attrs["emalign"]["params"]["voxel_size"] == [40.0, 5.0, 5.0]
-    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [40.0, 5.0, 5.0]
+    assert attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [40.0, 5.0, 5.0]
     bare = ok("prealign", stack, tmp_path / "bare.zarr", "--block", "4")
     assert "estimated from the texture scale" in bare.output

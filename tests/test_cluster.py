@@ -7,7 +7,9 @@ Every task gets one torch thread (``one_torch_thread``; workers: ``threads_per_t
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +26,10 @@ import zarr
 from click.testing import CliRunner
 from helpers import entry_point, write_stack
 
+import emalign.cluster as cluster
 import emalign.pipeline as pipeline
 from emalign.cli import main
-from emalign.cluster import scheduler, slurm_cluster, slurm_options, slurm_problem
+from emalign.cluster import run_tasks, scheduler, slurm_cluster, slurm_options, slurm_problem
 from emalign.errors import EmalignError
 from emalign.io import is_complete, open_stack
 from emalign.pipeline import STAGES, AlignParams, Workspace, align, run_stage
@@ -321,3 +324,77 @@ def test_a_worker_killed_mid_run_still_gives_the_complete_correct_output(stack, 
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --- progress -----------------------------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_progress_off_a_terminal_is_plain_lines_per_10_percent_with_an_eta():
+    stream = io.StringIO()
+    tasks = [dask.delayed(nap)(0.01 * (i % 3), dask_key_name=f"nap-{i}") for i in range(20)]
+    results = run_tasks(tasks, {"scheduler": "threads", "num_workers": 2}, "estimate", stream=stream)
+    assert results == [0.01 * (i % 3) for i in range(20)]
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0].startswith("estimate: 0/20 blocks, 0 %, ") and lines[0].endswith("ETA unknown")
+    assert re.fullmatch(r"estimate: 20/20 blocks, 100 %, \d+ s elapsed", lines[-1])
+    counts = [int(re.match(r"estimate: (\d+)/20 blocks", line).group(1)) for line in lines]
+    assert counts == sorted(counts) and len(lines) <= 12  # at the start, each further 10 %, the end
+    assert all(re.search(r", ETA \d+ s$", line) for line in lines[1:-1])
+
+
+def test_progress_off_a_terminal_prints_every_interval_while_a_task_runs(monkeypatch):
+    monkeypatch.setattr(cluster, "REPORT_EVERY", 0.3)
+    stream = io.StringIO()
+    run_tasks([dask.delayed(nap)(1.5)], {"scheduler": "sync", "num_workers": 1}, "render", stream=stream)
+    lines = stream.getvalue().splitlines()
+    waiting = [line for line in lines if line.startswith("render: 0/1 blocks, 0 %")]
+    assert len(waiting) >= 3 and lines[-1].startswith("render: 1/1 blocks, 100 %")
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    stream = Terminal()
+    run_tasks(
+        [dask.delayed(nap)(0.01) for _ in range(5)], {"scheduler": "threads", "num_workers": 2}, "polish", stream=stream
+    )
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") >= 6
+    assert text.rstrip("\n").split("\r")[-1].startswith("polish: 5/5 blocks, 100 %")
+
+
+def test_progress_on_a_distributed_client_counts_each_finished_task():
+    from distributed import Client
+
+    stream = io.StringIO()
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        tasks = [dask.delayed(nap)(0.01) for _ in range(10)]
+        assert run_tasks(tasks, {"scheduler": client}, "refine", stream=stream) == [0.01] * 10
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("refine: 0/10 blocks") and lines[-1].startswith("refine: 10/10 blocks, 100 %")
+    counts = {int(re.match(r"refine: (\d+)/10", line).group(1)) for line in lines}
+    assert counts == set(range(11))  # a line per task: each is 10 %
+
+
+def fail(_: int) -> None:
+    raise ValueError("this block failed")
+
+
+def test_progress_of_a_stage_whose_task_fails_does_not_claim_the_end():
+    stream = io.StringIO()
+    tasks = [dask.delayed(nap)(0.01), dask.delayed(fail)(1)]
+    with pytest.raises(ValueError, match="this block failed"):
+        run_tasks(tasks, {"scheduler": "sync", "num_workers": 1}, "prealign", stream=stream)
+    assert "prealign: 0/2 blocks" in stream.getvalue() and "100 %" not in stream.getvalue()

@@ -8,9 +8,10 @@ rerun happens in this process (one torch import is enough). Stack: 8 x 64 x 64, 
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from helpers import write_stack
+from helpers import mounted, write_stack
 
 from emalign.cli import main
 from emalign.io import is_complete
@@ -35,6 +36,7 @@ STAGES = ("prealign", "estimate", "stitch", "refine", "polish")
 
 SLOW_ALIGN = """
 import sys, time, zarr
+{prelude}
 write = zarr.Array.__setitem__
 def slow_write(self, key, value):
     time.sleep({delay})
@@ -46,10 +48,14 @@ main(sys.argv[1:], prog_name="emalign")
 
 
 def chunk_files(folder: Path) -> list[Path]:
-    """Chunk files of a Zarr v2 array folder (no metadata, no temporary files of unfinished writes)."""
+    """Chunk (or shard) files of a Zarr array folder (no metadata, no temporary files of unfinished writes)."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and "partial" not in p.name]
+    return [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json" and "partial" not in p.name
+    ]
 
 
 def begun(out: Path, stage: str) -> bool:
@@ -66,10 +72,7 @@ def begun(out: Path, stage: str) -> bool:
         return bool(chunk_files(out / "polish" / "pairs"))
     if stage == "render":
         return bool(chunk_files(out / "done"))
-    try:  # qc starts once the output is marked complete
-        return bool(json.loads((out / ".zattrs").read_text())["emalign"]["complete"])
-    except (OSError, ValueError, KeyError):
-        return False
+    return is_complete(out)  # qc starts once the output is marked complete
 
 
 def level0(out: Path) -> np.ndarray:
@@ -93,10 +96,12 @@ def reference(stack, tmp_path_factory) -> Path:
     return out
 
 
-def kill_inside(stage: str, stack: Path, out: Path, seed: int) -> str:
-    """Start the slowed `emalign align`, SIGKILL it a random moment after `stage` begins; returns its stderr."""
+def kill_inside(stage: str, stack: Path, out: Path, seed: int, args: list[str] = ARGS, prelude: str = "") -> str:
+    """Start the slowed `emalign align` (after the Python lines `prelude`), SIGKILL it a random moment after `stage`
+    begins; returns its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", SLOW_ALIGN.format(delay=WRITE_DELAY), "align", str(stack), str(out), *ARGS]
+    script = SLOW_ALIGN.format(delay=WRITE_DELAY, prelude=prelude)
+    command = [sys.executable, "-c", script, "align", str(stack), str(out), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -131,7 +136,7 @@ def finished_work(out: Path) -> dict[str, list[Path]]:
         files["refine"] += chunk_files(out / "fields" / "refined")
     if done["polish"][-1]:
         files["polish"] += chunk_files(out / "polish" / "shifts") + chunk_files(out / "fields" / "global")
-    files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / str(z))]
+    files["render"] = [f for z in np.flatnonzero(sections) for f in chunk_files(out / "0" / "c" / str(z))]
     return files
 
 
@@ -186,3 +191,68 @@ def test_a_run_killed_while_creating_its_arrays_resumes(stack, reference, tmp_pa
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def fill(path: Path, leave: int) -> None:
+    """Fill the file system of `path` with the file `path`, then give back `leave` bytes of it."""
+    with open(path, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+        handle.truncate(max(0, handle.tell() - leave))
+
+
+SMALL_CHUNKS = (1, 16, 16)
+"""Level chunks small enough that a 64 x 64 section of the test stack spans 2 x 2 shards of 2 x 2 chunks."""
+
+
+def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_threads_and_processes(
+    stack, reference, tmp_path
+):
+    killed = tmp_path / "killed.zarr"
+    args = [*ARGS, "--shard", "32"]
+    prelude = f"import emalign.io; emalign.io.SECTION_CHUNKS = {SMALL_CHUNKS}"
+    kill_inside("render", stack, killed, seed=3, args=args, prelude=prelude)
+    level = zarr.open_array(str(killed / "0"), mode="r")
+    assert (level.chunks, level.shards) == (SMALL_CHUNKS, (1, 32, 32))
+    done = array(killed, "done")
+    assert not done.all() and not is_complete(killed)
+    for z in np.flatnonzero(done):  # a section marked done is whole: every shard of it written
+        np.testing.assert_array_equal(level[z], level0(reference)[z])
+        assert len(chunk_files(killed / "0" / "c" / str(z))) == 4
+    for scheduler in ("threads:2", "processes:2"):
+        out = tmp_path / f"{scheduler.replace(':', '')}.zarr"
+        shutil.copytree(killed, out)
+        result = CliRunner().invoke(main, ["render", str(stack), str(out), *args, "--scheduler", scheduler])
+        assert result.exit_code == 0, result.output
+        assert "output complete" in result.output and is_complete(out)
+        np.testing.assert_array_equal(level0(out), level0(reference))
+        assert sorted(len(chunk_files(out / "0" / "c" / str(z))) for z in range(SHAPE[0])) == [4] * SHAPE[0]
+        assert not list(out.rglob("*.partial"))  # a shard is replaced whole, through a temporary file
+
+
+def test_a_disk_full_while_rendering_is_one_line_and_marks_only_whole_sections_done(stack, reference, tmp_path):
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as disk:
+        out = disk / "out.zarr"
+        for stage in STAGES:
+            result = CliRunner().invoke(main, [stage, str(stack), str(out), *ARGS])
+            assert result.exit_code == 0, result.output
+        fill(disk / "filler", leave=12 * 1024)  # room for a few 4 KiB pages: a section or two, then no space
+        result = CliRunner().invoke(main, ["render", str(stack), str(out), *ARGS])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and line.startswith(f"error: {out}: No space left on device (writing ")
+        assert re.search(r"\(writing (0/c/\d+/0/0|done/\d+)\)", line)  # the file of the section that did not fit
+        assert line.endswith("the output is incomplete: fix that and run the same command to resume")
+        done = array(out, "done")
+        assert not done.all() and not is_complete(out)
+        for z in np.flatnonzero(done):  # nothing half-written is marked done
+            np.testing.assert_array_equal(level0(out)[z], level0(reference)[z])
+        (disk / "filler").unlink()
+        result = CliRunner().invoke(main, ["align", str(stack), str(out), *ARGS])
+        assert result.exit_code == 0, result.output
+        assert is_complete(out)
+        np.testing.assert_array_equal(level0(out), level0(reference))

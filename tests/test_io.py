@@ -189,17 +189,29 @@ def test_non_finite_section_is_named(tmp_path):
     assert np.isnan(check_chunk(stack, 1, require_finite=False)).sum() == 1
 
 
-def test_writer_pyramid_and_metadata_open_with_ome_zarr_py(tmp_path):
+def validate_ngff(out: Path, ngff: str) -> None:
+    """Validate an OME-Zarr image with ome-zarr-models (its NGFF 0.5 or 0.4 Image model)."""
+    from ome_zarr_models import v04, v05
+
+    image = (v05 if ngff == "0.5" else v04).Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert image.attributes
+
+
+@pytest.mark.parametrize("ngff", ["0.5", "0.4"])
+def test_writer_pyramid_and_metadata_validate_and_open_with_ome_zarr_py(tmp_path, ngff):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
     data = RNG.integers(0, 256, (3, 40, 50), dtype=np.uint8)
     out = tmp_path / "aligned.zarr"
-    writer = OmeZarrWriter.create(out, data.shape, np.uint8, (40, 4, 4), "nanometer", levels=3, attrs={"params": {}})
+    writer = OmeZarrWriter.create(
+        out, data.shape, np.uint8, (40, 4, 4), "nanometer", levels=3, attrs={"params": {}}, ngff=ngff
+    )
     for z in range(3):
         writer.write_section(z, data[z])
     writer.mark_complete()
-    assert is_complete(out)
+    assert is_complete(out) and writer.ngff == ngff
+    validate_ngff(out, ngff)
 
     image = list(Reader(parse_url(str(out)))())[0]
     assert [level.shape for level in image.data] == [(3, 40, 50), (3, 20, 25), (3, 10, 13)]
@@ -212,11 +224,15 @@ def test_writer_pyramid_and_metadata_open_with_ome_zarr_py(tmp_path):
     np.testing.assert_array_equal(image.data[0].compute(), data)
     block_mean = data[:, :2, :2].reshape(3, -1).mean(axis=1)
     np.testing.assert_array_equal(image.data[1][:, 0, 0].compute(), np.rint(block_mean))
-    assert image.data[2][:, 0, -1].compute().tolist() == data[:, :4, 48:].reshape(3, -1).mean(1).round().tolist()
+    level2 = [io.downsample2(io.downsample2(section)) for section in data]  # of the rounded level 1
+    assert image.data[2][:, 0, -1].compute().tolist() == [section[0, -1] for section in level2]
     assert zarr.open_array(str(out / "0")).chunks == (1, 40, 50)
     level1 = open_stack(out, level=1)
     assert level1.voxel_size == (40.0, 8.0, 8.0) and level1.unit == "nanometer"
-    translation = zarr.open_group(str(out)).attrs["multiscales"][0]["datasets"][1]["coordinateTransformations"][1]
+    attrs = zarr.open_group(str(out)).attrs
+    multiscales = attrs["ome"]["multiscales"][0] if ngff == "0.5" else attrs["multiscales"][0]
+    assert (attrs["ome"]["version"] if ngff == "0.5" else multiscales["version"]) == ngff
+    translation = multiscales["datasets"][1]["coordinateTransformations"][1]
     assert translation == {"type": "translation", "translation": [0.0, 2.0, 2.0]}
     auto = OmeZarrWriter.create(tmp_path / "auto.zarr", (2, 600, 700), np.uint16)
     assert [a.shape for a in auto.arrays] == [(2, 600, 700), (2, 300, 350), (2, 150, 175)]
@@ -277,10 +293,49 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     assert target.read_text() == "precious"
 
 
-def test_create_array_is_zarr_v2_zstd(tmp_path):
-    array = create_array(tmp_path / "fields.zarr", "global", (3, 2, 5, 6), (1, 2, 64, 64), np.float32, {"stride": 8})
-    assert array.metadata.zarr_format == 2 and array.chunks == (1, 2, 5, 6) and array.attrs["stride"] == 8
-    assert array.metadata.compressor.cname == "zstd"
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_create_array_is_zstd_in_the_groups_zarr_format(tmp_path, zarr_format):
+    group = tmp_path / "fields.zarr"
+    args = ("global", (3, 2, 5, 6), (1, 2, 64, 64), np.float32, {"stride": 8})
+    array = create_array(group, *args, zarr_format=zarr_format)
+    assert array.metadata.zarr_format == zarr_format and array.chunks == (1, 2, 5, 6) and array.attrs["stride"] == 8
+    codec = array.metadata.compressor if zarr_format == 2 else array.compressors[0]
+    assert str(getattr(codec.cname, "value", codec.cname)) == "zstd"
+    assert create_array(group, "more", (2,), (1,), bool).metadata.zarr_format == zarr_format  # follows the group
+
+
+def test_ngff_05_levels_are_sharded_one_section_deep_capped_to_each_level(tmp_path):
+    out = tmp_path / "big.zarr"
+    writer = OmeZarrWriter.create(out, (2, 9000, 5000), np.uint8, levels=3)
+    assert [a.shards for a in writer.arrays] == [(1, 4096, 4096), (1, 4096, 2560), (1, 2560, 1536)]
+    assert all(a.chunks == (1, 512, 512) for a in writer.arrays) and writer.done.shards is None
+    assert [a.metadata.dimension_names for a in writer.arrays] == [("z", "y", "x")] * 3
+    section = RNG.integers(0, 256, (9000, 5000), dtype=np.uint8)
+    writer.write_section(1, section)
+    np.testing.assert_array_equal(writer.arrays[0][1], section)
+    # one file per shard: an 8192^2 section would be 4 files at level 0; this one is 3 x 2
+    assert sorted(p.relative_to(out / "0") for p in (out / "0" / "c" / "1").rglob("*") if p.is_file()) == [
+        Path(f"c/1/{y}/{x}") for y in range(3) for x in range(2)
+    ]
+    assert not (out / "0" / "c" / "0").exists()  # section 0 untouched: its own shards
+    small = OmeZarrWriter.create(tmp_path / "small.zarr", (2, 300, 200), np.uint8, shard=0)
+    assert small.arrays[0].shards is None and small.arrays[0].chunks == (1, 300, 200)
+
+
+@pytest.mark.parametrize(
+    ("layout", "match"),
+    [({"ngff": "0.6"}, "--ngff '0.6'"), ({"shard": 1000}, "--shard 1000"), ({"shard": -512}, "--shard -512")],
+)
+def test_an_unknown_ngff_version_or_a_shard_off_the_chunk_grid_is_a_one_line_error(tmp_path, layout, match):
+    out = tmp_path / "out.zarr"
+    one_line_error(out, OmeZarrWriter.create, out, (2, 8, 8), np.uint8, match=match, **layout)
+    assert not out.exists()
+
+
+def test_an_output_of_the_other_ngff_version_is_not_resumed(tmp_path):
+    out = tmp_path / "out.zarr"
+    OmeZarrWriter.create(out, (2, 8, 8), np.uint8, ngff="0.4", attrs={"params": {}})
+    one_line_error(out, OmeZarrWriter.create, out, (2, 8, 8), np.uint8, attrs={"params": {}}, match="NGFF 0.4")
 
 
 def test_import_roundtrip_uint16(tmp_path):

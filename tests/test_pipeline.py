@@ -101,8 +101,11 @@ def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
     assert [axis["name"] for axis in node.metadata["axes"]] == ["z", "y", "x"]
     assert [tuple(level.shape) for level in node.data] == [SHAPE]  # 96 px: a single level
     np.testing.assert_array_equal(np.asarray(node.data[0]), level0(out))
-    multiscales = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]
-    assert multiscales["version"] == "0.4"
+    from ome_zarr_models.v05 import Image
+
+    group = zarr.open_group(str(out), mode="r")
+    assert group.attrs["ome"]["version"] == "0.5" and group.metadata.zarr_format == 3
+    assert Image.from_zarr(group).attributes.ome.multiscales[0].datasets[0].path == "0"  # a valid NGFF 0.5 image
 
 
 def test_align_records_provenance_params_plan_model_and_input(case, aligned):
@@ -194,7 +197,7 @@ def test_pyramid_levels_are_listed_in_multiscales_and_are_2x_means(tmp_path):
     align(path, out, AlignParams(block=2), **RUN)
     assert is_complete(out)
     group = zarr.open_group(str(out), mode="r")
-    datasets = group.attrs["multiscales"][0]["datasets"]
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
     assert [d["path"] for d in datasets] == ["0", "1"]
     assert datasets[1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
     assert group["1"].shape == (4, 132, 132)

@@ -125,7 +125,7 @@ def test_a_5_nm_stack_is_aligned_at_2x_block_means_and_rendered_at_full_resoluti
     group = zarr.open_group(str(tmp_path / "fine.zarr"), mode="r")
     assert group["0"].shape == fine.shape
     assert group.attrs["emalign"]["resolution"] == {"pixel_nm": 5.0, "source": "metadata", "factor": 2, "ratio": 1.0}
-    scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == pytest.approx([40.0, 5.0, 5.0])
     # the work is that of the block means given at 10 nm pixels
     write_calibrated(tmp_path / "means.tif", np.asarray(ws.working_stack().data), 10.0)

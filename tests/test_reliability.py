@@ -9,7 +9,6 @@ Fault tests damage the input or the output location on purpose. Stacks are tiny 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import hashlib
@@ -25,7 +24,7 @@ import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner
-from helpers import one_line_error
+from helpers import mounted, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -525,21 +524,6 @@ def test_damaged_zarr_metadata_is_a_one_line_error(raw, tmp_path, change, proble
 
 
 # --- a full or read-only disk --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def mounted(point: Path, *how: str):
-    """``mount *how point`` (needs root; skips otherwise), lazily unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a small tmpfs")
-    point.mkdir(exist_ok=True)
-    done = subprocess.run(["mount", *how, str(point)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_a_full_disk_stops_with_one_line_and_a_resumable_partial_output(stack, reference, tmp_path):

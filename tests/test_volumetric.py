@@ -367,7 +367,7 @@ def test_cli_register_round_trip(tmp_path, cells):
     assert result.exit_code == 0, result.output
     assert "Dice" in result.output
     group = zarr.open_group(str(out), mode="r")
-    assert group.attrs["multiscales"][0]["axes"][0]["name"] == "z"
+    assert group.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z"
     assert group.attrs["emalign"]["model"]["name"] == "crd-small" and group.attrs["emalign"]["complete"]
     warped = np.asarray(group["0"])
     field = np.asarray(zarr.open_array(str(field_path), mode="r"))

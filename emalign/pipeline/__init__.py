@@ -138,7 +138,7 @@ def run_stage(
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
     tasks = [dask.delayed(_block_task)(path, stage, i, device, threads) for i in todo]
-    run_tasks(tasks, compute, f"{stage} ({len(todo)} blocks)", progress and bool(todo))
+    run_tasks(tasks, compute, stage, progress and bool(todo))
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())
         return f"prealign: {len(todo)} block(s) done; global rigid solve done; {flagged} flagged section(s)"

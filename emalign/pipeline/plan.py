@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from emalign.errors import EmalignError
+from emalign.io import NGFF_VERSIONS, SHARD_XY
 
 POLISH_MODES = ("auto", "on", "off")
 
@@ -45,6 +46,8 @@ class AlignParams:
         voxel_size: ``(z, y, x)`` in ``unit``, overriding the input's metadata (empty: from the input, or
             estimated from the data where it has none; see :mod:`emalign.pixelsize`).
         unit: the unit of ``voxel_size`` (an OME-NGFF length unit).
+        ngff: output layout, ``0.5`` (Zarr v3, sharded levels) or ``0.4`` (Zarr v2, for older readers).
+        shard: y/x side (px) of the output levels' shards under NGFF 0.5 (0: none), one section deep.
 
     Lengths in px (``stride``, ``smoothing``, ``tile``, ``halo``, ``polish_patch``) are pixels of the working
     resolution (:class:`emalign.pixelsize.Resolution`: 10 nm where the input's pixels are 10 nm or finer);
@@ -71,6 +74,8 @@ class AlignParams:
     mask: str = ""
     voxel_size: tuple[float, ...] = ()
     unit: str = "nanometer"
+    ngff: str = NGFF_VERSIONS[0]
+    shard: int = SHARD_XY
 
     def to_dict(self) -> dict:
         data = asdict(self)

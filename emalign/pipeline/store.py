@@ -1,8 +1,10 @@
 """The output folder of an alignment: the aligned OME-Zarr plus the pipeline's own arrays.
 
-Layout (one Zarr v2 group, NGFF 0.4 at its root)::
+Layout (one Zarr group: NGFF 0.5 on Zarr v3 by default, NGFF 0.4 on Zarr v2 with ``--ngff 0.4``; the
+pipeline's arrays sit next to the levels, which validators and NGFF readers ignore: they follow ``multiscales``)::
 
-    OUT/0, OUT/1, ...          aligned pyramid (emalign.io.OmeZarrWriter), OUT/done per section
+    OUT/0, OUT/1, ...          aligned pyramid (emalign.io.OmeZarrWriter; v3: shards of 1 x --shard^2 px),
+                               OUT/done per section
     OUT/sections/flags         (Z,) uint8: 1 blank, 2 damaged, 4 skipped by the user, 8 break (first
                                section of a segment that matches nothing before it)
     OUT/sections/stats         (Z, 3) float32: valid fraction, contrast (std / 255 or range), peak of the
@@ -182,7 +184,17 @@ class Workspace:
             "resolution": resolution.to_dict(),
             "model": {"name": params.model, "sha256": models.checksum(params.model)},
         }
-        writer = OmeZarrWriter.create(out, stack.shape, stack.dtype, voxel_size, unit, attrs=attrs, overwrite=overwrite)
+        writer = OmeZarrWriter.create(
+            out,
+            stack.shape,
+            stack.dtype,
+            voxel_size,
+            unit,
+            attrs=attrs,
+            overwrite=overwrite,
+            ngff=params.ngff,
+            shard=params.shard,
+        )
         if f"stages/{STAGES[-1]}" not in writer.group:  # new, or killed while its arrays were being created
             f = resolution.factor
             cls._create_arrays(out, plan, (voxel_size[0], voxel_size[1] * f, voxel_size[2] * f))

@@ -248,18 +248,19 @@ def register_volumes(
 
 
 def _write_field(path: Path, field: np.ndarray, attrs: dict) -> None:
-    """Write the field as a Zarr v2 array ``(3, Z, Y, X)`` float32 with its conventions in ``attrs``."""
+    """Write the field as a Zarr v3 array ``(3, Z, Y, X)`` float32 (like the NGFF 0.5 output it may sit in) with its
+    conventions in ``attrs``."""
     import zarr
 
-    from emalign.io import COMPRESSOR
+    from emalign.io import COMPRESSOR_V3
 
     array = zarr.create_array(
         store=str(path),
         shape=field.shape,
         chunks=(3, *[min(CHUNK, n) for n in field.shape[1:]]),
         dtype=np.float32,
-        compressors=COMPRESSOR,
-        zarr_format=2,
+        compressors=COMPRESSOR_V3,
+        zarr_format=3,
         overwrite=True,
     )
     array[:] = field
