@@ -83,8 +83,8 @@ class AlignParams:
                 f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
                 "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
             )
-        if self.task_tile < 64:
-            raise EmalignError(f"bad plan: --task-tile {self.task_tile} (need at least 64 px)")
+        if self.task_tile < 16:
+            raise EmalignError(f"bad plan: --task-tile {self.task_tile} (need at least 16 px)")
         if self.polish not in POLISH_MODES:
             raise EmalignError(f"bad plan: --polish {self.polish!r}; expected one of {', '.join(POLISH_MODES)}")
         if self.polish_patch < 16:
