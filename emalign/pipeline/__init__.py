@@ -41,7 +41,7 @@ def _finished(ws: Workspace, stage: str, index: int) -> bool:
     return bool(ws.array(f"stages/{stage}")[index])
 
 
-def _block_task(out: str, stage: str, index: int, tile: int, device: str, threads: int) -> None:
+def _block_task(out: str, stage: str, index: int, device: str, threads: int, tile: int = 0) -> None:
     """Block ``index`` of ``prealign``, ``estimate`` (its xy task tile ``tile``), ``refine``, ``polish`` or
     ``render`` on ``threads`` CPU threads; a task with its completion marker is not redone."""
     reuse_freed_memory()
@@ -67,7 +67,7 @@ def _adapt_task(out: str, device: str, progress: bool) -> None:
         adapt_model(ws, _stack(ws), device, progress)
 
 
-def _stitch_task(out: str, tile: int) -> None:
+def _stitch_task(out: str, tile: int = 0) -> None:
     ws = Workspace(out)
     if not _finished(ws, "stitch", tile):
         stitch(ws, tile)
@@ -147,7 +147,7 @@ def run_stage(
         ws.require("polish")
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
-    tasks = [dask.delayed(_block_task)(path, stage, i, tile, device, threads) for i, tile in todo]
+    tasks = [dask.delayed(_block_task)(path, stage, i, device, threads, tile) for i, tile in todo]
     blocks = len({i for i, _ in todo})
     tiled = f" in {len(ws.plan.tiles())} xy tiles" if stage == "estimate" and len(ws.plan.tiles()) > 1 else ""
     run_tasks(tasks, compute, f"{stage} ({len(todo)} {'tasks' if tiled else 'blocks'})", progress and bool(todo))
