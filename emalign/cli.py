@@ -56,6 +56,9 @@ def _plan_options(func):
         click.option("--smoothing", default=16.0, show_default=True, help="Gaussian sigma of the network fields, px"),
         click.option("--tile", default=512, show_default=True, help="xy tile of the network, px"),
         click.option("--halo", default=64, show_default=True, help="xy tile overlap, px"),
+        click.option(
+            "--task-tile", default=4096, show_default=True, help="xy tile of the estimate and stitch tasks, px"
+        ),
         click.option("--coarse-downsample", default=2, show_default=True, help="prealignment resolution factor"),
         click.option("--trend-stiffness", default=1e4, show_default=True, help="prealignment trend along z"),
         click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
@@ -171,6 +174,7 @@ def _params(opts: dict):
         unit=opts["unit"],
         ngff=opts["ngff"],
         shard=opts["shard"],
+        task_tile=opts["task_tile"],
     )
 
 

@@ -226,20 +226,25 @@ def sample(image: np.ndarray, coords: np.ndarray, order: int = 1, cval: float = 
     return out[0, 0].numpy() + np.float32(cval)
 
 
-def affine_field(matrix: np.ndarray, shape: tuple[int, ...], stride: float = 1.0) -> np.ndarray:
+def affine_field(
+    matrix: np.ndarray, shape: tuple[int, ...], stride: float = 1.0, origin: tuple[float, ...] | None = None
+) -> np.ndarray:
     """The pull field of an affine map ``q = A p + t`` on a grid of the given stride.
 
     Args:
         matrix: ``(D, D+1)`` (or homogeneous ``(D+1, D+1)``) in axis order (``y, x`` in 2D),
             mapping full-resolution output coordinates ``p`` to input coordinates ``q``.
-        shape: spatial shape of the grid; sample ``i`` sits at ``i * stride``.
+        shape: spatial shape of the grid; sample ``i`` sits at ``origin + i * stride``.
+        origin: full-resolution coordinate of the first sample (default 0): a window of a larger grid.
 
     Returns:
         ``(D, *shape)`` float32 field ``u(p) = A p + t - p`` in full-resolution pixels.
     """
     ndim = len(shape)
     m = np.asarray(matrix, dtype=np.float64)[:ndim]
-    coords = np.stack(np.meshgrid(*[np.arange(n) * stride for n in shape], indexing="ij")).reshape(ndim, -1)
+    start = (0,) * ndim if origin is None else origin
+    axes = [o + np.arange(n) * stride for o, n in zip(start, shape, strict=True)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(ndim, -1)
     mapped = m[:, :ndim] @ coords + m[:, ndim:]
     return (mapped - coords).reshape(ndim, *shape).astype(np.float32)
 

@@ -35,16 +35,46 @@ def _taper(length: int, halo: int, at_start: bool, at_end: bool) -> np.ndarray:
     return weight
 
 
-def tiles(shape: tuple[int, int], tile: int, halo: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
-    """Overlapping xy tiles covering ``shape`` with their blending weights ``(ty, tx)``."""
+def _inside(inner: slice, outer: slice) -> bool:
+    return outer.start <= inner.start and inner.stop <= outer.stop
+
+
+def tiles(
+    shape: tuple[int, int], tile: int, halo: int, within: tuple[slice, slice] | None = None
+) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """Overlapping xy tiles covering ``shape`` with their blending weights ``(ty, tx)``; only those inside
+    ``within`` (rows, cols) if given."""
     ys, xs = _tile_starts(shape[0], tile, halo), _tile_starts(shape[1], tile, halo)
     for y0 in ys:
         for x0 in xs:
             sy = slice(y0, min(y0 + tile, shape[0]))
             sx = slice(x0, min(x0 + tile, shape[1]))
+            if within and not (_inside(sy, within[0]) and _inside(sx, within[1])):
+                continue
             wy = _taper(sy.stop - sy.start, halo, y0 == ys[0], y0 == ys[-1])
             wx = _taper(sx.stop - sx.start, halo, x0 == xs[0], x0 == xs[-1])
             yield sy, sx, np.outer(wy, wx)
+
+
+def tile_span(length: int, tile: int, halo: int, lo: int, hi: int) -> tuple[int, int]:
+    """``[start, stop)`` covered by the tiles of an axis of ``length`` (as :func:`tiles` cuts it) that overlap
+    ``[lo, hi)``: a region holding every tile that contributes to a pixel of ``[lo, hi)``."""
+    starts = [a for a in _tile_starts(length, tile, halo) if a < hi and a + tile > lo]
+    return starts[0], min(starts[-1] + tile, length)
+
+
+def _region_tiles(
+    shape: tuple[int, int], tile: int, halo: int, frame: tuple[tuple[int, int], tuple[int, int]] | None
+) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """The tiles of ``shape`` (a region), or with ``frame = (origin, section shape)`` the tiles of the whole
+    section that lie inside the region at ``origin``, moved into the region, with the section's weights."""
+    if frame is None:
+        yield from tiles(shape, tile, halo)
+        return
+    (y0, x0), section = frame
+    within = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
+    for sy, sx, weight in tiles(section, tile, halo, within):
+        yield slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0), weight
 
 
 @torch.inference_mode()
@@ -55,25 +85,29 @@ def predict_windows(
     tile: int = 512,
     halo: int = 64,
     batch: int = 2,
+    frame: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Fields of the moving sections of ``windows (B, D, Y, X)`` -> ``(B, 2, Y, X)`` float32.
 
     Pull fields in full-resolution pixels: ``warp(window[:, K], field)`` lines up with the
     window's references. Sections larger than ``tile`` are processed in overlapping tiles.
+    ``frame = ((y0, x0), (height, width))``: the windows are the region at ``(y0, x0)`` of sections of that
+    shape, tiled as the whole sections are; where every tile covering a pixel lies inside the region
+    (:func:`tile_span`), its field equals the whole sections' (the region must be covered by such tiles).
     """
     if device.type == "cpu":
         reuse_freed_memory()
     count, _, height, width = windows.shape
     out = np.zeros((count, 2, height, width), np.float32)
     norm = np.zeros((height, width), np.float32)
-    for sy, sx, weight in tiles((height, width), tile, halo):
+    for sy, sx, weight in _region_tiles((height, width), tile, halo, frame):
         norm[sy, sx] += weight
         for b0 in range(0, count, batch):
             chunk = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + batch, :, sy, sx], np.float32))
             with autocast(device):
                 field = model(normalize_sections(chunk.to(device))).float().cpu().numpy()
             out[b0 : b0 + batch, :, sy, sx] += field * weight
-    return out / norm
+    return np.divide(out, norm, out=out, where=norm > 0)  # 0 where no tile lies (a region's edge)
 
 
-__all__ = ["predict_windows", "tiles"]
+__all__ = ["predict_windows", "tile_span", "tiles"]

@@ -144,9 +144,8 @@ def sequential_pass(ws: Workspace, net: FAEMReg, device: torch.device, progress:
     output = ws.array("fields/stitched")
     for z in range(depth):
         output[z] = compose(affine_field(matrices[z], grid, stride=stride), fine[z], stride=stride)
-    for index in range(len(plan.blocks())):
-        ws.mark_done("estimate", index)
-    ws.mark_done("stitch", 0)
+    for stage in ("estimate", "stitch"):
+        ws.array(f"stages/{stage}")[:] = True
 
 
 def _align_params(model: str, options: dict) -> AlignParams:

@@ -207,6 +207,7 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "--spring": "0.1",
         "--tile": "64",
         "--halo": "8",
+        "--task-tile": "64",
         "--coarse-downsample": "2",
         "--trend-stiffness": "1000000",
         "--max-rotation": "5",
@@ -236,6 +237,7 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "level": 0,
         "polish": "off",
         "polish_patch": 64,
+        "task_tile": 64,
     }
     # every AlignParams field is recorded: those given above with their values, any other with its default
     assert recorded == {**AlignParams().to_dict(), **expected}

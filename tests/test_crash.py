@@ -122,16 +122,25 @@ def finished_work(out: Path) -> dict[str, list[Path]]:
     done = {stage: np.asarray(group[f"stages/{stage}"][:], bool) for stage in STAGES}
     sections = np.asarray(group["done"][:], bool)
     files: dict[str, list[Path]] = {stage: [] for stage in (*STAGES, "render")}
+    tiles, columns = len(done["stitch"]), group["fields/relative"].cdata_shape[-1]  # xy task tiles, row by row
+
+    def field_chunks(name: str, sections: range, tile: int) -> list[Path]:
+        rows, cols = divmod(tile, columns)
+        chunks = [out / "fields" / name / str(z) / "0" / str(rows) / str(cols) for z in sections]
+        return [chunk for chunk in chunks if chunk.is_file()]
+
     for index, (a, b) in enumerate(BLOCKS):
         if done["prealign"][index]:
             files["prealign"] += chunk_files(out / "coarse" / "pairs" / str(index))
-        if done["estimate"][index]:
-            files["estimate"] += [f for z in range(a, b) for f in chunk_files(out / "fields" / "relative" / str(z))]
+        for tile in range(tiles):
+            if done["estimate"][index * tiles + tile]:
+                files["estimate"] += field_chunks("relative", range(a, b), tile)
         for stage in ("refine", "polish"):
             if done[stage][index]:
                 files[stage] += chunk_files(out / stage / "pairs" / str(index))
-    if done["stitch"][0]:
-        files["stitch"] = chunk_files(out / "fields" / "stitched")
+    for tile in range(tiles):
+        if done["stitch"][tile]:
+            files["stitch"] += field_chunks("stitched", range(SHAPE[0]), tile)
     if done["refine"][-1]:
         files["refine"] += chunk_files(out / "fields" / "refined")
     if done["polish"][-1]:
@@ -169,6 +178,29 @@ def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, 
     np.testing.assert_array_equal(array(out, "fields/global"), array(reference, "fields/global"))
     np.testing.assert_array_equal(array(out, "sections/flags"), array(reference, "sections/flags"))
     assert (out / "qc.csv").read_text() == (reference / "qc.csv").read_text()
+
+
+TILED_ARGS = [*ARGS, "--task-tile", "32"]
+"""As ARGS, with the estimate and stitch in 2 x 2 xy task tiles."""
+
+
+def test_align_in_xy_task_tiles_killed_inside_the_estimate_resumes_to_the_uninterrupted_output(stack, tmp_path):
+    reference = tmp_path / "reference.zarr"
+    result = CliRunner().invoke(main, ["align", str(stack), str(reference), *TILED_ARGS])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "killed.zarr"
+    kill_inside("estimate", stack, out, seed=5, args=TILED_ARGS)
+    assert array(out, "stages/prealign").all()
+    estimated = array(out, "stages/estimate")
+    assert estimated.shape == (len(BLOCKS) * 4,) and not estimated.all()
+    stamps = {f: f.stat().st_mtime_ns for f in finished_work(out)["estimate"]}
+
+    result = CliRunner().invoke(main, ["align", str(stack), str(out), *TILED_ARGS])
+    assert result.exit_code == 0, result.output
+    assert is_complete(out) and array(out, "stages/estimate").all() and array(out, "stages/stitch").all()
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # finished (block, tile) tasks not redone
+    np.testing.assert_array_equal(level0(out), level0(reference))
+    np.testing.assert_array_equal(array(out, "fields/global"), array(reference, "fields/global"))
 
 
 def test_a_run_killed_while_creating_its_arrays_resumes(stack, reference, tmp_path):

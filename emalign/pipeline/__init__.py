@@ -12,6 +12,7 @@ import os
 import time
 
 import dask
+import numpy as np
 import torch
 
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
@@ -32,23 +33,24 @@ __all__ = ["STAGES", "AlignParams", "Plan", "Workspace", "align", "open_workspac
 
 
 def _finished(ws: Workspace, stage: str, index: int) -> bool:
-    """Block ``index`` already has its completion marker (a retried task, or one rerun for a lost worker)."""
+    """Task ``index`` already has its completion marker (a retried task, or one rerun for a lost worker)."""
     return bool(ws.array(f"stages/{stage}")[index])
 
 
-def _block_task(out: str, stage: str, index: int, device: str, threads: int) -> None:
-    """Block ``index`` of ``prealign``, ``estimate``, ``refine``, ``polish`` or ``render`` on ``threads`` CPU threads;
-    a block with its completion marker is not redone."""
+def _block_task(out: str, stage: str, index: int, device: str, threads: int, tile: int = 0) -> None:
+    """Block ``index`` of ``prealign``, ``estimate`` (its xy task tile ``tile``), ``refine``, ``polish`` or
+    ``render`` on ``threads`` CPU threads; a task with its completion marker is not redone."""
     reuse_freed_memory()
     torch.set_num_threads(threads)
     ws = Workspace(out)
     if stage == "render":
         render_block(ws, ws.input_stack(), index)
+    elif stage == "estimate":
+        if not _finished(ws, stage, ws.plan.task_index(index, tile)):
+            estimate_block(ws, ws.working_stack(), index, tile, device=device)
     elif not _finished(ws, stage, index):
         if stage == "prealign":
             prealign_block(ws, ws.working_stack(), index)
-        elif stage == "estimate":
-            estimate_block(ws, ws.working_stack(), index, device=device)
         elif stage == "refine":
             refine_block(ws, ws.working_stack(), index)
         else:
@@ -61,10 +63,10 @@ def _adapt_task(out: str, device: str, progress: bool) -> None:
         adapt_model(ws, ws.working_stack(), device, progress)
 
 
-def _stitch_task(out: str) -> None:
+def _stitch_task(out: str, tile: int = 0) -> None:
     ws = Workspace(out)
-    if not _finished(ws, "stitch", 0):
-        stitch(ws)
+    if not _finished(ws, "stitch", tile):
+        stitch(ws, tile)
 
 
 def _polish_reason(ws: Workspace) -> str:
@@ -74,14 +76,17 @@ def _polish_reason(ws: Workspace) -> str:
     return f"auto: adjacent sections' median peak {adjacent_peak(ws):.2f}, polished from {FINE_MIN_PEAK}"
 
 
-def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[int]:
+def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """``(block, tile)`` tasks of ``stage`` in ``z_range`` without their completion marker (tile: the xy task tile
+    of an estimate task, 0 for the other stages)."""
     blocks = ws.plan.blocks()
     wanted = set(ws.plan.blocks(z_range))
     if stage == "render":
         done = ws.writer.done_sections()
-        return [i for i, (a, b) in enumerate(blocks) if (a, b) in wanted and not done[a:b].all()]
-    done = ws.stage_done(stage)
-    return [i for i, block in enumerate(blocks) if block in wanted and not done[i]]
+        return [(i, 0) for i, (a, b) in enumerate(blocks) if (a, b) in wanted and not done[a:b].all()]
+    tiles = len(ws.plan.tiles()) if stage == "estimate" else 1
+    done = ws.stage_done(stage)[: len(blocks) * tiles].reshape(len(blocks), tiles)  # block-major: Plan.task_index
+    return [(i, t) for i, block in enumerate(blocks) if block in wanted for t in range(tiles) if not done[i, t]]
 
 
 STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish", "render", "qc")
@@ -108,9 +113,10 @@ def run_stage(
     compute = compute or {"scheduler": "threads", "num_workers": cores()}
     path = os.path.abspath(ws.path)  # tasks may run on other machines, in another working directory
     if stage == "stitch":
-        if not ws.stage_done("stitch").all():
+        if not (done := ws.stage_done("stitch")).all():
             ws.require("estimate")
-            run_tasks([dask.delayed(_stitch_task)(path)], compute, "stitch", progress=False)
+            tasks = [dask.delayed(_stitch_task)(path, tile) for tile in np.flatnonzero(~done).tolist()]
+            run_tasks(tasks, compute, f"stitch ({len(tasks)} xy tiles)", progress and len(done) > 1)
         return "stitch: stitched fields written"
     if stage == "qc":
         return run_qc(ws, ws.input_stack())
@@ -137,23 +143,25 @@ def run_stage(
         ws.require("polish")
     todo = _blocks_todo(ws, stage, zr)
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
-    tasks = [dask.delayed(_block_task)(path, stage, i, device, threads) for i in todo]
+    tasks = [dask.delayed(_block_task)(path, stage, i, device, threads, tile) for i, tile in todo]
+    blocks = len({i for i, _ in todo})
+    tiled = f" in {len(ws.plan.tiles())} xy tiles" if stage == "estimate" and len(ws.plan.tiles()) > 1 else ""
     run_tasks(tasks, compute, stage, progress and bool(todo))
     if stage == "prealign" and ws.stage_done("prealign").all():
         flagged = int((solve_prealignment(ws) != 0).sum())
-        return f"prealign: {len(todo)} block(s) done; global rigid solve done; {flagged} flagged section(s)"
+        return f"prealign: {blocks} block(s) done; global rigid solve done; {flagged} flagged section(s)"
     if stage == "refine" and (refined := ws.stage_done("refine"))[:-1].all():
         if not refined[-1]:
             solve_refinement(ws)
-        return f"refine: {len(todo)} block(s) done; translation solve done, refined fields written"
+        return f"refine: {blocks} block(s) done; translation solve done, refined fields written"
     if stage == "polish" and (polished := ws.stage_done("polish"))[:-1].all():
         if not polished[-1]:
             solve_polish(ws, polished=True)
-        return f"polish: {len(todo)} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
+        return f"polish: {blocks} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
     if stage == "render" and ws.writer.done_sections().all():
         ws.writer.mark_complete()
-        return f"render: {len(todo)} block(s) written; output complete"
-    return f"{stage}: {len(todo)} block(s) done"
+        return f"render: {blocks} block(s) written; output complete"
+    return f"{stage}: {blocks} block(s) done{tiled}"
 
 
 def align(

@@ -9,15 +9,15 @@ prealign
     (no pair across them scores above the noise floor of unrelated sections: :func:`break_threshold`)
     split the stack into independently solved segments.
 estimate
-    per z-block: the network on the symmetric window of every section, all sections warped
-    by their prealignment (each section is read and warped once per block), the fields
-    subsampled onto the stride grid and written to ``fields/relative``.
+    per z-block and xy task tile: the network on the symmetric window of every section, all sections warped
+    by their prealignment (only the tile and its halo: each section's region is read and warped once per
+    task), the fields subsampled onto the stride grid, smoothed and written to ``fields/relative``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +28,17 @@ from emalign import consensus, models, rigid
 from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
-from emalign.inference import predict_windows
+from emalign.inference import predict_windows, tile_span
 from emalign.io import Stack, check_chunk, downsampled, open_stack
-from emalign.masks import invalid_pixels, pieces, piecewise_field
-from emalign.pipeline.store import (
-    FLAG_BLANK,
-    FLAG_BREAK,
-    FLAG_DAMAGED,
-    FLAG_SKIPPED,
-    OFFSETS,
-    Workspace,
-)
+from emalign.masks import TEXTURE_BLOCK, invalid_pixels, pieces, piecewise_field
+from emalign.pipeline.plan import AlignParams, Plan
+from emalign.pipeline.render import render_region
+from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
 
 BATCH = 2
 """Windows per network call (keeps the largest temporaries of a 512 px tile under 64 MB)."""
+AFFINE_STRIDE = 256
+"""Grid spacing (px) of the prealignment's affine field when a region is pulled (exact: the field is linear)."""
 ANGLE_TREND_FACTOR = 0.01
 """The angles' z-trend is this much softer than the shifts' (``--trend-stiffness``). A pairwise angle is far
 noisier than its share of the misalignment (40 nm FlyEM neighbours: 0.35 degrees against 1 degree of
@@ -100,12 +97,33 @@ def user_mask(ws: Workspace, stack: Stack) -> Stack | None:
     return mask
 
 
+def masked(raw: np.ndarray, user: np.ndarray | None = None) -> np.ndarray:
+    """``raw (Y, X)`` as float32 with its invalid pixels (:func:`emalign.masks.invalid_pixels`) at 0."""
+    section = raw.astype(np.float32)
+    section[invalid_pixels(raw, user)] = 0
+    return section
+
+
 def read_masked(stack: Stack, z: int, mask: Stack | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Section ``z`` as read, and as float32 with its invalid pixels (detected, and the user's ``mask``) at 0."""
     raw = check_chunk(stack, z)
-    section = raw.astype(np.float32)
-    section[invalid_pixels(raw, None if mask is None else check_chunk(mask, z))] = 0
-    return raw, section
+    return raw, masked(raw, None if mask is None else check_chunk(mask, z))
+
+
+def read_masked_region(stack: Stack, z: int, region: tuple[slice, slice], mask: Stack | None = None) -> np.ndarray:
+    """Part ``region`` (rows, cols) of section ``z`` as :func:`read_masked` gives it, reading only around it.
+
+    The part read is widened by a few pixels and to whole contrast blocks (:data:`emalign.masks.TEXTURE_BLOCK`,
+    counted from the section's corner), so blocks and saturated runs are judged as in the whole section; only
+    the featureless threshold differs: it is relative to the median contrast of the part read, not the section's.
+    """
+    block, sizes = TEXTURE_BLOCK, stack.shape[1:]
+    lo = [max(0, (r.start - 4) // block * block) for r in region]
+    hi = [min(n, -(-(r.stop + 4) // block) * block) for r, n in zip(region, sizes, strict=True)]
+    window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    user = None if mask is None else check_chunk(mask, z, region=window)
+    section = masked(check_chunk(stack, z, region=window), user)
+    return section[region[0].start - lo[0] : region[0].stop - lo[0], region[1].start - lo[1] : region[1].stop - lo[1]]
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
@@ -282,57 +300,141 @@ def _model(name: str, device: str, ratio: float = 1.0) -> models.FAEMReg:
 
 
 def _piece_field(
-    model: models.FAEMReg, window: np.ndarray, piece: np.ndarray, device: torch.device, params
+    model: models.FAEMReg,
+    window: np.ndarray,
+    piece: np.ndarray,
+    device: torch.device,
+    params: AlignParams,
+    frame: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Field ``(2, Y, X)`` of one piece of a cracked moving section (the middle of ``window``), the rest
     blanked. A piece can sit further from its neighbours than the whole section's rigid fit suggests,
-    so the estimate is refined once: the piece is warped by the first field and matched again."""
+    so the estimate is refined once: the piece is warped by the first field and matched again.
+    ``frame``: see :func:`emalign.inference.predict_windows`."""
     k = len(window) // 2
     window = window.copy()
     moving = window[k] * piece
     window[k] = moving
-    first = predict_windows(model, window[None], device, tile=params.tile, halo=params.halo)[0]
+    predict = functools.partial(predict_windows, model, device=device, tile=params.tile, halo=params.halo, frame=frame)
+    first = predict(window[None])[0]
     window[k] = warp(moving, first)
-    second = predict_windows(model, window[None], device, tile=params.tile, halo=params.halo)[0]
+    second = predict(window[None])[0]
     return compose(first, second)
 
 
-def estimate_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
-    """Relative fields of the sections of block ``index`` (symmetric windows, prealigned)."""
+class PrealignedRegions:
+    """One xy region of sections warped by their prealignment (``coarse/matrices``), invalid pixels 0, excluded
+    sections all 0; each is read once (only the part of the raw section the region pulls from) and kept until
+    :meth:`keep_only` drops it."""
+
+    def __init__(self, ws: Workspace, stack: Stack, origin: tuple[int, int], shape: tuple[int, int]):
+        self.stack, self.origin, self.shape = stack, origin, shape
+        self.matrices = np.asarray(ws.array("coarse/matrices")[:])
+        self.excluded = ws.excluded()
+        self.read = functools.partial(read_masked_region, mask=user_mask(ws, stack))
+        height, width = stack.shape[1:]
+        self.grid = (height // AFFINE_STRIDE + 2, width // AFFINE_STRIDE + 2)  # reaches past the section's edge
+        self.sections: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        if z not in self.sections:
+            if self.excluded[z]:
+                self.sections[z] = np.zeros(self.shape, np.float32)
+            else:
+                field = affine_field(self.matrices[z], self.grid, stride=AFFINE_STRIDE)
+                self.sections[z] = render_region(
+                    self.stack, z, field, AFFINE_STRIDE, self.origin, self.shape, read=self.read
+                )
+        return self.sections[z]
+
+    def window(self, indices: list[int]) -> np.ndarray:
+        """``(D, h, w)``: the sections ``indices`` stacked."""
+        return np.stack([self[i] for i in indices])
+
+    def keep_only(self, indices: set[int]) -> None:
+        """Forget the sections not in ``indices``."""
+        for z in set(self.sections) - indices:
+            del self.sections[z]
+
+
+@dataclass(frozen=True)
+class TaskRegion:
+    """What an estimate task reads for its xy tile: the region at ``origin`` (a multiple of the stride) of
+    ``shape`` px, and the tile's grid points in the region's field grid (``rows``, ``cols``)."""
+
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    rows: slice
+    cols: slice
+
+
+def task_region(plan: Plan, tile: tuple[int, int, int, int]) -> TaskRegion:
+    """The region of an estimate task on ``tile`` (:meth:`Plan.tiles`): every network tile (``--tile``, cut as in
+    the whole section) that reaches within the smoothing's reach (scipy's Gaussian radius) of the tile. The
+    tile's smoothed field then equals the whole section's: neighbouring tiles meet without seams."""
+    params, s = plan.params, plan.params.stride
+    reach = int(4.0 * params.smoothing / s + 0.5) * s
+    y0, x0, h, w = tile
+    spans = [
+        tile_span(n, params.tile, params.halo, max(a - reach, 0), min(a + m + reach, n))
+        for n, a, m in zip(plan.shape[1:], (y0, x0), (h, w), strict=True)
+    ]
+    origin = (spans[0][0] // s * s, spans[1][0] // s * s)
+    rows, cols = plan.grid_slices(tile)
+    gy, gx = origin[0] // s, origin[1] // s
+    return TaskRegion(
+        origin,
+        (spans[0][1] - origin[0], spans[1][1] - origin[1]),
+        slice(rows.start - gy, rows.stop - gy),
+        slice(cols.start - gx, cols.stop - gx),
+    )
+
+
+def estimate_block(ws: Workspace, stack: Stack, index: int, tile: int = 0, device: str = "auto") -> None:
+    """Relative fields of the sections of block ``index`` (symmetric windows, prealigned) on xy task tile ``tile``.
+
+    Works on the tile and its context (:func:`task_region`): the network's field there, subsampled onto the
+    stride grid and smoothed, is written for the tile's grid points only. Holds the region of ``2K + 1 + BATCH``
+    sections at most, whatever the block and section size. A section cut into pieces (:func:`emalign.masks.pieces`)
+    is judged, and estimated piece by piece, within the region.
+    """
     start, stop = ws.plan.blocks()[index]
     params, plan = ws.params, ws.plan
     model = _model(ws.model, device, ws.resolution.ratio)
     k = model.config.references
-    depth = plan.shape[0]
     excluded, breaks = ws.excluded(), ws.breaks()
-    matrices = np.asarray(ws.array("coarse/matrices")[:])
-    mask = user_mask(ws, stack)
-    windows_of = {z: consensus.neighbour_indices(z, depth, k, breaks) for z in range(start, stop)}
-    prealigned = {}
-    for z in sorted({i for window in windows_of.values() for i in window}):
-        if excluded[z]:
-            prealigned[z] = np.zeros(plan.shape[1:], np.float32)
-            continue
-        _, section = read_masked(stack, z, mask)
-        prealigned[z] = warp(section, affine_field(matrices[z], section.shape))
+    region = task_region(plan, plan.tiles()[tile])
+    out_rows, out_cols = plan.grid_slices(plan.tiles()[tile])
+    sections = PrealignedRegions(ws, stack, region.origin, region.shape)
+    frame = (region.origin, plan.shape[1:])
+    todo = [z for z in range(start, stop) if not excluded[z]]
+    windows_of = {z: consensus.neighbour_indices(z, plan.shape[0], k, breaks) for z in todo}
     relative = ws.array("fields/relative")
     s, sigma = params.stride, params.smoothing
     dev = resolve_device(device)
-    whole = []
-    for z in range(start, stop):
-        if excluded[z]:
-            continue
-        labels, count = pieces(prealigned[z] != 0)
-        if count < 2:
-            whole.append(z)
-            continue
-        window = np.stack([prealigned[i] for i in windows_of[z]])
-        estimates = [_piece_field(model, window, labels == piece, dev, params) for piece in range(1, count + 1)]
-        relative[z] = piecewise_field(estimates, labels, s, sigma)
-    for first in range(0, len(whole), BATCH):
-        batch = whole[first : first + BATCH]
-        windows = np.stack([np.stack([prealigned[i] for i in windows_of[z]]) for z in batch])
-        fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH)
+
+    def write(z: int, field: np.ndarray) -> None:
+        relative[z, :, out_rows, out_cols] = field[:, region.rows, region.cols]
+
+    def run(batch: list[int]) -> None:
+        windows = np.stack([sections.window(windows_of[z]) for z in batch])
+        fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH, frame=frame)
         for z, field in zip(batch, fields, strict=True):
-            relative[z] = smooth_field(field[:, ::s, ::s], sigma / s)
-    ws.mark_done("estimate", index)
+            write(z, smooth_field(field[:, ::s, ::s], sigma / s))
+
+    batch: list[int] = []
+    for position, z in enumerate(todo):
+        sections.keep_only({i for later in [*batch, *todo[position:]] for i in windows_of[later]})
+        labels, count = pieces(sections[z] != 0)
+        if count < 2:
+            batch.append(z)
+            if len(batch) == BATCH:
+                run(batch)
+                batch = []
+            continue
+        window = sections.window(windows_of[z])
+        estimates = [_piece_field(model, window, labels == p, dev, params, frame) for p in range(1, count + 1)]
+        write(z, piecewise_field(estimates, labels, s, sigma))
+    if batch:
+        run(batch)
+    ws.mark_done("estimate", plan.task_index(index, tile))

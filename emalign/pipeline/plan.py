@@ -48,6 +48,10 @@ class AlignParams:
         unit: the unit of ``voxel_size`` (an OME-NGFF length unit).
         ngff: output layout, ``0.5`` (Zarr v3, sharded levels) or ``0.4`` (Zarr v2, for older readers).
         shard: y/x side (px) of the output levels' shards under NGFF 0.5 (0: none), one section deep.
+        task_tile: side (px, rounded up to a multiple of ``stride``) of the xy tiles that split
+            the estimate and stitch tasks (:meth:`Plan.tiles`): a task holds one tile and the context around it
+            (:func:`emalign.pipeline.estimate.task_region`), never a whole larger section. Sections up to this
+            size are one tile.
 
     Lengths in px (``stride``, ``smoothing``, ``tile``, ``halo``, ``polish_patch``) are pixels of the working
     resolution (:class:`emalign.pixelsize.Resolution`: 10 nm where the input's pixels are 10 nm or finer);
@@ -76,6 +80,7 @@ class AlignParams:
     unit: str = "nanometer"
     ngff: str = NGFF_VERSIONS[0]
     shard: int = SHARD_XY
+    task_tile: int = 4096
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -105,6 +110,8 @@ class AlignParams:
                 f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
                 "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
             )
+        if self.task_tile < 16:
+            raise EmalignError(f"bad plan: --task-tile {self.task_tile} (need at least 16 px)")
         if self.polish not in POLISH_MODES:
             raise EmalignError(f"bad plan: --polish {self.polish!r}; expected one of {', '.join(POLISH_MODES)}")
         if self.polish_patch < 16:
@@ -123,7 +130,7 @@ class AlignParams:
 
 @dataclass(frozen=True)
 class Plan:
-    """Where the work is: the stack's shape, the field grid, and the z-blocks."""
+    """Where the work is: the stack's shape, the field grid, the z-blocks and the xy task tiles."""
 
     shape: tuple[int, int, int]
     params: AlignParams = field(default_factory=AlignParams)
@@ -133,6 +140,32 @@ class Plan:
         """Shape of a field grid: sample ``i`` sits at full-resolution ``i * stride``."""
         s = self.params.stride
         return math.ceil(self.shape[1] / s), math.ceil(self.shape[2] / s)
+
+    @property
+    def task_tile(self) -> int:
+        """Side (px) of the xy task tiles: ``params.task_tile`` rounded up to a multiple of the stride, so a
+        tile's grid points (one chunk of the field arrays) belong to no other tile."""
+        s = self.params.stride
+        return math.ceil(self.params.task_tile / s) * s
+
+    def tiles(self) -> list[tuple[int, int, int, int]]:
+        """``(y0, x0, h, w)`` xy task tiles (px) covering a section, row by row."""
+        height, width, side = self.shape[1], self.shape[2], self.task_tile
+        return [
+            (y0, x0, min(side, height - y0), min(side, width - x0))
+            for y0 in range(0, height, side)
+            for x0 in range(0, width, side)
+        ]
+
+    def grid_slices(self, tile: tuple[int, int, int, int]) -> tuple[slice, slice]:
+        """The field-grid rows and columns of a task tile (the grid points inside it)."""
+        y0, x0, h, w = tile
+        s = self.params.stride
+        return slice(y0 // s, math.ceil((y0 + h) / s)), slice(x0 // s, math.ceil((x0 + w) / s))
+
+    def task_index(self, block: int, tile: int) -> int:
+        """Index of the (z-block, xy tile) task in ``stages/estimate`` (one marker per task)."""
+        return block * len(self.tiles()) + tile
 
     def blocks(self, z_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """``[start, stop)`` task blocks of ``params.block`` sections, optionally only those in a z-range."""
@@ -148,6 +181,7 @@ class Plan:
             "shape": list(self.shape),
             "grid_shape": list(self.grid_shape),
             "blocks": [list(b) for b in self.blocks()],
+            "tiles": [list(t) for t in self.tiles()],
             "params": self.params.to_dict(),
         }
 

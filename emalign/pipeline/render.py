@@ -7,6 +7,8 @@ tile (plus one output section, which the pyramid writer needs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from emalign.fields import resample, sample
@@ -16,12 +18,27 @@ from emalign.pipeline.store import Workspace
 RENDER_TILE = 2048
 
 
+RegionReader = Callable[[Stack, int, tuple[slice, slice]], np.ndarray]
+"""``read(stack, z, (rows, cols))``: that part of section ``z`` as float32."""
+
+
+def read_region(stack: Stack, z: int, region: tuple[slice, slice]) -> np.ndarray:
+    """Part ``region`` of section ``z`` as read (no finiteness check), float32."""
+    return check_chunk(stack, z, require_finite=False, region=region).astype(np.float32)
+
+
 def render_region(
-    stack: Stack, z: int, field: np.ndarray, stride: int, origin: tuple[int, int], shape: tuple[int, int]
+    stack: Stack,
+    z: int,
+    field: np.ndarray,
+    stride: int,
+    origin: tuple[int, int],
+    shape: tuple[int, int],
+    read: RegionReader = read_region,
 ) -> np.ndarray:
     """The ``shape`` region at ``origin`` (y0, x0) of section ``z`` pulled by ``field (2, gy, gx)``, float32.
 
-    Only the part of the raw section the region pulls from is read; pixels pulled from outside are 0.
+    Only the part of the raw section the region pulls from is read (by ``read``); pixels pulled from outside are 0.
     """
     height, width = stack.shape[1:]
     y0, x0 = origin
@@ -34,7 +51,7 @@ def render_region(
     if np.any(hi <= lo):
         return np.zeros(shape, np.float32)
     region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    source = check_chunk(stack, z, require_finite=False, region=region).astype(np.float32)
+    source = read(stack, z, region)
     coords -= lo.reshape(2, 1, 1).astype(np.float32)
     return sample(source, coords)
 

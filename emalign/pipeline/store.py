@@ -20,7 +20,8 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
     OUT/polish/shifts          (Z, 2, ny, nx) float32: solved shift per section and node
     OUT/fields/global          (Z, 2, gy, gx) float32: final pull field per section (refined, then polished)
     OUT/stages/<stage>         (n_blocks,) bool: finished blocks, for resuming (refine, polish: one more,
-                               the solve)
+                               the solve; estimate: one per (block, xy task tile), ``Plan.task_index``;
+                               stitch: one per xy task tile)
     OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
@@ -28,7 +29,7 @@ attrs["emalign"] holds the version, input, params, plan, resolution (:class:`ema
 model checksum and ``complete``. Every stage before render works at the working resolution, ``factor`` x
 coarser than the input (block means; 1 for inputs of 10 nm pixels or coarser), and so do the arrays: fields
 are stored on a grid of stride ``s``: sample ``i`` sits at working pixel ``i * s``, values in working pixels,
-pull convention, channels (dy, dx). Render multiplies both by ``factor``.
+pull convention, channels (dy, dx); chunked per section and xy task tile. Render multiplies both by ``factor``.
 """
 
 from __future__ import annotations
@@ -227,10 +228,12 @@ class Workspace:
         tile = (min(nodes[0], NODE_TILE), min(nodes[1], NODE_TILE))
         create_array(out, "polish/pairs", (depth, len(OFFSETS), *nodes, 3), (block, len(OFFSETS), *tile, 3), np.float32)
         create_array(out, "polish/shifts", (depth, 2, *nodes), (block, 2, *tile), np.float32)
+        side = plan.task_tile // stride  # one chunk per xy task tile: estimate and stitch tasks share no chunk
         for name in ("relative", "stitched", "refined", "global"):
-            create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, gy, gx), np.float32, attrs=field_attrs)
-        n_blocks = len(plan.blocks())
-        markers = {"adapt": 1, "stitch": 1, "refine": n_blocks + 1, "polish": n_blocks + 1}
+            create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, side, side), np.float32, attrs=field_attrs)
+        n_blocks, n_tiles = len(plan.blocks()), len(plan.tiles())
+        markers = {"adapt": 1, "estimate": n_blocks * n_tiles, "stitch": n_tiles}
+        markers |= {"refine": n_blocks + 1, "polish": n_blocks + 1}
         for stage in STAGES:
             create_array(out, f"stages/{stage}", (markers.get(stage, n_blocks),), (1,), bool)
 

@@ -1,0 +1,119 @@
+"""Estimate and stitch tasks split over xy task tiles (``--task-tile``): bounded memory, no seams, resumable.
+
+Stack: 6 x 128 x 128 with a network tile of 32 px, so a 64 px task tile reads less than the whole section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+import emalign.pipeline as pipeline
+import emalign.pipeline.estimate as estimate
+from emalign.io import open_stack
+from emalign.pipeline import AlignParams, Plan, Workspace, run_stage
+from emalign.pipeline.estimate import task_region
+from emalign.synth import demo_stack
+
+SHAPE = (6, 128, 128)
+PARAMS = AlignParams(block=3, tile=32, halo=4, smoothing=4.0)
+TILED = AlignParams(block=3, tile=32, halo=4, smoothing=4.0, task_tile=64)
+STAGE = {"compute": {"scheduler": "sync", "num_workers": 1}, "device": "cpu", "progress": False}
+
+
+def fields(ws: Workspace, name: str) -> np.ndarray:
+    return np.asarray(ws.array(f"fields/{name}")[:])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tmp_path_factory.mktemp("input") / "stack.tif"
+    tifffile.imwrite(path, demo_stack(SHAPE, seed=1)[1].stack, photometric="minisblack")
+    return path
+
+
+@pytest.fixture(scope="module")
+def estimated(stack, tmp_path_factory):
+    """The same stack prealigned and estimated untiled (one task tile) and in 2 x 2 task tiles.
+
+    Only no-data pixels are masked: the detected featureless and saturated areas of a task's region are judged
+    against that region's median contrast, not the whole section's, and may differ a little by design. (The
+    seed: on stacks with large no-data areas the network's field there follows float rounding of its input.)"""
+    folder = tmp_path_factory.mktemp("outputs")
+    whole = Workspace.create(open_stack(stack), folder / "whole.zarr", PARAMS)
+    run_stage("prealign", whole, **STAGE)
+    tiled = Workspace.create(open_stack(stack), folder / "tiled.zarr", TILED)
+    for name in ("coarse/matrices", "sections/flags", "stages/prealign"):  # the same prealignment
+        tiled.array(name)[:] = whole.array(name)[:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(estimate, "invalid_pixels", lambda raw, user=None: raw == 0)
+        for ws in (whole, tiled):
+            run_stage("estimate", ws, **STAGE)
+    return whole, tiled
+
+
+def test_task_tiles_cover_the_section_and_own_whole_chunks_of_the_field_grid():
+    plan = Plan((2, 100, 70), AlignParams(stride=8, task_tile=30))
+    assert plan.task_tile == 32  # rounded up to the stride
+    assert plan.tiles() == [(y, x, min(32, 100 - y), min(32, 70 - x)) for y in (0, 32, 64, 96) for x in (0, 32, 64)]
+    owner = np.zeros(plan.grid_shape, int)
+    for tile in plan.tiles():
+        rows, cols = plan.grid_slices(tile)
+        assert rows.start % 4 == 0 and cols.start % 4 == 0  # a chunk (32 px / stride 8) starts at each tile
+        owner[rows, cols] += 1
+    assert (owner == 1).all()
+    assert len(Plan((2, 100, 70)).tiles()) == 1  # the default: small sections are one tile
+
+
+def test_an_estimate_task_reads_a_region_that_does_not_grow_with_the_section():
+    params = AlignParams(task_tile=4096)
+    regions = [task_region(Plan((4, side, side), params), (4096, 4096, 4096, 4096)) for side in (16384, 65536)]
+    assert regions[0].shape == regions[1].shape
+    assert max(regions[0].shape) <= 4096 + 2 * (params.tile + 4 * params.smoothing + params.stride)
+
+
+def test_a_tiled_estimate_equals_the_untiled_one_without_seams(estimated):
+    whole, tiled = estimated
+    assert len(tiled.plan.tiles()) == 4 and len(whole.plan.tiles()) == 1
+    regions = [task_region(tiled.plan, tile) for tile in tiled.plan.tiles()]
+    assert all(max(region.shape) < SHAPE[1] for region in regions)  # a task reads part of a section
+    assert tiled.stage_done("estimate").shape == (2 * 4,) and tiled.stage_done("estimate").all()
+    assert tiled.array("fields/relative").chunks == (1, 2, 8, 8)
+    reference = fields(whole, "relative")
+    assert np.abs(reference).max() > 1.0
+    np.testing.assert_allclose(fields(tiled, "relative"), reference, atol=1e-3)
+
+
+def test_the_stitch_in_tiles_equals_the_serial_stitch(estimated):
+    whole, tiled = estimated
+    whole.array("fields/relative")[:] = fields(tiled, "relative")  # the same input for both stitches
+    for ws in (whole, tiled):
+        run_stage("stitch", ws, **STAGE)
+    assert tiled.stage_done("stitch").shape == (4,) and tiled.stage_done("stitch").all()
+    reference = fields(whole, "stitched")
+    assert np.abs(reference).max() > 1.0
+    np.testing.assert_allclose(fields(tiled, "stitched"), reference, atol=1e-4)
+
+
+def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(estimated, monkeypatch):
+    _, tiled = estimated
+    before = fields(tiled, "relative")
+    unfinished = [tiled.plan.task_index(0, 2), tiled.plan.task_index(1, 3)]
+    markers = tiled.array("stages/estimate")
+    for index in unfinished:
+        markers[index] = False
+    calls = []
+
+    def recording(ws, stack, index, tile, **kwargs):
+        calls.append((index, tile))
+        return unpatched(ws, stack, index, tile, **kwargs)
+
+    unpatched = pipeline.estimate_block
+    monkeypatch.setattr(pipeline, "estimate_block", recording)
+    assert run_stage("estimate", tiled, "3:6", **STAGE) == "estimate: 1 block(s) done in 4 xy tiles"
+    assert calls == [(1, 3)]  # --z-range: only the second block
+    run_stage("estimate", tiled, **STAGE)
+    assert calls == [(1, 3), (0, 2)]
+    assert tiled.stage_done("estimate").all()
+    np.testing.assert_array_equal(fields(tiled, "relative"), before)
