@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from emalign import consensus, models, rigid
+from emalign import affine, consensus, models, rigid
 from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
@@ -44,6 +44,9 @@ rms at the image's rms radius). A softer angle trend leaves that wander uncorrec
 2.12 / 3.13 -> 3.57 / 2.10 / 3.12, aligned 2.69 -> 2.51; 60 nm 7.17 / 4.84 / 6.34 -> 5.22 / 3.57 / 4.69,
 aligned 4.39 -> 3.88 (one stack that the old trend lost, 20.1 px, now 6.1); 10 and 20 nm within 0.03 px.
 0.003 does as well, 0.03 slightly worse."""
+STRAIN_TREND_FACTOR = 0.01
+"""The strain's (scale and shear: :func:`emalign.affine.strain_jitter`) z-trend, in multiples of
+``--trend-stiffness``: pairwise strains are noisy like the angles, and their accumulated wander is left alone."""
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
@@ -97,7 +100,7 @@ def read_masked(stack: Stack, z: int, mask: Stack | None = None) -> tuple[np.nda
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
-    """Statistics and pairwise rigid estimates of the sections of block ``index``."""
+    """Statistics and pairwise estimates of the sections of block ``index``: rigid, then refined to affines."""
     start, stop = ws.plan.blocks()[index]
     params = ws.params
     step = params.coarse_downsample
@@ -114,6 +117,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
         unrelated=unrelated,
         second_opinion=rigid.SECOND_OPINION_MARGIN,
     )
+    pairs = affine.pairwise_affine(sections, pairs, step)
     ws.array("sections/stats")[start:stop] = np.array(
         [(*sections.stats[z], unrelated.get(z - first, np.nan)) for z in range(start, stop)]
     )
@@ -207,15 +211,22 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     neighbours = adjacent_score(scores[:, 0], bad)
     breaks = find_breaks(scores, bad, break_threshold(neighbours, stats[:, 2], bad)) if neighbours is not None else []
     flags[breaks] |= FLAG_BREAK
-    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, ws.plan.shape[1:], ws.params.trend_stiffness)
+    shape, stiffness = ws.plan.shape[1:], ws.params.trend_stiffness
+    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, shape, stiffness, strain=True)
     ws.array("sections/flags")[:] = flags
     return flags
 
 
 def solve_pairs(
-    table: np.ndarray, bad: np.ndarray, breaks: list[int], shape: tuple[int, int], trend_stiffness: float
+    table: np.ndarray,
+    bad: np.ndarray,
+    breaks: list[int],
+    shape: tuple[int, int],
+    trend_stiffness: float,
+    strain: bool = False,
 ) -> np.ndarray:
-    """Per-section rigid transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by segment.
+    """Per-section rigid (or affine) transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by
+    segment.
 
     Args:
         table: ``(Z, len(OFFSETS), 7)``: ``[z, i]`` the pull matrix (6) and score of the pair
@@ -225,6 +236,9 @@ def solve_pairs(
         shape: ``(Y, X)`` of the sections.
         trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles'
             is :data:`ANGLE_TREND_FACTOR` times it.
+        strain: also solve an affine per section (:func:`emalign.affine.solve_affine`, the table's matrices
+            affine) and apply the jitter of its strain about the z-trend (:func:`emalign.affine.strain_jitter`,
+            stiffness :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``) before each rigid transform.
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
@@ -240,6 +254,11 @@ def solve_pairs(
             weights = (~bad[start:stop]).astype(float)
             angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
             matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
+            if strain:
+                jitter = affine.strain_jitter(
+                    affine.solve_affine(stop - start, pairs, shape), trend_stiffness * STRAIN_TREND_FACTOR, weights
+                )
+                matrices[start:stop] = affine.apply_strain(matrices[start:stop], jitter, shape)
     matrices[bad] = np.eye(2, 3)
     return matrices
 
