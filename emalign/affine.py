@@ -36,7 +36,9 @@ __all__ = [
     "patch_grid",
     "polar_strain",
     "solve_affine",
+    "strain_gain",
     "strain_jitter",
+    "strain_residuals",
     "uncentred",
 ]
 
@@ -47,6 +49,10 @@ MIN_PATCH = 48
 """Smallest patch side, px of the matched images (smaller patches of 40 nm sections match mostly noise)."""
 MIN_PATCHES = 6
 """Fewest patches with data an affine is fitted to (else the pair keeps its rigid estimate)."""
+STRAIN_NOISE = 0.25
+"""Noise variance of a section's solved strain jitter per median squared pair residual (:func:`strain_gain`):
+0.24-0.27 in simulations (pairs at offsets 1-3 with independent strain noise, :func:`solve_affine`, then
+:func:`strain_jitter`)."""
 
 
 def centred(matrices: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +297,43 @@ def strain_jitter(matrices: np.ndarray, stiffness: float, weights: np.ndarray | 
     params = np.stack([strain[:, 0, 0], strain[:, 0, 1], strain[:, 1, 1]], axis=1)
     jitter = params - smooth_trend(params, stiffness, weights)
     return np.eye(2) + np.stack([jitter[:, [0, 1]], jitter[:, [1, 2]]], axis=1)
+
+
+def strain_residuals(
+    matrices: np.ndarray, pairs: Sequence[tuple[int, int, np.ndarray, float]], shape: Sequence[int]
+) -> np.ndarray:
+    """Per pair ``(z, j, P, score)``, how far the strain it measured is from the solved sections' (px).
+
+    The symmetric part ``E`` of ``A_z A_j^-1 - A_P`` (linear parts, :func:`centred`), as the RMS over the
+    image (``shape (Y, X)``, about its centre) of the displacement ``E (p - c)``. ``(pairs,)``.
+    """
+    linear = np.asarray(matrices, np.float64)[:, :, :2]
+    moving = np.array([p[0] for p in pairs], dtype=int)
+    fixed = np.array([p[1] for p in pairs], dtype=int)
+    measured = np.array([p[2] for p in pairs], float).reshape(-1, 2, 3)[:, :, :2]
+    error = linear[moving] @ np.linalg.inv(linear[fixed]) - measured
+    error = (error + np.swapaxes(error, 1, 2)) / 2
+    return np.sqrt(((error * np.asarray(shape[-2:], np.float64) / np.sqrt(12)) ** 2).sum(axis=(1, 2)))
+
+
+def strain_gain(jitter: np.ndarray, residuals: np.ndarray, shape: Sequence[int]) -> float:
+    """How much of the solved strain jitter to apply, in ``[0, 1]``: ``1 - noise / (noise + signal)`` (Wiener).
+
+    The jitter's variance (px^2: RMS displacement over the image, ``shape (Y, X)``) is signal plus noise; the
+    noise is :data:`STRAIN_NOISE` times the median squared :func:`strain_residuals` of the pairs: when pairs at
+    different z-offsets disagree about the strain (sections far apart at wide spacing, small sections whose
+    patches have little lever arm), it is not measured and not applied.
+
+    Args:
+        jitter: ``(Z, 2, 2)`` from :func:`strain_jitter` (sections that do not count left out).
+        residuals: ``(pairs,)`` px, of the pairs with a score.
+    """
+    if not len(residuals) or not len(jitter):
+        return 0.0
+    spread = np.asarray(shape[-2:], np.float64) / np.sqrt(12)
+    total = float(np.mean(((np.asarray(jitter) - np.eye(2)) * spread) ** 2) * 4)
+    noise = STRAIN_NOISE * float(np.median(np.asarray(residuals) ** 2))
+    return max(0.0, 1.0 - noise / total) if total > 0 else 0.0
 
 
 def apply_strain(matrices: np.ndarray, strain: np.ndarray, shape: Sequence[int]) -> np.ndarray:

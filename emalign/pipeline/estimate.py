@@ -236,9 +236,8 @@ def solve_pairs(
         shape: ``(Y, X)`` of the sections.
         trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles'
             is :data:`ANGLE_TREND_FACTOR` times it.
-        strain: also solve an affine per section (:func:`emalign.affine.solve_affine`, the table's matrices
-            affine) and apply the jitter of its strain about the z-trend (:func:`emalign.affine.strain_jitter`,
-            stiffness :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``) before each rigid transform.
+        strain: the table's matrices are affine: apply the strain correction of :func:`solve_strain` before
+            each rigid transform.
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
@@ -255,12 +254,33 @@ def solve_pairs(
             angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
             matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
             if strain:
-                jitter = affine.strain_jitter(
-                    affine.solve_affine(stop - start, pairs, shape), trend_stiffness * STRAIN_TREND_FACTOR, weights
+                matrices[start:stop] = affine.apply_strain(
+                    matrices[start:stop], solve_strain(pairs, stop - start, shape, trend_stiffness, weights), shape
                 )
-                matrices[start:stop] = affine.apply_strain(matrices[start:stop], jitter, shape)
     matrices[bad] = np.eye(2, 3)
     return matrices
+
+
+def solve_strain(
+    pairs: list[tuple[int, int, np.ndarray, float]],
+    depth: int,
+    shape: tuple[int, int],
+    trend_stiffness: float,
+    weights: np.ndarray,
+) -> np.ndarray:
+    """``(depth, 2, 2)`` strain corrections of one segment: the jitter of the solved affines' strain about its
+    z-trend (:func:`emalign.affine.strain_jitter`, stiffness :data:`STRAIN_TREND_FACTOR` times
+    ``trend_stiffness``), scaled by :func:`emalign.affine.strain_gain` (0 where the pairs do not agree on it).
+
+    Args:
+        pairs: ``(z, j, affine matrix, score)`` in the segment's indices; score 0 for pairs that do not count.
+        weights: ``(depth,)`` 1 for good sections, 0 for bad ones.
+    """
+    solved = affine.solve_affine(depth, pairs, shape)
+    jitter = affine.strain_jitter(solved, trend_stiffness * STRAIN_TREND_FACTOR, weights)
+    scored = [p for p in pairs if p[3] > 0]
+    gain = affine.strain_gain(jitter[weights > 0], affine.strain_residuals(solved, scored, shape), shape)
+    return np.eye(2) + gain * (jitter - np.eye(2))
 
 
 def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:
