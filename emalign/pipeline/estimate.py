@@ -100,7 +100,8 @@ def read_masked(stack: Stack, z: int, mask: Stack | None = None) -> tuple[np.nda
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
-    """Statistics and pairwise estimates of the sections of block ``index``: rigid, then refined to affines."""
+    """Statistics and pairwise estimates of the sections of block ``index``: rigid (``coarse/pairs``), and the
+    same pairs refined to affines (``coarse/affine``)."""
     start, stop = ws.plan.blocks()[index]
     params = ws.params
     step = params.coarse_downsample
@@ -117,11 +118,13 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
         unrelated=unrelated,
         second_opinion=rigid.SECOND_OPINION_MARGIN,
     )
-    pairs = affine.pairwise_affine(sections, pairs, step)
     ws.array("sections/stats")[start:stop] = np.array(
         [(*sections.stats[z], unrelated.get(z - first, np.nan)) for z in range(start, stop)]
     )
     ws.array("coarse/pairs")[start:stop] = pair_table(pairs, first, start, stop)
+    ws.array("coarse/affine")[start:stop] = pair_table(
+        affine.pairwise_affine(sections, pairs, step), first, start, stop
+    )
     ws.mark_done("prealign", index)
 
 
@@ -211,10 +214,25 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     neighbours = adjacent_score(scores[:, 0], bad)
     breaks = find_breaks(scores, bad, break_threshold(neighbours, stats[:, 2], bad)) if neighbours is not None else []
     flags[breaks] |= FLAG_BREAK
+    strain = np.asarray(ws.array("coarse/affine")[:])
     shape, stiffness = ws.plan.shape[1:], ws.params.trend_stiffness
-    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, shape, stiffness, strain=True)
+    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, shape, stiffness, strain_table=strain)
     ws.array("sections/flags")[:] = flags
     return flags
+
+
+def segment_pairs(
+    table: np.ndarray, bad: np.ndarray, start: int, stop: int
+) -> list[tuple[int, int, np.ndarray, float]]:
+    """The pairs ``(z, j, matrix (2, 3), score)`` of a table (:func:`solve_pairs`) within sections ``start..stop``,
+    in the segment's indices; pairs with a ``bad`` section score 0."""
+    pairs = []
+    for z in range(start, stop):
+        for i, k in enumerate(OFFSETS):
+            if z - k >= start and np.isfinite(table[z, i, 6]):
+                score = 0.0 if bad[z] or bad[z - k] else table[z, i, 6]
+                pairs.append((z - start, z - k - start, table[z, i, :6].reshape(2, 3), score))
+    return pairs
 
 
 def solve_pairs(
@@ -223,10 +241,10 @@ def solve_pairs(
     breaks: list[int],
     shape: tuple[int, int],
     trend_stiffness: float,
-    strain: bool = False,
+    strain_table: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-section rigid (or affine) transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by
-    segment.
+    """Per-section transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by segment: rigid, and
+    with ``strain_table`` a strain correction applied before each (:func:`solve_strain`).
 
     Args:
         table: ``(Z, len(OFFSETS), 7)``: ``[z, i]`` the pull matrix (6) and score of the pair
@@ -236,27 +254,20 @@ def solve_pairs(
         shape: ``(Y, X)`` of the sections.
         trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles'
             is :data:`ANGLE_TREND_FACTOR` times it.
-        strain: the table's matrices are affine: apply the strain correction of :func:`solve_strain` before
-            each rigid transform.
+        strain_table: the same pairs as affine matrices (``coarse/affine``), or None (rigid only).
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
     for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
-        pairs = []
-        for z in range(start, stop):
-            for i, k in enumerate(OFFSETS):
-                if z - k >= start and np.isfinite(table[z, i, 6]):
-                    score = 0.0 if bad[z] or bad[z - k] else table[z, i, 6]
-                    pairs.append((z - start, z - k - start, table[z, i, :6].reshape(2, 3), score))
         if stop - start > 1:
-            solved = rigid.solve_rigid(stop - start, pairs, shape)
+            solved = rigid.solve_rigid(stop - start, segment_pairs(table, bad, start, stop), shape)
             weights = (~bad[start:stop]).astype(float)
             angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
             matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
-            if strain:
-                matrices[start:stop] = affine.apply_strain(
-                    matrices[start:stop], solve_strain(pairs, stop - start, shape, trend_stiffness, weights), shape
-                )
+            if strain_table is not None:
+                pairs = segment_pairs(strain_table, bad, start, stop)
+                strain = solve_strain(pairs, stop - start, shape, trend_stiffness, weights)
+                matrices[start:stop] = affine.apply_strain(matrices[start:stop], strain, shape)
     matrices[bad] = np.eye(2, 3)
     return matrices
 
