@@ -1,11 +1,13 @@
-"""Stages 1 and 2: rigid prealignment and the network's relative fields.
+"""Stages 1 and 2: prealignment (rigid, and the sections' scale and shear) and the network's relative fields.
 
 prealign
     per z-block: section statistics (blank detection) and rigid pairwise estimates of each
-    section against the 3 before it, at low resolution; then, once every block is done,
+    section against the 3 before it, at low resolution, each also refined to an affine from a
+    grid of patch matches (:func:`emalign.affine.pairwise_affine`); then, once every block is done,
     one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
     removed (:func:`emalign.rigid.detrend_rigid`; the angles' trend is softer:
-    :data:`ANGLE_TREND_FACTOR`); damaged sections are flagged, and breaks
+    :data:`ANGLE_TREND_FACTOR`), and a strain (scale and shear) correction applied before it, as far
+    as the affine pairs agree on it (:func:`solve_strain`); damaged sections are flagged, and breaks
     (no pair across them scores above the noise floor of unrelated sections: :func:`break_threshold`)
     split the stack into independently solved segments.
 estimate
