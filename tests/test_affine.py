@@ -143,3 +143,22 @@ def test_strain_is_applied_where_pairs_agree_on_it_and_not_where_they_only_disag
 
     assert gain(pairs_of(random_affines(depth, shape, seed=8), 2e-4, seed=9)) > 0.95
     assert gain(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 2e-3, seed=10)) < 0.3  # noise only
+
+
+def test_prealignment_applies_the_strain_jitter_from_the_affine_table_and_nothing_from_noise():
+    from emalign.pipeline.estimate import STRAIN_TREND_FACTOR, pair_table, solve_pairs
+
+    shape, depth = (1024, 1024), 24
+    bad = np.zeros(depth, bool)
+    truth = random_affines(depth, shape, seed=11)
+    table = pair_table(pairs_of(truth, 1e-4, seed=12), 0, 0, depth)
+    rigid_only = solve_pairs(table, bad, [], shape, 1e4)
+    with_strain = solve_pairs(table, bad, [], shape, 1e4, strain_table=table)
+    wanted = affine.strain_jitter(truth, 1e4 * STRAIN_TREND_FACTOR)
+    assert strain_error(rigid_only, wanted) > 5e-3
+    assert strain_error(with_strain, wanted) < 1e-3
+    np.testing.assert_allclose(affine.centred(with_strain, shape)[1], affine.centred(rigid_only, shape)[1], atol=1e-9)
+    noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=13), 0, 0, depth)
+    moved = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise), shape, stride=16)
+    still = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4), shape, stride=16)
+    assert np.sqrt(np.mean(np.sum((moved - still) ** 2, axis=1))) < 0.1  # px
