@@ -48,7 +48,11 @@ aligned 4.39 -> 3.88 (one stack that the old trend lost, 20.1 px, now 6.1); 10 a
 0.003 does as well, 0.03 slightly worse."""
 STRAIN_TREND_FACTOR = 0.01
 """The strain's (scale and shear: :func:`emalign.affine.strain_jitter`) z-trend, in multiples of
-``--trend-stiffness``: pairwise strains are noisy like the angles, and their accumulated wander is left alone."""
+``--trend-stiffness``: pairwise strains are noisy like the angles, and their accumulated wander is left alone.
+Measured with the full pipeline (rms / adj / drift px): procedural 24 x 1024^2, 1 % scale and 1.5-3 %
+compression, 2.18 / 0.57 / 0.09 rigid, 2.12 / 0.40 / 0.05 at 0.01, 2.08 / 0.38 / 0.05 at 0.1; but at 0.1 the
+jitter keeps accumulated wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and an
+aligned 40 nm FlyEM stack is moved 1.92 px rms (1.74 rigid and at 0.01)."""
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
