@@ -413,26 +413,46 @@ def _angle_candidate(fixed: _Section, moving: _Section, max_rotation_deg: float)
     return float((lags[best] + offset) * step)
 
 
+def robust_fit(
+    design: np.ndarray, target: np.ndarray, weights: np.ndarray, min_rows: int, rounds: int = 2
+) -> np.ndarray | None:
+    """Weighted least squares of local pull shifts, refitted without outlying points.
+
+    Args:
+        design: ``(2 N, K)`` rows ``(dy, dx)`` of ``N`` points, interleaved, for ``K`` parameters.
+        target: ``(2 N,)`` measured shifts, px, interleaved like ``design``.
+        weights: ``(N,)`` weight of each point (0: no measurement).
+        min_rows: fewest points kept for a fit.
+        rounds: fits in all; each after the first leaves out the points whose residual exceeded 3 robust
+            sigmas (and 0.5 px) in the one before (stops early when none is left out).
+
+    Returns:
+        ``(K,)`` parameters; None when fewer than ``min_rows`` points are usable.
+    """
+    keep = weights > 0
+    for _ in range(rounds):
+        if keep.sum() < min_rows:
+            return None
+        w = np.sqrt(np.repeat(weights * keep, 2))
+        params = np.linalg.lstsq(design * w[:, None], target * w, rcond=None)[0]
+        residual = np.hypot(*(design @ params - target).reshape(-1, 2).T)
+        inliers = keep & (residual <= max(3 * 1.4826 * np.median(residual[keep]), 0.5))
+        if (inliers == keep).all():
+            break
+        keep = inliers
+    return params
+
+
 def _fit_rigid(centres: np.ndarray, shifts: np.ndarray, weights: np.ndarray, centre: np.ndarray) -> np.ndarray | None:
     """Small rigid correction ``(angle_rad, ty, tx)`` best explaining local pull shifts at ``centres``.
 
-    Model ``shift(p) = angle * (-(x - cx), y - cy) + t``; weighted least squares, refitted once
-    without patches whose residual exceeds 3 robust sigmas (and 0.5 px). None if under 3 patches.
+    Model ``shift(p) = angle * (-(x - cx), y - cy) + t``; :func:`robust_fit`. None if under 3 patches.
     """
     rel = centres - centre
     design = np.zeros((2 * len(rel), 3))
     design[0::2, 0], design[1::2, 0] = -rel[:, 1], rel[:, 0]
     design[0::2, 1] = design[1::2, 2] = 1.0
-    target = shifts.reshape(-1)
-    keep = weights > 0
-    for _ in range(2):
-        if keep.sum() < 3:
-            return None
-        w = np.sqrt(np.repeat(weights * keep, 2))
-        params = np.linalg.lstsq(design * w[:, None], target * w, rcond=None)[0]
-        residual = np.hypot(*(design @ params - target).reshape(-1, 2).T)
-        keep &= residual <= max(3 * 1.4826 * np.median(residual[keep]), 0.5)
-    return params
+    return robust_fit(design, shifts.reshape(-1), weights, 3)
 
 
 def _refine(
@@ -662,22 +682,27 @@ def _rotate(vectors: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
     return np.stack([cos * vectors[:, 0] - sin * vectors[:, 1], sin * vectors[:, 0] + cos * vectors[:, 1]], axis=1)
 
 
+def pair_design(n_sections: int, moving: np.ndarray, fixed: np.ndarray, blocks: np.ndarray) -> sparse.csr_matrix:
+    """``(2 pairs, 2 sections)`` matrix of ``v_z - B v_j`` for 2-vectors ``v`` per section, ``B`` ``(pairs, 2, 2)``."""
+    pair = np.arange(len(moving))
+    rows = np.concatenate([2 * pair, 2 * pair + 1] + [2 * pair + a for a in (0, 0, 1, 1)])
+    cols = np.concatenate([2 * moving, 2 * moving + 1] + [2 * fixed + b for b in (0, 1, 0, 1)])
+    values = np.concatenate([np.ones(2 * len(pair)), *(-blocks[:, a, b] for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))])
+    return sparse.csr_matrix((values, (rows, cols)), shape=(2 * len(pair), 2 * n_sections))
+
+
 def _translation_design(
     n_sections: int, moving: np.ndarray, fixed: np.ndarray, cos: np.ndarray, sin: np.ndarray
 ) -> sparse.csr_matrix:
     """``(2 pairs, 2 sections)`` matrix of ``t_z - R t_j`` (``R`` given by ``cos``, ``sin`` per pair)."""
-    pair = np.arange(len(moving))
-    ones = np.ones(len(pair))
-    rows = np.concatenate([2 * pair, 2 * pair, 2 * pair, 2 * pair + 1, 2 * pair + 1, 2 * pair + 1])
-    cols = np.concatenate([2 * moving, 2 * fixed, 2 * fixed + 1, 2 * moving + 1, 2 * fixed, 2 * fixed + 1])
-    values = np.concatenate([ones, -cos, sin, ones, -sin, -cos])
-    return sparse.csr_matrix((values, (rows, cols)), shape=(2 * len(pair), 2 * n_sections))
+    return pair_design(n_sections, moving, fixed, np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1))
 
 
 def _least_squares(design: sparse.spmatrix, target: np.ndarray, weights: np.ndarray, prior: sparse.spmatrix):
-    """Minimise ``sum weights (design x - target)^2 + x^T prior x`` (sparse normal equations)."""
+    """Minimise ``sum weights (design x - target)^2 + x^T prior x`` (sparse normal equations); ``target`` ``(rows,)``
+    or ``(rows, k)`` (``k`` problems sharing the weights)."""
     normal = (design.T @ sparse.diags(weights) @ design + prior).tocsc()
-    return spsolve(normal, design.T @ (weights * target))
+    return spsolve(normal, design.T @ (weights.reshape(-1, *[1] * (np.ndim(target) - 1)) * target))
 
 
 def _match_weights(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
                                section before against this one turned by 180 degrees (the score of
                                unrelated content; NaN for the first section)
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
+    OUT/coarse/affine          (Z, K, 7) float64: the same pairs refined to affine matrices (as coarse/pairs)
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, working px)
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
     OUT/fields/stitched        (Z, 2, gy, gx) float32: stitched pull field per section (prealignment included)
@@ -222,6 +223,7 @@ class Workspace:
         create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
         create_array(out, "sections/stats", (depth, 3), (block, 3), np.float32)
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
+        create_array(out, "coarse/affine", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
         create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         nodes = PatchGrid.for_shape(plan.shape[1:], plan.params.polish_patch).shape

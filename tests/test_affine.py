@@ -1,0 +1,164 @@
+"""Affine coarse alignment: pairwise affines from patch grids, the global solve and the strain's z-trend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emalign import affine, fields, rigid
+from emalign.synth import em_texture
+
+
+def pull(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``image`` pulled by a ``(2, 3)`` affine through emalign.fields (zeros outside)."""
+    return fields.warp(image, fields.affine_field(matrix, image.shape))
+
+
+def about_centre(linear: np.ndarray, shift: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+    """Pull affine ``q - c = linear (p - c) + shift``."""
+    return affine.uncentred(np.asarray(linear, float), np.asarray(shift, float), shape)
+
+
+def compression(amount: float, angle_deg: float) -> np.ndarray:
+    """``I + amount d d^T``: content compressed by ``amount`` along direction ``d`` (pull)."""
+    d = np.array([np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))])
+    return np.eye(2) + amount * np.outer(d, d)
+
+
+def displacement_error(estimated: np.ndarray, expected: np.ndarray, shape: tuple[int, int]) -> float:
+    """Largest difference (px) of two affines over the image."""
+    difference = rigid.affine_fields(np.stack([estimated, expected]), shape, stride=8)
+    return float(np.abs(difference[0] - difference[1]).max())
+
+
+def test_pair_affine_recovers_scale_and_compression_from_a_rigid_start():
+    shape = (256, 256)
+    fixed = em_texture((1, *shape), seed=1)[0].astype(np.float32)
+    rotation = rigid.rigid_matrix(2.0, (0, 0), shape)[:, :2]
+    truth = about_centre(rotation @ compression(0.03, 30) * 1.01, (4.0, -6.0), shape)
+    moving = pull(fixed, np.linalg.inv(np.vstack([truth, [0, 0, 1]]))[:2])  # moving(truth p) = fixed(p)
+    start = rigid.estimate_rigid(fixed, moving).matrix
+    assert displacement_error(start, truth, shape) > 3  # what a rigid estimate leaves
+    refined = affine.match_affine(fixed, moving, start)
+    assert displacement_error(refined, truth, shape) < 0.5
+
+
+def test_pair_affine_ignores_outlier_patches_and_no_data():
+    shape = (256, 256)
+    fixed = em_texture((1, *shape), seed=2)[0].astype(np.float32)
+    truth = about_centre(np.diag([1.02, 0.99]), (0.0, 0.0), shape)
+    moving = pull(fixed, np.linalg.inv(np.vstack([truth, [0, 0, 1]]))[:2])
+    moving[:, :70] = 0  # a strip without data
+    rng = np.random.default_rng(0)
+    moving[150:214, 150:214] = rng.uniform(1, 255, (64, 64))  # a patch of garbage (a stain, a fold)
+    refined = affine.match_affine(fixed, moving, np.eye(2, 3))
+    assert displacement_error(refined, truth, shape) < 0.6
+
+
+def test_fit_affine_drops_gross_outliers_and_patches_without_data():
+    rng = np.random.default_rng(3)
+    centres = rng.uniform(0, 200, (30, 2))
+    truth = about_centre(np.array([[1.01, 0.02], [-0.01, 0.97]]), (2.0, -1.0), (201, 201))
+    shifts = centres @ truth[:, :2].T + truth[:, 2] - centres + rng.normal(0, 0.1, (30, 2))
+    scores = np.full(30, 0.6)
+    shifts[:4] += 25.0  # wrong matches
+    shifts[4:8] = 1e3
+    scores[4:8] = 0.0  # no data: whatever the shift, it must not count
+    fitted = affine.fit_affine(centres, shifts, scores, np.array([100.0, 100.0]))
+    assert displacement_error(fitted, truth, (201, 201)) < 0.3
+    assert affine.fit_affine(centres[:5], shifts[:5], scores[:5], np.zeros(2)) is None
+
+
+def random_affines(depth: int, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Per-section pull affines: shifts 15 px, rotations 1 deg, scale 1 %, compression 2-3 % in a random direction."""
+    rng = np.random.default_rng(seed)
+    matrices = []
+    for _ in range(depth):
+        rotation = rigid.rigid_matrix(rng.normal(0, 1), (0, 0), shape)[:, :2]
+        linear = rotation @ compression(rng.uniform(0.02, 0.03), rng.uniform(0, 180)) * (1 + rng.normal(0, 0.01))
+        matrices.append(about_centre(linear, rng.normal(0, 15, 2), shape))
+    return np.stack(matrices)
+
+
+def pairs_of(matrices: np.ndarray, noise: float, seed: int) -> list[tuple[int, int, np.ndarray, float]]:
+    """Pairs ``(z, z - k, P, score)``, ``M_z = P M_j``, linear parts perturbed by ``noise``, shifts by 10x it px."""
+    rng = np.random.default_rng(seed)
+    square = np.concatenate([matrices, np.tile([[[0, 0, 1.0]]], (len(matrices), 1, 1))], axis=1)
+    pairs = []
+    for z in range(len(matrices)):
+        for k in (1, 2, 3):
+            if z - k >= 0:
+                pair = (square[z] @ np.linalg.inv(square[z - k]))[:2]
+                pair[:, :2] += rng.normal(0, noise, (2, 2))
+                pair[:, 2] += rng.normal(0, 10 * noise, 2)
+                pairs.append((z, z - k, pair, 0.5))
+    return pairs
+
+
+def strain_error(solved: np.ndarray, truth: np.ndarray) -> float:
+    """RMS (over sections) of the largest entry of the strain difference, after removing the mean strain."""
+    difference = affine.polar_strain(solved) - affine.polar_strain(truth)
+    difference -= difference.mean(axis=0)
+    return float(np.sqrt(np.mean(np.abs(difference).max(axis=(1, 2)) ** 2)))
+
+
+def test_solve_affine_recovers_per_section_scale_and_compression():
+    shape, depth = (1024, 1024), 30
+    truth = random_affines(depth, shape, seed=4)
+    pairs = pairs_of(truth, 1e-4, seed=5)
+    pairs[10] = (pairs[10][0], pairs[10][1], about_centre(np.eye(2) * 1.1, (30.0, 0.0), shape), 0.5)  # an outlier
+    solved = affine.solve_affine(depth, pairs, shape)
+    assert strain_error(solved, truth) < 1e-3  # true strains vary by ~1.5e-2
+    # the strain's jitter about its z-trend is the true strain's (the trend of independent strains is ~flat)
+    jitter = affine.strain_jitter(solved, stiffness=1e4)
+    assert strain_error(jitter, truth) < 2.5e-3
+
+
+def test_aligned_stack_keeps_its_strain_and_slow_strain_is_kept():
+    shape, depth = (512, 512), 40
+    pairs = pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=6)
+    jitter = affine.strain_jitter(affine.solve_affine(depth, pairs, shape), stiffness=100)
+    assert np.abs(jitter - np.eye(2)).max() < 2e-3  # pair noise 1e-3 per entry
+    slow = np.stack([about_centre(np.eye(2) * (1 + 0.02 * np.sin(z / 8)), (0.0, 0.0), shape) for z in range(depth)])
+    jitter = affine.strain_jitter(affine.solve_affine(depth, pairs_of(slow, 0.0, seed=7), shape), stiffness=100)
+    np.testing.assert_allclose(jitter, np.tile(np.eye(2), (depth, 1, 1)), atol=3e-3)  # of a 2e-2 wave
+
+
+def test_apply_strain_acts_before_the_rigid_transform():
+    shape = (200, 300)
+    rotation = rigid.rigid_matrix(3.0, (5.0, -2.0), shape)
+    strain = np.array([[[1.02, 0.01], [0.01, 0.98]]])
+    combined = affine.apply_strain(rotation[None], strain, shape)[0]
+    linear, _ = affine.centred(combined, shape)
+    np.testing.assert_allclose(affine.polar_strain(linear), strain[0], atol=1e-12)
+    np.testing.assert_allclose(affine.centred(combined, shape)[1], affine.centred(rotation, shape)[1], atol=1e-12)
+
+
+def test_strain_is_applied_where_pairs_agree_on_it_and_not_where_they_only_disagree():
+    shape, depth = (1024, 1024), 40
+
+    def gain(pairs: list) -> float:
+        solved = affine.solve_affine(depth, pairs, shape)
+        residuals = affine.strain_residuals(solved, pairs, shape)
+        return affine.strain_gain(affine.strain_jitter(solved, 100), residuals, shape)
+
+    assert gain(pairs_of(random_affines(depth, shape, seed=8), 2e-4, seed=9)) > 0.95
+    assert gain(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 2e-3, seed=10)) < 0.3  # noise only
+
+
+def test_prealignment_applies_the_strain_jitter_from_the_affine_table_and_nothing_from_noise():
+    from emalign.pipeline.estimate import STRAIN_TREND_FACTOR, pair_table, solve_pairs
+
+    shape, depth = (1024, 1024), 24
+    bad = np.zeros(depth, bool)
+    truth = random_affines(depth, shape, seed=11)
+    table = pair_table(pairs_of(truth, 1e-4, seed=12), 0, 0, depth)
+    rigid_only = solve_pairs(table, bad, [], shape, 1e4)
+    with_strain = solve_pairs(table, bad, [], shape, 1e4, strain_table=table)
+    wanted = affine.strain_jitter(truth, 1e4 * STRAIN_TREND_FACTOR)
+    assert strain_error(rigid_only, wanted) > 5e-3
+    assert strain_error(with_strain, wanted) < 1e-3
+    np.testing.assert_allclose(affine.centred(with_strain, shape)[1], affine.centred(rigid_only, shape)[1], atol=1e-9)
+    noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=13), 0, 0, depth)
+    moved = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise), shape, stride=16)
+    still = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4), shape, stride=16)
+    assert np.sqrt(np.mean(np.sum((moved - still) ** 2, axis=1))) < 0.1  # px
