@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import zarr
 
+from emalign import evaluate
 from emalign.device import resolve_device
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Workspace, run_stage
@@ -123,10 +124,7 @@ def main() -> None:
         f"CPU vs {name} on {depth} x {size} x {size}: global fields differ by {rms:.3f} px RMS; "
         f"{100 * within:.2f} % of output pixels within 1 grey level.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n")
+    evaluate.print_and_save("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
 - **misalignment**: (a) shifts 15 px, rotations 1 deg, scale 1 %, elastic 2 px at 100 px (as in
   benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
   per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
-  1024^2 texture, (a) and (b) on FlyEM 10 nm (100 px would be 40 % of its sections);
+  1024^2 texture, (a) and (b) on FlyEM 10 nm, (b) on FlyEM 5 nm (100 px would be 40 % of its sections);
 - **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
   FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
   FlyEM stack as imaged.
@@ -197,7 +197,8 @@ def axes(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
         ("Section size", [(f"size-{size}", "a") for size in plan.sizes]),
         (
             "Misalignment",
-            [("flyem-10nm", "a"), ("flyem-10nm", "b")] + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
+            [("flyem-10nm", "a"), ("flyem-10nm", "b"), ("flyem-5nm", "b")]
+            + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
         ),
         ("Wander-free references", [("flyem-10nm", "a"), ("resliced-y", "a"), ("resliced-x", "a")]),
     ]

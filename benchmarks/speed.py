@@ -208,10 +208,7 @@ def main() -> None:
             f"{r['pipeline_s']:.1f} | {r['mpx_per_s']:.2f} | {r['process_s']:.1f} | {r['process_mpx_per_s']:.2f} | "
             f"{r['peak_mib']:.0f} | {chain} | {check} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n")
+    evaluate.print_and_save("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

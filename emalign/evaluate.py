@@ -288,9 +288,17 @@ __all__ = [
     "mean_range",
     "no_alignment",
     "pipeline_aligner",
+    "print_and_save",
     "remove_section_offsets",
     "rigid_chain",
     "torn_section_error",
     "tvl1_chain",
     "write_tiff",
 ]
+
+
+def print_and_save(text: str, path: str | Path) -> None:
+    """Print a benchmark's ``text`` and write it to ``path`` (its folder made as needed)."""
+    print(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text.rstrip("\n") + "\n")
