@@ -99,6 +99,7 @@ def test_help_lists_every_command():
         assert ok(command, "--help").output.startswith("Usage:")
 
 
+@pytest.mark.e2e
 def test_align_writes_a_complete_output_and_reports_qc_and_timing(stack, reference):
     out, result = reference
     assert is_complete(out)
@@ -115,6 +116,7 @@ def test_align_writes_a_complete_output_and_reports_qc_and_timing(stack, referen
     assert meta["input"]["path"] == str(stack.resolve())
 
 
+@pytest.mark.e2e
 def test_align_with_ngff_04_writes_the_zarr_v2_layout_with_the_same_result(stack, reference, tmp_path):
     from ome_zarr_models.v04 import Image
 
@@ -132,6 +134,7 @@ def test_align_with_ngff_04_writes_the_zarr_v2_layout_with_the_same_result(stack
     assert "output complete" in ok("render", stack, out, *BLOCK, "--ngff", "0.4").output  # resumes: all done
 
 
+@pytest.mark.e2e
 def test_a_stage_run_into_a_log_prints_per_block_progress_lines_with_an_eta(stack, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "rerender.zarr"
@@ -148,6 +151,7 @@ def test_a_stage_run_into_a_log_prints_per_block_progress_lines_with_an_eta(stac
 # --- stage commands ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_stage_commands_in_order_give_the_same_output_as_align(stack, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "staged.zarr"
@@ -179,6 +183,7 @@ def test_estimate_before_prealign_is_a_clear_error(stack, tmp_path):
     assert not is_complete(out)
 
 
+@pytest.mark.e2e
 def test_a_stage_with_other_params_than_the_output_is_refused(stack, reference):
     out, _ = reference
     line = error_line(invoke("estimate", stack, out, "--block", "8", "--quiet"))
@@ -189,6 +194,7 @@ def test_a_stage_with_other_params_than_the_output_is_refused(stack, reference):
 # --- parameters -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_align_into_an_output_with_other_params_needs_overwrite_and_records_every_param(stack, reference, tmp_path):
     ref, _ = reference
     before = dict(zarr.open_group(str(ref), mode="r").attrs["emalign"])
@@ -294,6 +300,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(bad_inputs, name):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("z", "command"),
     [
@@ -363,6 +370,7 @@ def test_import_writes_an_ngff_unit_name(stack, tmp_path):
     assert [axis["unit"] for axis in axes] == ["nanometer"] * 3
 
 
+@pytest.mark.e2e
 def test_demo_prints_the_accuracy_table_and_writes_an_aligned_ome_zarr(tmp_path):
     out = tmp_path / "demo"
     result = ok("demo", out, "--sections", "12", "--size", "128", "--device", "cpu")
@@ -381,6 +389,7 @@ def test_demo_prints_the_accuracy_table_and_writes_an_aligned_ome_zarr(tmp_path)
 # --- schedulers -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_processes_scheduler_gives_the_same_output_as_threads(stack, reference, tmp_path):
     """The network stage on a LocalCluster of 2 worker processes (one cluster start: about 10 s)."""
     ref, _ = reference
@@ -408,6 +417,7 @@ def test_processes_scheduler_gives_the_same_output_as_threads(stack, reference, 
 # --- the installed entry point ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_killed_align_resumes_to_the_uninterrupted_result(stack, reference, tmp_path):
     """The installed `emalign align` in a subprocess, SIGKILLed once estimate has finished a block, then rerun."""
     ref, _ = reference
@@ -464,6 +474,7 @@ def test_a_missing_zero_negative_or_absurd_voxel_size_is_a_one_line_error_and_wr
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_align_says_which_pixel_size_it_assumed_and_records_it(stack, tmp_path):
     out = tmp_path / "out.zarr"
     result = ok("align", stack, out, "--block", "4", "--polish", "off", "--voxel-size", "40,5,5")

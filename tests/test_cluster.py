@@ -197,6 +197,7 @@ def test_stage_help_lists_the_slurm_options_under_their_own_heading():
 # --- completion markers and retries -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     """A task rerun by dask for a lost worker (its result was held there) finds its marker and returns."""
     out = tmp_path / "done.zarr"
@@ -210,6 +211,7 @@ def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     assert stamps(out) == before
 
 
+@pytest.mark.e2e
 def test_a_retried_block_rewrites_byte_identical_chunks(reference, tmp_path):
     """Blocks whose markers were lost (a task killed after writing, before marking) are redone to the same bytes."""
     out = tmp_path / "retried.zarr"
@@ -229,6 +231,7 @@ def test_a_retried_block_rewrites_byte_identical_chunks(reference, tmp_path):
 # --- the same output on every scheduler -------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_processes_scheduler_aligns_like_threads_and_returns_nothing_to_the_client(
     stack, reference, tmp_path, monkeypatch
 ):
@@ -247,6 +250,7 @@ def test_processes_scheduler_aligns_like_threads_and_returns_nothing_to_the_clie
     assert gathered == [None] * len(gathered)
 
 
+@pytest.mark.e2e
 @needs_slurm
 def test_slurm_scheduler_aligns_like_threads(stack, reference, tmp_path):
     """`emalign align --scheduler slurm` with workflows/jobqueue.yaml as the config file, jobs resized by options."""
@@ -296,6 +300,7 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.002)
 
 
+@pytest.mark.e2e
 def test_a_worker_killed_mid_run_still_gives_the_complete_correct_output(stack, tmp_path):
     params = AlignParams(block=2)  # 6 blocks: the kill lands while blocks are still queued
     reference = tmp_path / "reference.zarr"

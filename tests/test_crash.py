@@ -149,6 +149,7 @@ def finished_work(out: Path) -> dict[str, list[Path]]:
     return files
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [*STAGES, "render", "qc"])
 def test_align_killed_inside_a_stage_resumes_to_the_uninterrupted_output(stage, stack, reference, tmp_path):
     out = tmp_path / "killed.zarr"
@@ -184,6 +185,7 @@ TILED_ARGS = [*ARGS, "--task-tile", "32"]
 """As ARGS, with the estimate and stitch in 2 x 2 xy task tiles."""
 
 
+@pytest.mark.e2e
 def test_align_in_xy_task_tiles_killed_inside_the_estimate_resumes_to_the_uninterrupted_output(stack, tmp_path):
     reference = tmp_path / "reference.zarr"
     result = CliRunner().invoke(main, ["align", str(stack), str(reference), *TILED_ARGS])
@@ -203,6 +205,7 @@ def test_align_in_xy_task_tiles_killed_inside_the_estimate_resumes_to_the_uninte
     np.testing.assert_array_equal(array(out, "fields/global"), array(reference, "fields/global"))
 
 
+@pytest.mark.e2e
 def test_a_run_killed_while_creating_its_arrays_resumes(stack, reference, tmp_path):
     """Killed after the OME-Zarr group and some pipeline arrays were made, before the stage markers."""
     from emalign.io import create_array, open_stack
@@ -241,6 +244,7 @@ SMALL_CHUNKS = (1, 16, 16)
 """Level chunks small enough that a 64 x 64 section of the test stack spans 2 x 2 shards of 2 x 2 chunks."""
 
 
+@pytest.mark.e2e
 def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_threads_and_processes(
     stack, reference, tmp_path
 ):
@@ -266,6 +270,7 @@ def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_thr
         assert not list(out.rglob("*.partial"))  # a shard is replaced whole, through a temporary file
 
 
+@pytest.mark.e2e
 def test_a_disk_full_while_rendering_is_one_line_and_marks_only_whole_sections_done(stack, reference, tmp_path):
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as disk:
         out = disk / "out.zarr"

@@ -14,6 +14,7 @@ def stack():
     return em_texture((8, 96, 96), seed=3, z_step=2.0)
 
 
+@pytest.mark.e2e
 def test_baselines_reduce_the_misalignment_and_no_alignment_does_not(stack):
     pytest.importorskip("skimage", reason="scikit-image (the `bench` extra) gives the TV-L1 baseline")
     aligners = {"none": evaluate.no_alignment, "rigid": evaluate.rigid_chain, "tvl1": evaluate.tvl1_chain}
@@ -23,6 +24,7 @@ def test_baselines_reduce_the_misalignment_and_no_alignment_does_not(stack):
     assert all(r["seconds"] >= 0 and r["mpx_per_s"] > 0 for r in results.values())
 
 
+@pytest.mark.e2e
 def test_elastix_chain_reduces_the_section_to_section_misalignment(stack):
     pytest.importorskip("itk", reason="itk-elastix (the `bench` extra) gives the elastix baseline")
     results = evaluate.evaluate(stack, {"none": evaluate.no_alignment, "elastix": evaluate.elastix_chain}, seed=2)

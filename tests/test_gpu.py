@@ -24,12 +24,14 @@ def cpu_and_gpu():
     return register_sections(stack, device="cpu"), register_sections(stack, device="cuda")
 
 
+@pytest.mark.e2e
 @needs_cuda
 def test_fields_on_the_gpu_equal_the_cpus_within_a_twentieth_of_a_pixel(cpu_and_gpu):
     cpu, gpu = cpu_and_gpu
     assert np.sqrt(np.mean(np.sum((cpu.fields - gpu.fields) ** 2, axis=1))) <= 0.05
 
 
+@pytest.mark.e2e
 @needs_cuda
 def test_the_gpus_output_matches_the_cpus_within_one_grey_level_on_999_per_mille(cpu_and_gpu):
     cpu, gpu = cpu_and_gpu
@@ -37,6 +39,7 @@ def test_the_gpus_output_matches_the_cpus_within_one_grey_level_on_999_per_mille
     assert np.mean(difference <= 1) >= 0.999
 
 
+@pytest.mark.e2e
 def test_the_gpu_benchmark_script_runs_through_and_writes_its_table_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "96:4", "--compare", "4x96"]

@@ -127,6 +127,7 @@ def _layers(found: list) -> dict:
     return {meta["name"]: (data, meta, kind) for data, meta, kind in found}
 
 
+@pytest.mark.e2e
 def test_reader_gives_raw_fields_aligned_and_qc_layers_on_the_ngff_voxel_grid(output, case):
     stack, blank = case.stack, case.flags.index("blank")
     assert get_reader(str(output)) is read_output
@@ -159,6 +160,7 @@ def test_reader_gives_raw_fields_aligned_and_qc_layers_on_the_ngff_voxel_grid(ou
     assert meta["metadata"]["qc"][blank]["flags"] == "blank"
 
 
+@pytest.mark.e2e
 def test_reader_warns_about_an_incomplete_output_and_still_opens_it(output, tmp_path):
     copy = _copy(output, tmp_path)
     group = zarr.open_group(str(copy), mode="r+")
@@ -170,6 +172,7 @@ def test_reader_warns_about_an_incomplete_output_and_still_opens_it(output, tmp_
     assert "field vectors" in found
 
 
+@pytest.mark.e2e
 def test_reader_leaves_out_a_raw_input_that_has_moved_with_a_warning(output, tmp_path):
     copy = _copy(output, tmp_path)
     group = zarr.open_group(str(copy), mode="r+")
@@ -180,6 +183,7 @@ def test_reader_leaves_out_a_raw_input_that_has_moved_with_a_warning(output, tmp
     assert names == ["field |u| px", "field vectors", "aligned", "QC flags"]
 
 
+@pytest.mark.e2e
 def test_reader_declines_what_is_not_an_emalign_output(output, tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 8, 8), np.uint8))
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(2,), dtype="u1")
@@ -189,12 +193,14 @@ def test_reader_declines_what_is_not_an_emalign_output(output, tmp_path):
     assert get_reader([str(output)]) is read_output
 
 
+@pytest.mark.e2e
 def test_emalign_view_of_a_path_that_is_not_an_output_ends_with_one_error_line(tmp_path):
     result = CliRunner().invoke(main, ["view", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and str(tmp_path / "missing.zarr") in result.stderr
 
 
+@pytest.mark.e2e
 def test_napari_opens_an_output_through_the_plugin_manifest(viewer, output):
     layers = viewer.open(str(output), plugin="emalign")
     assert [layer.name for layer in layers] == ["raw", "field |u| px", "field vectors", "aligned", "QC flags"]
@@ -221,6 +227,7 @@ def _wait(worker, seconds: float = 180.0) -> int:
     return turns
 
 
+@pytest.mark.e2e
 def test_align_widget_aligns_a_z_range_of_a_layer_in_a_worker_thread(viewer, stack, one_torch_thread):
     from emalign.napari.widget import AlignWidget
 
@@ -251,6 +258,7 @@ def _shows_whole_images(picture: np.ndarray) -> bool:
     return bool(textured and (gray < 5).mean() > 0.05)
 
 
+@pytest.mark.e2e
 def test_emalign_view_shows_aligned_raw_and_fields_side_by_side_with_a_linked_xz_window(display, output, tmp_path):
     from emalign.napari.view import XZ_ORDER, _grid, open_views
 

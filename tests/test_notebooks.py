@@ -35,6 +35,7 @@ def _kernel_named_for_this_python(folder: Path, monkeypatch) -> str:
     return name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_runs_top_to_bottom_and_saves_its_plots(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip(

@@ -72,6 +72,7 @@ def aligned(case, tmp_path_factory):
 # --- the output -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_align_writes_a_complete_ome_zarr_of_the_input_shape_and_dtype(case, aligned):
     path, misaligned = case
     out, ws, seconds, report = aligned
@@ -88,6 +89,7 @@ def test_align_writes_a_complete_ome_zarr_of_the_input_shape_and_dtype(case, ali
     assert len(ws.stage_done("refine")) == len(ws.stage_done("polish")) == 4  # and the solve
 
 
+@pytest.mark.e2e
 def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
@@ -108,6 +110,7 @@ def test_align_output_multiscales_read_back_with_ome_zarr_py(aligned):
     assert Image.from_zarr(group).attributes.ome.multiscales[0].datasets[0].path == "0"  # a valid NGFF 0.5 image
 
 
+@pytest.mark.e2e
 def test_align_records_provenance_params_plan_model_and_input(case, aligned):
     path, _ = case
     out, ws, *_ = aligned
@@ -128,6 +131,7 @@ def test_align_records_provenance_params_plan_model_and_input(case, aligned):
     assert reopened.params == PARAMS and reopened.plan.shape == SHAPE
 
 
+@pytest.mark.e2e
 def test_align_writes_qc_table_with_one_row_per_section_and_a_plot(aligned):
     out, *_ = aligned
     with open(out / "qc.csv", newline="") as handle:
@@ -147,6 +151,7 @@ def test_align_writes_qc_table_with_one_row_per_section_and_a_plot(aligned):
     assert (out / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_aligned_adjacent_correlation_is_higher_than_raw(case, aligned):
     _, misaligned = case
     out, *_ = aligned
@@ -156,6 +161,7 @@ def test_aligned_adjacent_correlation_is_higher_than_raw(case, aligned):
     assert after > raw + 0.25
 
 
+@pytest.mark.e2e
 def test_global_fields_recover_the_ground_truth_much_better_than_no_alignment(case, aligned):
     _, misaligned = case
     out, ws, *_ = aligned
@@ -169,6 +175,7 @@ def test_global_fields_recover_the_ground_truth_much_better_than_no_alignment(ca
     assert error["fold"] == 0.0
 
 
+@pytest.mark.e2e
 def test_qc_folding_is_measured_in_full_resolution_pixels(aligned, tmp_path):
     reference, *_ = aligned
     out = tmp_path / "copy.zarr"
@@ -186,6 +193,7 @@ def test_qc_folding_is_measured_in_full_resolution_pixels(aligned, tmp_path):
     assert float(rows[3]["folding_pct"]) == 0.0
 
 
+@pytest.mark.e2e
 def test_pyramid_levels_are_listed_in_multiscales_and_are_2x_means(tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -208,6 +216,7 @@ def test_pyramid_levels_are_listed_in_multiscales_and_are_2x_means(tmp_path):
     assert [tuple(level.shape) for level in node.data] == [(4, 264, 264), (4, 132, 132)]
 
 
+@pytest.mark.e2e
 def test_refine_removes_per_section_shifts_left_in_the_stitched_fields(aligned, tmp_path):
     """Shifts added to the stitched fields (wander the network left) come back out of the refine stage."""
     reference, *_ = aligned
@@ -224,6 +233,7 @@ def test_refine_removes_per_section_shifts_left_in_the_stitched_fields(aligned, 
     assert wobble(left) < 0.25 * wobble(wander), (left, wander)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("peak", "factor"), [(0.45, 1.0), (0.85, 10.0)])
 def test_refine_keeps_a_stiffer_trend_along_z_at_fine_spacing(aligned, tmp_path, monkeypatch, peak, factor):
     """Neighbours that are nearly the same image (fine z-spacing) drift less: the refine solve keeps a stiffer trend."""
@@ -248,6 +258,7 @@ def wobble(shifts: np.ndarray) -> float:
     return float(np.sqrt(np.mean([(s - np.polyval(np.polyfit(z, s, 1), z)) ** 2 for s in shifts.T])))
 
 
+@pytest.mark.e2e
 def test_polish_removes_local_shifts_left_in_the_refined_fields(aligned, tmp_path):
     """A shift that differs across the section (a shear the refine stage cannot see) comes back out of the polish."""
     reference, *_ = aligned
@@ -272,6 +283,7 @@ def test_polish_removes_local_shifts_left_in_the_refined_fields(aligned, tmp_pat
     assert wobble(left) < 0.4 * wobble(added), (wobble(left), wobble(added))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("peak", "polished"), [(0.45, False), (0.85, True)])
 def test_polish_auto_polishes_only_a_stack_whose_neighbours_correlate_strongly(aligned, tmp_path, peak, polished):
     reference, *_ = aligned
@@ -297,6 +309,7 @@ def test_polish_auto_polishes_only_a_stack_whose_neighbours_correlate_strongly(a
 # --- resuming ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_resume_after_a_partial_estimate_matches_the_uninterrupted_run(case, aligned, tmp_path, monkeypatch):
     path, _ = case
     reference, *_ = aligned
@@ -352,6 +365,7 @@ def test_run_stage_refuses_to_run_a_stage_before_the_one_it_needs(case, tmp_path
     assert not is_complete(out)
 
 
+@pytest.mark.e2e
 def test_run_stage_rejects_an_unknown_stage_with_an_emalign_error(aligned):
     _, ws, *_ = aligned
     with pytest.raises(EmalignError, match="unknown stage"):
@@ -365,6 +379,7 @@ def test_open_workspace_of_a_missing_output_is_a_one_line_error(tmp_path):
 # --- parameters -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_an_output_made_with_other_params_is_refused_unless_overwrite(case, aligned, tmp_path):
     path, _ = case
     reference, *_ = aligned
@@ -400,6 +415,7 @@ def test_invalid_params_are_refused_before_anything_is_written(case, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_an_output_of_another_input_with_the_same_params_is_refused(aligned, tmp_path):
     reference, *_ = aligned
     out = tmp_path / "copy.zarr"
@@ -412,6 +428,7 @@ def test_an_output_of_another_input_with_the_same_params_is_refused(aligned, tmp
 # --- bad sections -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_blank_and_skipped_sections_are_flagged_passed_through_and_bridged(case, tmp_path):
     _, misaligned = case
     raw = misaligned.stack.copy()
@@ -445,6 +462,7 @@ def test_blank_and_skipped_sections_are_flagged_passed_through_and_bridged(case,
     assert error["rms"] < 0.3 * baseline["rms"]
 
 
+@pytest.mark.e2e
 def test_a_stack_of_two_unrelated_blocks_is_split_at_the_break_and_each_part_aligned(tmp_path):
     parts = [demo_stack((8, 96, 96), seed=seed)[1] for seed in (1, 2)]
     raw = np.concatenate([p.stack for p in parts])
@@ -463,6 +481,7 @@ def test_a_stack_of_two_unrelated_blocks_is_split_at_the_break_and_each_part_ali
         assert error["rms"] < 0.3 * baseline["rms"]
 
 
+@pytest.mark.e2e
 def test_adapt_fine_tunes_a_checkpoint_on_the_stack_records_it_and_estimates_with_it(case, aligned, tmp_path):
     path, misaligned = case
     out = tmp_path / "adapted.zarr"
@@ -493,6 +512,7 @@ def prealigned_for_adaptation(path: Path, out: Path) -> tuple[Workspace, Stack]:
     return ws, stack
 
 
+@pytest.mark.e2e
 def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigned(case, tmp_path):
     ws, stack = prealigned_for_adaptation(case[0], tmp_path / "sample.zarr")
     prealigned, where = prealigned_sample(ws, stack)
@@ -502,6 +522,7 @@ def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigne
     assert after > before + 0.01  # the demo stack's neighbours: 0.59 prealigned, 0.61 aligned
 
 
+@pytest.mark.e2e
 def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, monkeypatch):
     ws, stack = prealigned_for_adaptation(case[0], tmp_path / "handed.zarr")
     seen = {}
@@ -524,6 +545,7 @@ def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, 
     assert len(seen["trained_on"]) == 1 and seen["trained_on"][0] is seen["aligned"]
 
 
+@pytest.mark.e2e
 def test_estimate_waits_for_adaptation_when_it_is_asked_for(case, tmp_path):
     ws, _ = prealigned_for_adaptation(case[0], tmp_path / "wait.zarr")
     with pytest.raises(EmalignError, match="run `emalign adapt` first"):
@@ -538,6 +560,7 @@ def test_the_longest_run_of_good_sections_is_trimmed_about_its_centre():
     assert longest_run(np.ones(4, bool), 5) == (0, 0)
 
 
+@pytest.mark.e2e
 def test_a_cracked_section_is_aligned_piece_by_piece_and_the_field_jumps_across_the_crack(case, tmp_path):
     _, misaligned = case
     z, crack, jump = 6, slice(44, 48), np.array([5.0, -4.0], np.float32)
@@ -590,6 +613,7 @@ def test_weak_neighbours_above_the_noise_floor_of_unrelated_sections_are_no_brea
     assert break_threshold(0.8, unrelated, np.zeros(40, bool)) == threshold  # fine spacing: the floor decides
 
 
+@pytest.mark.e2e
 def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):
     _, misaligned = demo_stack((48, 64, 64), seed=5)
     path = tmp_path / "many.tif"

@@ -115,6 +115,7 @@ def test_an_absurd_voxel_size_in_the_metadata_is_a_one_line_error_naming_the_fil
     assert not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.e2e
 def test_a_5_nm_stack_is_aligned_at_2x_block_means_and_rendered_at_full_resolution(tmp_path):
     _, misaligned = demo_stack((8, 96, 96), seed=1)
     fine = zoomed(misaligned.stack, 2.0)

@@ -31,6 +31,7 @@ def unaligned_rms(demo):
     return alignment_metrics(residual_fields(misaligned.fields, np.zeros_like(misaligned.fields)))["rms"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", METHODS)
 def test_register_sections_returns_aligned_stack_and_fields(demo, method):
     _, misaligned = demo
@@ -43,6 +44,7 @@ def test_register_sections_returns_aligned_stack_and_fields(demo, method):
     np.testing.assert_array_equal(result.aligned[z], expected.astype(np.uint8))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", METHODS)
 def test_register_sections_reduces_the_misalignment(demo, unaligned_rms, method):
     _, misaligned = demo
@@ -52,6 +54,7 @@ def test_register_sections_reduces_the_misalignment(demo, unaligned_rms, method)
     assert metrics["fail"] < 0.01 and metrics["fold"] < 1.0
 
 
+@pytest.mark.e2e
 def test_stitched_leaves_an_aligned_stack_nearly_unchanged(demo):
     aligned, _ = demo
     result = emalign.register_sections(aligned, method="stitched", device="cpu")
@@ -59,6 +62,7 @@ def test_stitched_leaves_an_aligned_stack_nearly_unchanged(demo):
     assert alignment_metrics(residual_fields(zero, result.fields))["rms"] < 2.0
 
 
+@pytest.mark.e2e
 def test_register_sections_keeps_float_dtype_and_accepts_a_loaded_model(demo):
     _, misaligned = demo
     stack = misaligned.stack[:4].astype(np.float32)
@@ -66,6 +70,7 @@ def test_register_sections_keeps_float_dtype_and_accepts_a_loaded_model(demo):
     assert result.aligned.dtype == np.float32 and result.aligned.shape == stack.shape
 
 
+@pytest.mark.e2e
 def test_register_sections_drops_a_singleton_channel_axis(demo):
     _, misaligned = demo
     stack = misaligned.stack[:3, None]
@@ -97,6 +102,7 @@ def test_register_sections_rejects_bad_input_with_a_one_line_message(stack, kwar
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.e2e
 def test_stitched_registration_gives_the_fields_of_emalign_align(demo, tmp_path):
     import tifffile
 
@@ -110,6 +116,7 @@ def test_stitched_registration_gives_the_fields_of_emalign_align(demo, tmp_path)
     np.testing.assert_allclose(result.fields, full_resolution_fields(ws), atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_sequential_error_does_not_grow_along_z():
     _, misaligned = demo_stack((40, 128, 128), seed=3)
     result = emalign.register_sections(misaligned.stack, method="sequential", device="cpu")
@@ -124,6 +131,7 @@ def test_sequential_passes_start_again_at_breaks_and_skip_excluded_sections():
     assert _segments(np.ones(3, bool), ()) == []
 
 
+@pytest.mark.e2e
 def test_sequential_leaves_a_blank_section_blank_and_aligns_across_it(demo, unaligned_rms):
     _, misaligned = demo
     stack = misaligned.stack.copy()
@@ -134,6 +142,7 @@ def test_sequential_leaves_a_blank_section_blank_and_aligns_across_it(demo, unal
     assert metrics["rms"] < 0.3 * unaligned_rms, metrics
 
 
+@pytest.mark.e2e
 def test_register_sections_reports_each_stage_and_takes_pipeline_options(demo):
     _, misaligned = demo
     seen = []

@@ -217,6 +217,7 @@ def test_open_stack_reads_any_tiff_layout_back_exactly(shape, dtype, layout):
 # --- register_sections ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @SETTINGS
 @given(
     depth=st.integers(1, 4),
@@ -254,6 +255,7 @@ def test_register_sections_gives_a_result_of_the_input_shape_or_a_one_line_error
         np.testing.assert_array_equal(result.aligned[z], stack[z])
 
 
+@pytest.mark.e2e
 @SETTINGS
 @given(
     dtype=st.sampled_from([*INT_DTYPES, *FLOAT_DTYPES]),
@@ -271,6 +273,7 @@ def test_register_sections_leaves_identical_sections_in_place_whatever_the_dtype
 # --- the pipeline ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @settings(SETTINGS, max_examples=8)
 @given(
     shape=st.tuples(st.integers(1, 5), st.integers(1, 48), st.integers(1, 48)),
@@ -328,6 +331,7 @@ def uint8_fields(tmp_path_factory):
     return data, *_fields_of(data, tmp_path_factory.mktemp("uint8"), "uint8")
 
 
+@pytest.mark.e2e
 @settings(SETTINGS, max_examples=4)
 @given(dtype=st.sampled_from([np.uint16, np.uint32, np.int16, np.int32, np.float32, np.float64]))
 def test_align_gives_the_same_fields_for_the_same_content_in_any_dtype(dtype, uint8_fields):
@@ -338,6 +342,7 @@ def test_align_gives_the_same_fields_for_the_same_content_in_any_dtype(dtype, ui
     np.testing.assert_allclose(other, fields, rtol=0, atol=0.05)  # measured: identical
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("dtype", [np.uint16, np.int64])
 def test_align_aligns_content_that_does_not_span_its_integer_dtype(uint8_fields, tmp_path, dtype):
     data, fields, flags = uint8_fields
@@ -384,6 +389,7 @@ def small_tiff(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.e2e
 @settings(SETTINGS, max_examples=20)
 @given(
     command=st.sampled_from(["prealign", "estimate", "stitch", "refine", "polish", "render", "qc"]),
@@ -421,6 +427,7 @@ def test_any_stage_options_give_a_result_or_a_one_line_error(small_tiff, command
 # --- damaged input ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_a_corrupt_input_chunk_is_named_and_after_repair_the_run_resumes(raw, reference, tmp_path, zarr_format):
     path = write_zarr(tmp_path / "raw.zarr", raw, (1, 32, 32), zarr_format)
@@ -443,6 +450,7 @@ def test_a_corrupt_input_chunk_is_named_and_after_repair_the_run_resumes(raw, re
     same_output(out, reference)
 
 
+@pytest.mark.e2e
 def test_a_chunk_damaged_after_prealign_is_named_by_render_and_qc(raw, reference, tmp_path):
     path = write_zarr(tmp_path / "raw.zarr", raw, (1, 64, 64))
     out = tmp_path / "out.zarr"
@@ -460,6 +468,7 @@ def test_a_chunk_damaged_after_prealign_is_named_by_render_and_qc(raw, reference
     same_output(out, reference)
 
 
+@pytest.mark.e2e
 def test_a_missing_input_chunk_reads_as_a_blank_section_that_is_flagged_and_bridged(raw, tmp_path):
     path = write_zarr(tmp_path / "raw.zarr", raw, (1, 64, 64))
     (path / "3.0.0").unlink()
@@ -473,6 +482,7 @@ def test_a_missing_input_chunk_reads_as_a_blank_section_that_is_flagged_and_brid
     assert float(rows[5]["corr_after"]) > float(rows[5]["corr_before"])  # the section after the gap: aligned
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("layout", "fraction", "problem"),
     [
@@ -526,6 +536,7 @@ def test_damaged_zarr_metadata_is_a_one_line_error(raw, tmp_path, change, proble
 # --- a full or read-only disk --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_full_disk_stops_with_one_line_and_a_resumable_partial_output(stack, reference, tmp_path):
     before = digest(stack)
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=96k", "tmpfs") as disk:
@@ -542,6 +553,7 @@ def test_a_full_disk_stops_with_one_line_and_a_resumable_partial_output(stack, r
     assert digest(stack) == before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("after_writes", [3, 45, 90, 115])
 def test_a_refused_write_anywhere_in_the_run_is_one_line_and_resumable(
     stack, reference, tmp_path, monkeypatch, after_writes
@@ -568,6 +580,7 @@ def test_a_refused_write_anywhere_in_the_run_is_one_line_and_resumable(
     assert digest(stack) == before
 
 
+@pytest.mark.e2e
 def test_a_read_only_location_is_refused_before_any_work(stack, reference, tmp_path):
     with mounted(tmp_path / "ro", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs") as folder:
         error_line(invoke("align", stack, folder / "out.zarr", *CLI), "Read-only file system", "cannot write")
@@ -612,6 +625,7 @@ def unfinished(stack, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_qc_of_an_unfinished_output_says_so(unfinished, stack, tmp_path):
     out = tmp_path / "copy.zarr"
     shutil.copytree(unfinished, out)
@@ -624,6 +638,7 @@ def test_qc_of_an_unfinished_output_says_so(unfinished, stack, tmp_path):
     assert not is_complete(out)
 
 
+@pytest.mark.e2e
 def test_open_stack_warns_about_an_unfinished_output_and_not_a_finished_one(unfinished, reference):
     with pytest.warns(IncompleteOutputWarning, match=r"4 of 8 sections written"):
         data = open_stack(unfinished).data
@@ -644,6 +659,7 @@ def test_open_stack_warns_about_an_unfinished_import(raw, tmp_path):
         open_stack(dst)
 
 
+@pytest.mark.e2e
 def test_the_napari_reader_warns_once_about_an_unfinished_output(unfinished):
     from emalign.napari.reader import read_output  # builds plain layer tuples: napari itself is not needed
 
@@ -656,6 +672,7 @@ def test_the_napari_reader_warns_once_about_an_unfinished_output(unfinished):
     assert aligned[1]["metadata"]["complete"] is False
 
 
+@pytest.mark.e2e
 def test_register_sections_refuses_sections_under_4_px_and_takes_4_px():
     assert issubclass(EmalignError, ValueError)
     tiny = scaled(TEXTURE[:2, :4, :9], np.uint8)

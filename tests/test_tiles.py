@@ -73,6 +73,7 @@ def test_an_estimate_task_reads_a_region_that_does_not_grow_with_the_section():
     assert max(regions[0].shape) <= 4096 + 2 * (params.tile + 4 * params.smoothing + params.stride)
 
 
+@pytest.mark.e2e
 def test_a_tiled_estimate_equals_the_untiled_one_without_seams(estimated):
     whole, tiled = estimated
     assert len(tiled.plan.tiles()) == 4 and len(whole.plan.tiles()) == 1
@@ -85,6 +86,7 @@ def test_a_tiled_estimate_equals_the_untiled_one_without_seams(estimated):
     np.testing.assert_allclose(fields(tiled, "relative"), reference, atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_the_stitch_in_tiles_equals_the_serial_stitch(estimated):
     whole, tiled = estimated
     whole.array("fields/relative")[:] = fields(tiled, "relative")  # the same input for both stitches
@@ -96,6 +98,7 @@ def test_the_stitch_in_tiles_equals_the_serial_stitch(estimated):
     np.testing.assert_allclose(fields(tiled, "stitched"), reference, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(estimated, monkeypatch):
     _, tiled = estimated
     before = fields(tiled, "relative")

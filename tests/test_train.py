@@ -155,14 +155,14 @@ def trained(tmp_path_factory):
     return out, history, time.perf_counter() - started
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_from_scratch_beats_no_correction(trained):
     _, history, seconds = trained
     assert history["steps"] == [TRAIN_STEPS]
     assert history["val_epe"][-1] < 0.9 * history["val_epe_identity"][-1], history
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_writes_checkpoints_and_history(trained):
     from emalign import models
 
@@ -175,7 +175,7 @@ def test_training_writes_checkpoints_and_history(trained):
     assert best.config.name == "faemreg-small"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_resumes_from_last_checkpoint(trained):
     out, _, _ = trained
     history = train(_config(TRAIN_STEPS + 4), out, resume=True, progress=False)
@@ -213,7 +213,7 @@ def _distance_to_teacher(student, teacher, batch) -> float:
         return float(endpoint_error(student.eval()(stack), teacher(stack), mask))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_distillation_pulls_the_students_fields_towards_the_teachers(tmp_path, volume):
     from dataclasses import replace
 

@@ -214,6 +214,7 @@ def test_smooth_3d_field_has_the_requested_amplitude():
     np.testing.assert_allclose(np.sqrt((field**2).mean(axis=(1, 2, 3))), 1.5, rtol=1e-4)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not FLYEM_SAMPLE2.exists(), reason=f"FlyEM data not found at {FLYEM_SAMPLE2}")
 def test_flyem_pairs_by_known_deformation_and_the_shipped_model_registers_them():
     volume = data.normalise(data.flyem_volume(1))
@@ -230,6 +231,7 @@ def test_flyem_pairs_by_known_deformation_and_the_shipped_model_registers_them()
 # --- training ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_tiny_training_run_lowers_the_loss(cells):
     torch.manual_seed(0)
     model = volumetric.build("crd-small")
@@ -251,6 +253,7 @@ def test_a_tiny_training_run_lowers_the_loss(cells):
         assert float(loss()) < start - 0.02
 
 
+@pytest.mark.e2e
 def test_crd_schedule_trains_teacher_then_low_resolution_model_then_distils_the_student(tmp_path):
     args = ["volume", "train", "--out", str(tmp_path), "--model", "crd-small", "--steps", "2", "--distill-steps", "1"]
     args += ["--procedural", "1", "--procedural-size", "64", "--crop", "32", "--batch", "1", "--val-pairs", "1"]
@@ -350,6 +353,7 @@ def test_3d_sample_reads_trilinear_values():
 # --- CLI -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_cli_register_round_trip(tmp_path, cells):
     image, labels = cells
     pair = data.make_pair(image, 64, np.random.default_rng(5), labels=labels, noise=0.0, margin=4)

@@ -113,6 +113,7 @@ def test_submit_sh_without_arguments_prints_its_usage():
     assert "Usage: submit.sh IN OUT" in result.stderr and "EMALIGN_SECTIONS_PER_TASK" in result.stderr
 
 
+@pytest.mark.e2e
 def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path):
     """12 sections, --block 5, 7 sections per task asked: rounded to 10, so 2 array tasks, no block split."""
     script, log = recorder
@@ -140,6 +141,7 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
     assert (tmp_path / "out.zarr.logs").is_dir()
 
 
+@pytest.mark.e2e
 def test_submit_sh_without_slurm_runs_the_recipe_here_and_aligns_like_emalign_align(stack, reference, tmp_path):
     out = tmp_path / "local.zarr"
     env = {"EMALIGN_LOCAL": "1", "EMALIGN_SECTIONS_PER_TASK": "8"}
@@ -168,6 +170,7 @@ def wait_for_jobs(jobs: dict[str, str], logs: Path, timeout: float = 900) -> Non
     pytest.fail(f"the jobs did not finish:\n{queue}\n{text}")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"no SLURM here: {SLURM_PROBLEM}")
 def test_submit_sh_through_sbatch_aligns_like_emalign_align(stack, reference, tmp_path):
     out = tmp_path / "slurm.zarr"
