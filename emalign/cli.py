@@ -13,17 +13,16 @@ from pathlib import Path
 import click
 
 from emalign.cli_errors import friendly
+from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
-from emalign.volumetric.cli import volume
+from emalign.layout import NGFF_VERSIONS, SHARD_XY
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
 
 def _layout_options(func):
     """The output layout: NGFF version and shard size (align, every stage, import)."""
-    from emalign.io import NGFF_VERSIONS, SHARD_XY
-
     options = [
         click.option(
             "--ngff",

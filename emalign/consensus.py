@@ -35,7 +35,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
 
-from emalign.train import reference_weights
+PAPER_REFERENCE_WEIGHTS = (1.0, 0.5, 0.33)
+"""FAEMReg's distance weights: nearest reference first."""
 
 
 def reflect(index: int, length: int) -> int:
@@ -52,6 +53,24 @@ def segment(z: int, length: int, breaks: Sequence[int] = ()) -> tuple[int, int]:
     start = max((b for b in breaks if b <= z), default=0)
     stop = min((b for b in breaks if b > z), default=length)
     return start, stop
+
+
+def reference_weights(references: int, symmetric: bool) -> np.ndarray:
+    """Weight of each depth slot of a ``2K + 1`` window in the references' frame (moving slot 0).
+
+    FAEMReg's distance weights (nearest largest); a mirrored (sequential) window counts
+    each reference once, a symmetric one splits the weight over both sides.
+    """
+    base = np.array(
+        [PAPER_REFERENCE_WEIGHTS[min(d, len(PAPER_REFERENCE_WEIGHTS)) - 1] for d in range(1, references + 1)]
+    )
+    weights = np.zeros(2 * references + 1)
+    for d in range(1, references + 1):
+        if symmetric:
+            weights[references - d] = weights[references + d] = base[d - 1] / 2
+        else:
+            weights[references - d] = base[d - 1]
+    return weights / weights.sum()
 
 
 def neighbour_indices(z: int, length: int, references: int, breaks: Sequence[int] = ()) -> list[int]:

@@ -6,14 +6,18 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from emalign.errors import EmalignError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``/``"cuda"``/``"cuda:N"`` as given."""
+    import torch  # here, not at the top: the CLI imports this module for reuse_freed_memory before any torch work
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -27,6 +31,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision (bfloat16) on CUDA; a no-op on the CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -30,15 +30,12 @@ from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from emalign.errors import EmalignError, IncompleteOutputWarning
+from emalign.layout import NGFF_VERSIONS, SHARD_XY
 
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 COMPRESSOR_V3 = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 """COMPRESSOR for Zarr v3 arrays."""
 SECTION_CHUNKS = (1, 512, 512)
-NGFF_VERSIONS = ("0.5", "0.4")
-"""What the writer makes: NGFF 0.5 on Zarr v3 (default, sharded levels) or NGFF 0.4 on Zarr v2 (older readers)."""
-SHARD_XY = 4096
-"""Default y/x side (px) of one shard (one file) of an NGFF 0.5 level; shards are one chunk deep in z."""
 PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at most this many pixels
 DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
 MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)

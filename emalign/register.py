@@ -22,24 +22,22 @@ the refine and polish stages. Two ways to run the network between them:
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emalign import io, models
+from emalign import models
 from emalign.device import resolve_device
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.inference import predict_windows
-from emalign.io import cast_to_dtype, check_array
+from emalign.io import check_array
 from emalign.models.faemreg import FAEMReg
-from emalign.pipeline import AlignParams, Workspace, run_stage
+from emalign.pipeline import AlignParams, Workspace, align_in_memory, full_resolution_fields
 from emalign.pipeline.estimate import read_masked, smooth_field, user_mask, working_model
 
 METHODS = ("stitched", "sequential")
@@ -57,7 +55,6 @@ and one down with the mean of their mirrored-window fields (before) 3.01 / 2.09 
 3.01 / 2.02 / 2.46 (1.85); 3 passes 2.98 / 1.99 / 2.45 (1.78); 4 passes 2.98 / 2.00 / 2.45 (1.77). Sample 1
 (2 misalignments) 3.90 / 2.15 / 3.54 -> 3.86 / 2.03 / 3.50 with 3; 10 nm sample 2 (2) 1.30 / 0.61 -> 1.34 /
 0.62. The shipped weights, 3 passes: 40 nm sample 2 2.97 / 1.97 / 2.46 (1.78)."""
-STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
 
 
 @dataclass
@@ -72,13 +69,6 @@ class Registration:
 
     aligned: np.ndarray
     fields: np.ndarray
-
-
-def full_resolution_fields(ws: Workspace, name: str = "fields/global") -> np.ndarray:
-    """``(Z, 2, Y, X)`` float32: the workspace's field grids ``name`` resampled to every pixel of the input."""
-    grid, factor, shape = ws.array(name), ws.factor, ws.writer.shape[1:]
-    stride = factor * ws.params.stride
-    return np.stack([resample(factor * np.asarray(grid[z]), stride, 1, shape) for z in range(ws.plan.shape[0])])
 
 
 def _segments(excluded: np.ndarray, breaks: tuple[int, ...]) -> list[list[int]]:
@@ -189,28 +179,14 @@ def register_sections(
     if method not in METHODS:
         raise EmalignError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     dev = resolve_device(device)
-    net = model if isinstance(model, FAEMReg) else models.load(model)
-    with tempfile.TemporaryDirectory(prefix="emalign-register-") as tmp:
-        checkpoint = Path(tmp) / "model.pt"
-        models.save_checkpoint(checkpoint, net)
-        params = _align_params(str(checkpoint), options)
-        source = io.create_array(Path(tmp) / "input.zarr", "stack", stack.shape, (1, *stack.shape[1:]), stack.dtype)
-        source[:] = stack
-        ws = Workspace.create(io.open_stack(Path(tmp) / "input.zarr" / "stack"), Path(tmp) / "aligned.zarr", params)
-        stages = [stage for stage in STAGES if stage != "adapt" or params.adapt]
-        for done, stage in enumerate(stages, start=1):
-            if method == "sequential" and stage in ("estimate", "stitch"):
-                if stage == "estimate":
-                    sequential_pass(ws, working_model(models.load(ws.model, dev), ws.resolution.ratio), dev, progress)
-            else:
-                run_stage(stage, ws, device=device, progress=progress)
-            if report is not None:
-                report(done, len(stages))
-        result = full_resolution_fields(ws)
-    aligned = np.stack(
-        [cast_to_dtype(warp(stack[z].astype(np.float32), result[z]), stack.dtype) for z in range(len(stack))]
-    )
-    return Registration(aligned=aligned, fields=result)
+    params = _align_params(models.DEFAULT_MODEL, options)
+
+    def sequential(ws: Workspace) -> None:
+        sequential_pass(ws, working_model(models.load(ws.model, dev), ws.resolution.ratio), dev, progress)
+
+    network = sequential if method == "sequential" else None
+    aligned, fields = align_in_memory(stack, model, params, device, progress, report, network)
+    return Registration(aligned=aligned, fields=fields)
 
 
 __all__ = ["METHODS", "Registration", "full_resolution_fields", "register_sections", "sequential_pass"]

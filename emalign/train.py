@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emalign import models
+from emalign.consensus import reference_weights
 from emalign.device import autocast, resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose_torch, invert_torch, warp_torch
 from emalign.models.faemreg import FAEMReg, normalize_sections
-from emalign.models.losses import PAPER_REFERENCE_WEIGHTS, endpoint_error, reference_similarity, smoothness
+from emalign.models.losses import endpoint_error, reference_similarity, smoothness
 
 
 @dataclass
@@ -132,24 +133,6 @@ def random_rigid(
         offset = centre - rot @ np.array([centre, centre]) + t
         fields.append(torch.from_numpy(affine_field(np.hstack([rot, offset[:, None]]), (size, size))))
     return torch.stack(fields)
-
-
-def reference_weights(references: int, symmetric: bool) -> np.ndarray:
-    """Weight of each depth slot of a ``2K + 1`` window in the references' frame (moving slot 0).
-
-    FAEMReg's distance weights (nearest largest); a mirrored (sequential) window counts
-    each reference once, a symmetric one splits the weight over both sides.
-    """
-    base = np.array(
-        [PAPER_REFERENCE_WEIGHTS[min(d, len(PAPER_REFERENCE_WEIGHTS)) - 1] for d in range(1, references + 1)]
-    )
-    weights = np.zeros(2 * references + 1)
-    for d in range(1, references + 1):
-        if symmetric:
-            weights[references - d] = weights[references + d] = base[d - 1] / 2
-        else:
-            weights[references - d] = base[d - 1]
-    return weights / weights.sum()
 
 
 def window_margin(cfg: TrainConfig) -> int:

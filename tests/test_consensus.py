@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emalign import consensus
-from emalign.train import reference_weights
+from emalign.consensus import reference_weights
 
 torch.set_num_threads(1)
 

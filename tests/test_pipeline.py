@@ -26,7 +26,7 @@ from emalign.errors import EmalignError
 from emalign.fields import compose, folding_percent, resample, warp
 from emalign.io import Stack, downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
-from emalign.pipeline import AlignParams, Workspace, align, open_workspace, refine, run_stage
+from emalign.pipeline import AlignParams, Workspace, align, align_in_memory, open_workspace, refine, run_stage
 from emalign.pipeline.adapt import adapt_model, aligned_sample, longest_run, prealigned_sample
 from emalign.pipeline.estimate import break_threshold, find_breaks
 from emalign.pipeline.qc import COLUMNS
@@ -516,7 +516,7 @@ def prealigned_for_adaptation(path: Path, out: Path) -> tuple[Workspace, Stack]:
 def test_adaptation_trains_on_a_sample_the_base_model_aligned_not_only_prealigned(case, tmp_path):
     ws, stack = prealigned_for_adaptation(case[0], tmp_path / "sample.zarr")
     prealigned, where = prealigned_sample(ws, stack)
-    aligned = aligned_sample(prealigned, "faemreg-small", "cpu")
+    aligned = aligned_sample(prealigned, "faemreg-small", align_in_memory, "cpu")
     assert where["sections"] == [0, SHAPE[0]] and aligned.shape == prealigned.shape and aligned.dtype == np.float32
     before, after = np.nanmean(adjacent_correlation(prealigned)), np.nanmean(adjacent_correlation(aligned))
     assert after > before + 0.01  # the demo stack's neighbours: 0.59 prealigned, 0.61 aligned
@@ -530,7 +530,7 @@ def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, 
     class TrainingStarted(Exception):
         pass
 
-    def recorded_alignment(sample, model, device="auto"):
+    def recorded_alignment(sample, model, align, device="auto"):
         seen["aligned"] = sample + 1.0  # any array other than the prealigned sample
         return seen["aligned"]
 
@@ -541,7 +541,7 @@ def test_adaptation_hands_the_aligned_sample_itself_to_training(case, tmp_path, 
     monkeypatch.setattr(adapt_stage, "aligned_sample", recorded_alignment)
     monkeypatch.setattr(adapt_stage, "train", recorded_training)
     with pytest.raises(TrainingStarted):
-        adapt_model(ws, stack, device="cpu", progress=False)
+        adapt_model(ws, stack, align_in_memory, device="cpu", progress=False)
     assert len(seen["trained_on"]) == 1 and seen["trained_on"][0] is seen["aligned"]
 
 

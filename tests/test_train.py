@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from emalign.consensus import PAPER_REFERENCE_WEIGHTS, reference_weights
 from emalign.errors import EmalignError
 from emalign.fields import warp_torch
-from emalign.models.losses import PAPER_REFERENCE_WEIGHTS
 from emalign.synth import em_texture
-from emalign.train import TrainConfig, WindowSampler, random_rigid, reference_weights, smooth_noise, train
+from emalign.train import TrainConfig, WindowSampler, random_rigid, smooth_noise, train
 
 torch.set_num_threads(1)
 

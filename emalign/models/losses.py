@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-PAPER_REFERENCE_WEIGHTS = (1.0, 0.5, 0.33)
-"""FAEMReg's distance weights: nearest reference first."""
+from emalign.consensus import PAPER_REFERENCE_WEIGHTS
 
 
 def _channel(x: torch.Tensor) -> torch.Tensor:

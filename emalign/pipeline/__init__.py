@@ -3,22 +3,31 @@
 Each stage works on z-blocks as independent dask tasks that read their input from the
 stack and the output folder and write their results straight to Zarr (nothing large is
 gathered), records finished blocks, and skips them when run again: a killed run resumes
-where it stopped. :func:`align` runs them all.
+where it stopped. :func:`align` runs them all on a stack on disk; :func:`align_in_memory`
+runs them on a short stack held in memory, in a temporary folder (the in-memory API
+:func:`emalign.register.register_sections` and the adapt stage's sample use it).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import dask
 import numpy as np
 import torch
 
+from emalign import models
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
-from emalign.io import open_stack
+from emalign.fields import resample, warp
+from emalign.io import cast_to_dtype, create_array, open_stack
+from emalign.models.faemreg import FAEMReg
 from emalign.pipeline.adapt import adapt_model
 from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
@@ -29,7 +38,18 @@ from emalign.pipeline.render import render_block
 from emalign.pipeline.stitch import stitch
 from emalign.pipeline.store import Workspace, open_workspace
 
-__all__ = ["STAGES", "AlignParams", "Plan", "Workspace", "align", "open_workspace", "run_stage"]
+__all__ = [
+    "IN_MEMORY_STAGES",
+    "STAGES",
+    "AlignParams",
+    "Plan",
+    "Workspace",
+    "align",
+    "align_in_memory",
+    "full_resolution_fields",
+    "open_workspace",
+    "run_stage",
+]
 
 
 def _finished(ws: Workspace, stage: str, index: int) -> bool:
@@ -60,7 +80,7 @@ def _block_task(out: str, stage: str, index: int, device: str, threads: int, til
 def _adapt_task(out: str, device: str, progress: bool) -> None:
     ws = Workspace(out)
     if not _finished(ws, "adapt", 0):
-        adapt_model(ws, ws.working_stack(), device, progress)
+        adapt_model(ws, ws.working_stack(), align_in_memory, device, progress)
 
 
 def _stitch_task(out: str, tile: int = 0) -> None:
@@ -90,6 +110,8 @@ def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> 
 
 
 STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish", "render", "qc")
+IN_MEMORY_STAGES = STAGES[: STAGES.index("render")]
+"""What :func:`align_in_memory` runs: the fields, not the written pyramid or the QC."""
 
 
 def run_stage(
@@ -196,3 +218,50 @@ def align(
             if progress and stage != "qc":
                 print(message)
     return ws, seconds, message
+
+
+def full_resolution_fields(ws: Workspace, name: str = "fields/global") -> np.ndarray:
+    """``(Z, 2, Y, X)`` float32: the workspace's field grids ``name`` resampled to every pixel of the input."""
+    grid, factor, shape = ws.array(name), ws.factor, ws.writer.shape[1:]
+    stride = factor * ws.params.stride
+    return np.stack([resample(factor * np.asarray(grid[z]), stride, 1, shape) for z in range(ws.plan.shape[0])])
+
+
+def align_in_memory(
+    stack: np.ndarray,
+    model: str | FAEMReg = models.DEFAULT_MODEL,
+    params: AlignParams | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    report: Callable[[int, int], None] | None = None,
+    network: Callable[[Workspace], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run :data:`IN_MEMORY_STAGES` on a checked ``(Z, Y, X)`` stack in a temporary folder.
+
+    ``model`` (a name, a checkpoint or a loaded network) replaces ``params.model``; ``report(done, total)``
+    is called after each stage; ``network(ws)``, when given, runs in place of the estimate and stitch
+    stages (it writes ``fields/stitched`` and marks both done). Returns the aligned stack (the input's
+    dtype) and its ``(Z, 2, Y, X)`` float32 full-resolution pull fields.
+    """
+    net = model if isinstance(model, FAEMReg) else models.load(model)
+    with tempfile.TemporaryDirectory(prefix="emalign-register-") as tmp:
+        checkpoint = Path(tmp) / "model.pt"
+        models.save_checkpoint(checkpoint, net)
+        params = replace(params or AlignParams(), model=str(checkpoint))
+        source = create_array(Path(tmp) / "input.zarr", "stack", stack.shape, (1, *stack.shape[1:]), stack.dtype)
+        source[:] = stack
+        ws = Workspace.create(open_stack(Path(tmp) / "input.zarr" / "stack"), Path(tmp) / "aligned.zarr", params)
+        stages = [stage for stage in IN_MEMORY_STAGES if stage != "adapt" or params.adapt]
+        for done, stage in enumerate(stages, start=1):
+            if network is not None and stage in ("estimate", "stitch"):
+                if stage == "estimate":
+                    network(ws)
+            else:
+                run_stage(stage, ws, device=device, progress=progress)
+            if report is not None:
+                report(done, len(stages))
+        fields = full_resolution_fields(ws)
+    aligned = np.stack(
+        [cast_to_dtype(warp(stack[z].astype(np.float32), fields[z]), stack.dtype) for z in range(len(stack))]
+    )
+    return aligned, fields

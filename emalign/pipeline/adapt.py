@@ -2,7 +2,7 @@
 
 The training data is a bounded sample of the input: the longest run of good sections (at most
 :data:`SECTIONS`), cropped to at most :data:`SIZE` px about the centre, so memory does not grow
-with the stack; rigidly prealigned, then aligned by the base model (the in-memory engine). Windows
+with the stack; rigidly prealigned, then aligned by the base model (the in-memory pipeline). Windows
 of adjacent sections cut from it get the synthetic misalignment of :mod:`emalign.train` (exact
 targets, which assume the sample aligned) and the unsupervised local-NCC term towards their
 references, so the network learns this stack's texture, contrast and section-to-section change
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from emalign import models
 from emalign.errors import EmalignError
 from emalign.fields import affine_field
 from emalign.io import Stack
+from emalign.pipeline.plan import AlignParams
 from emalign.pipeline.render import render_region
 from emalign.pipeline.store import Workspace
 from emalign.train import TrainConfig, train, window_margin
@@ -35,6 +37,9 @@ from emalign.train import TrainConfig, train, window_margin
 SECTIONS = 48
 SIZE = 384
 FIELD_STRIDE = 16  # grid of the affine fields the sample is rendered with (exact for an affine map)
+InMemoryAligner = Callable[[np.ndarray, str, AlignParams | None, str], tuple[np.ndarray, np.ndarray]]
+"""``(stack, model, params, device) -> (aligned, fields)``: :func:`emalign.pipeline.align_in_memory`, handed in by
+the runner (this stage runs the pipeline on its sample, and the pipeline imports this stage)."""
 
 
 def longest_run(excluded: np.ndarray, limit: int) -> tuple[int, int]:
@@ -68,11 +73,9 @@ def prealigned_sample(ws: Workspace, stack: Stack) -> tuple[np.ndarray, dict]:
     return sample, {"sections": [start, stop], "origin": list(origin), "shape": list(shape)}
 
 
-def aligned_sample(sample: np.ndarray, model: str, device: str = "auto") -> np.ndarray:
-    """``sample (Z', Y', X')`` aligned by ``model`` (:func:`emalign.register.register_sections`), float32."""
-    from emalign.register import register_sections
-
-    return register_sections(sample, model=model, device=device).aligned.astype(np.float32)
+def aligned_sample(sample: np.ndarray, model: str, align: InMemoryAligner, device: str = "auto") -> np.ndarray:
+    """``sample (Z', Y', X')`` aligned by ``model`` through the in-memory pipeline ``align``, float32."""
+    return align(sample, model, None, device)[0].astype(np.float32)
 
 
 def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int], device: str = "auto") -> TrainConfig:
@@ -105,13 +108,15 @@ def adaptation_config(model: str, steps: int, sample_shape: tuple[int, int, int]
     return TrainConfig(**{**cfg.to_dict(), "crop": crop})
 
 
-def adapt_model(ws: Workspace, stack: Stack, device: str = "auto", progress: bool = True) -> Path:
-    """Fine-tune ``ws.params.model`` on a sample of the stack aligned by it, for ``ws.params.adapt`` steps; returns
-    the checkpoint."""
+def adapt_model(
+    ws: Workspace, stack: Stack, align: InMemoryAligner, device: str = "auto", progress: bool = True
+) -> Path:
+    """Fine-tune ``ws.params.model`` on a sample of the stack aligned by it (``align``: the in-memory pipeline),
+    for ``ws.params.adapt`` steps; returns the checkpoint."""
     params = ws.params
     sample, origin = prealigned_sample(ws, stack)
     cfg = adaptation_config(params.model, params.adapt, sample.shape, device)
-    sample = aligned_sample(sample, params.model, device)
+    sample = aligned_sample(sample, params.model, align, device)
     origin["aligned_by"] = params.model
     runs = Path(ws.path) / "model" / "run"
     if runs.exists():

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from emalign.errors import EmalignError
-from emalign.io import NGFF_VERSIONS, SHARD_XY
+from emalign.layout import NGFF_VERSIONS, SHARD_XY
 
 POLISH_MODES = ("auto", "on", "off")
 
