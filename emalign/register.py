@@ -16,8 +16,8 @@ the refine and polish stages. Two ways to run the network between them:
   training case): those this pass has just aligned, and the previous pass's on the side it has not
   reached yet. Each section keeps its last pass's field; the first section of a segment, which has no
   aligned references on the way up, gets its field on the way back. (Chaining each section rigidly
-  onto the previous output instead, with no leash, the same weights went chaotic on the 40 nm FlyEM
-  benchmark stack: 18 px rms.)
+  onto the previous output instead, with no leash, the same weights went chaotic at 40 nm: an error
+  fed back as a reference grows instead of dying out.)
 """
 
 from __future__ import annotations
@@ -44,17 +44,13 @@ METHODS = ("stitched", "sequential")
 MIN_SIDE = 4
 """Smallest section side (px): the network's padding and the rigid stage's 2x downsampling need it."""
 SEQUENTIAL_LEASH = 0.2
-"""Fraction of the network's field the sequential inference leaves out. Measured through the whole
-chain (prealign, sequential pass, refine, polish; rms / adj / drift px) on the 40 nm FlyEM benchmark
-stack, one pass up: 0 -> 3.55 / 2.29 / 2.22, 0.2 -> 3.31 / 2.23 / 2.09, 0.4 -> 3.22 / 2.30 / 2.07, 0.6 -> 3.21 /
-2.49 / 2.08; on sample 1 at 40 nm 4.47 / 4.33 / 4.52 / 4.99 rms, and at 10 nm the lowest adj with 0.2 on both."""
+"""Fraction of the network's field the sequential inference leaves out, so that an error passed on through
+the references dies out along z. Chosen through the whole chain (prealign, sequential pass, refine,
+polish) against 0, 0.4 and 0.6: the lowest section-to-section error at 10 and 40 nm (figures:
+benchmarks/results/design_choices.md)."""
 SEQUENTIAL_PASSES = 3
-"""Passes of the sequential inference, alternating up and down the stack (see the module doc). 40 nm FlyEM
-sample 2, 4 misalignments, mean rms / adj / drift px (aligned copy moved, rms), stage-3 weights: one pass up
-and one down with the mean of their mirrored-window fields (before) 3.01 / 2.09 / 2.48 (1.79); 2 passes
-3.01 / 2.02 / 2.46 (1.85); 3 passes 2.98 / 1.99 / 2.45 (1.78); 4 passes 2.98 / 2.00 / 2.45 (1.77). Sample 1
-(2 misalignments) 3.90 / 2.15 / 3.54 -> 3.86 / 2.03 / 3.50 with 3; 10 nm sample 2 (2) 1.30 / 0.61 -> 1.34 /
-0.62. The shipped weights, 3 passes: 40 nm sample 2 2.97 / 1.97 / 2.46 (1.78)."""
+"""Passes of the sequential inference, alternating up and down the stack (see the module doc): three did better
+than two, and a fourth no longer helped (figures: benchmarks/results/design_choices.md)."""
 
 
 @dataclass

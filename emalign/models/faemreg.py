@@ -19,7 +19,7 @@ change of 40 nm sections fast.
 
 Configurations (:data:`CONFIGS`): ``faemreg-paper`` (the paper's), ``faemreg-small`` (the shipped
 default) and ``faemreg-fast``: ``faemreg-small`` without the cost volume at its finest decoder
-level, the most expensive part of its forward pass (3.5x less time on the CPU), shipped as a
+level, the most expensive part of its forward pass (its speed and accuracy: the model card), shipped as a
 student distilled from ``faemreg-small`` (:mod:`emalign.train`).
 """
 

@@ -10,9 +10,9 @@ before it estimates anything. The adapted checkpoint is written to ``OUT/model/a
 its provenance and used by the estimate stage.
 
 Why align the sample first: on a prealigned-only sample the synthetic targets are off by the
-misalignment the prealignment leaves, and the network learns to leave that in place (ISBI 2012, 3
-misalignments, 200 steps, mean rms / adj / drift px: 4.26 / 4.62 / 3.09 on the prealigned sample,
-4.19 / 4.54 / 3.00 on the aligned one, 4.22 / 4.57 / 3.02 without adaptation).
+misalignment the prealignment leaves, and the network learns to leave that in place: adapting on the
+prealigned sample ended worse than no adaptation, on the aligned one slightly better (figures:
+benchmarks/results/design_choices.md).
 """
 
 from __future__ import annotations

@@ -45,19 +45,15 @@ ANGLE_TREND_FACTOR = 0.01
 """The angles' z-trend is this much softer than the shifts' (``--trend-stiffness``). A pairwise angle is far
 noisier than its share of the misalignment (40 nm FlyEM neighbours: 0.35 degrees against 1 degree of
 misalignment; shifts: ~0.5 px against 15 px), so the solved angles wander by their accumulated noise; with
-one stiffness for both, the prealignment applied that wander (an aligned 40 nm stack was turned by 1.4 px
-rms at the image's rms radius). A softer angle trend leaves that wander uncorrected, as the shifts' trend is
-(both FlyEM stacks, 4 misalignments each, rms / adj / drift px; an aligned stack moved, rms): 40 nm 3.75 /
-2.12 / 3.13 -> 3.57 / 2.10 / 3.12, aligned 2.69 -> 2.51; 60 nm 7.17 / 4.84 / 6.34 -> 5.22 / 3.57 / 4.69,
-aligned 4.39 -> 3.88 (one stack that the old trend lost, 20.1 px, now 6.1); 10 and 20 nm within 0.03 px.
-0.003 does as well, 0.03 slightly worse."""
+one stiffness for both, the prealignment applied that wander to aligned stacks. A softer angle trend leaves
+that wander uncorrected, as the shifts' trend is; it helps at 40 and 60 nm and changes nothing at 10 and
+20 nm (figures, and the neighbouring factors tried: benchmarks/results/design_choices.md)."""
 STRAIN_TREND_FACTOR = 0.01
 """The strain's (scale and shear: :func:`emalign.affine.strain_jitter`) z-trend, in multiples of
 ``--trend-stiffness``: pairwise strains are noisy like the angles, and their accumulated wander is left alone.
-Measured with the full pipeline (rms / adj / drift px): procedural 24 x 1024^2, 1 % scale and 1.5-3 %
-compression, 2.18 / 0.57 / 0.09 rigid, 2.12 / 0.40 / 0.05 at 0.01, 2.08 / 0.38 / 0.05 at 0.1; but at 0.1 the
-jitter keeps accumulated wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and an
-aligned 40 nm FlyEM stack is moved 1.92 px rms (1.74 rigid and at 0.01)."""
+A stiffer trend corrects slightly more strain on misaligned stacks, but its jitter then keeps accumulated
+wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and aligned stacks are moved
+(figures: benchmarks/results/design_choices.md)."""
 
 
 def section_stats(section: np.ndarray) -> tuple[float, float]:
@@ -198,8 +194,8 @@ def break_threshold(neighbours: float, unrelated: np.ndarray, bad: np.ndarray) -
     than the noise floor, the median + 3 robust sigmas of the ``unrelated`` scores (``(Z,)``, sections
     against their turned neighbour, NaN where there is none; ``bad`` sections left out).
 
-    At wide z-spacing real neighbours score little above unrelated sections (60 nm FlyEM: median 0.25,
-    weakest 0.12, unrelated 0.09 +- 0.007), and half the median alone would cut the stack apart.
+    At wide z-spacing real neighbours score little above unrelated sections, and half the median alone
+    would cut the stack apart (60 nm FlyEM: benchmarks/results/design_choices.md).
     """
     floor = unrelated[np.isfinite(unrelated) & ~bad & ~np.r_[True, bad[:-1]]]
     if not len(floor):

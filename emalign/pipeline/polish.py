@@ -5,9 +5,9 @@ correlation of small patches (:mod:`emalign.patches`) is more precise than the n
 fields keep about 0.5 px of error there. Where sections differ more, patch matches follow the
 content's own changes and do harm. ``--polish auto`` (the default) therefore polishes only at fine
 z-spacing (:func:`emalign.pipeline.refine.fine_spacing`: adjacent refined sections correlate
-strongly). FlyEM benchmark stacks (rms / adj px): 10 nm (peak 0.83) 1.84 / 1.34 -> 1.35 / 0.69;
-20 nm (0.68) 2.09 / 1.49 -> 1.87 / 1.07; 30 nm (0.55, left alone: polished 2.63 / 1.76 -> 3.35 /
-1.62); 40 nm (0.45, left alone: polished 3.08 -> 5.37 rms).
+strongly). On the FlyEM benchmark stacks it roughly halves the section-to-section error at 10 nm and
+helps at 20 nm; at 30 and 40 nm it would follow the content and is left off (figures:
+benchmarks/results/design_choices.md).
 
 polish
     per z-block: every section warped at full resolution by its refined field, and each of its
@@ -33,8 +33,8 @@ from emalign.rigid import solve_translations
 TREND_STIFFNESS = 1e3
 """Curvature weight of the z-trend kept in each node's shifts. The polish corrects section-to-section
 error; slower trends, which patch matches cannot tell from the content's own drift, are left to the
-stages before. 10x more flexible than their default: on 10 / 20 nm FlyEM, aligned stacks are moved
-0.1 / 0.25 px less than with 1e4, misaligned 20 nm stacks end 0.17 px better, 10 nm 0.05 px worse."""
+stages before. 10x more flexible than their default: aligned stacks are moved less, and misaligned ones end
+about as well (figures: benchmarks/results/design_choices.md)."""
 
 
 def polish_grid(ws: Workspace) -> PatchGrid:

@@ -4,7 +4,7 @@ Rigid matches between *misaligned* sections are biased (each section's own no-da
 window pull an estimate toward no motion), and the network sees only a few neighbours at a time,
 so some wander along z survives the stitch. Once stitched, neighbours share their frame: matched
 again, translation only, and solved like the prealignment, they give one shift per section that
-removes most of it (40 nm FlyEM benchmark: drift 3.05 -> 2.08 px, rms 3.81 -> 3.09 px).
+removes most of it (figures: benchmarks/results/design_choices.md).
 
 refine
     per z-block: every section warped by its stitched field and phase-correlated (translation
@@ -15,9 +15,9 @@ refine
 
 At fine z-spacing (:func:`fine_spacing`: neighbours nearly the same image) the content drifts far
 less per section, so the trend kept is :data:`FINE_TREND_FACTOR` times stiffer: the prealignment's
-trend, fitted to misaligned sections, takes some true misalignment with it, and this puts it back
-(both FlyEM stacks, 3 misalignments each: 10 nm mean rms 2.07 -> 1.34 px, 20 nm 2.15 -> 1.84; at
-40 nm a stiffer trend moves an aligned stack more and misaligned ones no better).
+trend, fitted to misaligned sections, takes some true misalignment with it, and this puts it back. At
+40 nm a stiffer trend moves an aligned stack more and misaligned ones no better, so it is kept for fine
+spacing (figures: benchmarks/results/design_choices.md).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from emalign.pipeline.estimate import adjacent_score, pair_table, read_masked, s
 from emalign.pipeline.store import OFFSETS, Workspace
 
 FINE_MIN_PEAK = 0.62
-"""Median correlation peak of adjacent refined sections from which a stack counts as finely spaced (FlyEM
-10 nm 0.83, 20 nm 0.68; 30 nm 0.55, 40 nm 0.45)."""
+"""Median correlation peak of adjacent refined sections from which a stack counts as finely spaced: between
+what the FlyEM stacks show at 20 nm and at 30 nm (benchmarks/results/design_choices.md)."""
 FINE_TREND_FACTOR = 10.0
 """The refine stage's trend stiffness at fine z-spacing, in multiples of ``--trend-stiffness``."""
 

@@ -266,5 +266,5 @@ parameters without the affine stage (the paper: about 4 M)."""
 SMALL = SDHNetConfig(
     iterations=3, features=(8, 16, 24, 32), hidden=8, context=8, context_convs=(8, 16), fusion=(16, 8), first_stride=1
 )
-"""A CPU-friendly configuration (3 iterations, half the channels) with the ConvGRUs at 1/2, 1/4, 1/8: measured on
-32^3 FlyEM crops, the paper's 1/4, 1/8, 1/16 did not start learning within 250 steps, these within 100."""
+"""A CPU-friendly configuration (3 iterations, half the channels) with the ConvGRUs at 1/2, 1/4, 1/8: on small
+crops the paper's 1/4, 1/8, 1/16 learned far later (benchmarks/results/design_choices.md)."""
