@@ -16,27 +16,13 @@ import numpy as np
 
 from emalign import metrics, rigid, synth
 from emalign.register import full_resolution_fields, register_sections
+from emalign.shared_data import FLYEM, ISBI, SHARED_DATA, shared_stack
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FLYEM = ("flyem_medulla_training_sample1.tif", "flyem_medulla_training_sample2.tif")
-
-ISBI = "isbi2012_train_volume.tif"
 NO_MISALIGNMENT = {"shift": 0.0, "rotation_deg": 0.0, "scale": 0.0, "elastic": 0.0}
 """``misalignment`` of :func:`evaluate` for the "do no harm" case: the aligned stack as it is."""
 
 Aligner = Callable[[np.ndarray], np.ndarray]
 """Takes a misaligned ``(Z, Y, X)`` stack, returns ``(Z, 2, Y, X)`` pull fields."""
-
-
-def shared_stack(name: str, z_step: int = 1, sections: int | None = None, data_dir: Path | None = None) -> np.ndarray:
-    """Every ``z_step``-th section of a stack in ../shared/data (FileNotFoundError if absent)."""
-    import tifffile
-
-    path = (data_dir or SHARED_DATA) / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: shared EM data not found")
-    stack = tifffile.imread(path)[::z_step]
-    return stack[:sections] if sections else stack
 
 
 def best_offset(previous: np.ndarray, section: np.ndarray, search: int = 64) -> tuple[np.ndarray, float, float]:

@@ -11,7 +11,6 @@ from helpers import one_line_error
 from scipy import ndimage
 
 from emalign.errors import EmalignError
-from emalign.evaluate import FLYEM, SHARED_DATA, shared_stack
 from emalign.io import downsampled, import_stack, open_stack
 from emalign.metrics import adjacent_correlation
 from emalign.pipeline import AlignParams, align
@@ -22,6 +21,7 @@ from emalign.pixelsize import (
     to_nanometres,
     working_resolution,
 )
+from emalign.shared_data import FLYEM, SHARED_DATA, shared_stack
 from emalign.synth import demo_stack, em_texture
 
 RUN = {"scheduler_spec": "sync", "device": "cpu", "progress": False}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from emalign import fields, volumetric
 from emalign.cli import main
-from emalign.evaluate import FLYEM, SHARED_DATA
+from emalign.shared_data import FLYEM, SHARED_DATA
 from emalign.volumetric import crd, data, infer, losses, sdhnet
 from emalign.volumetric.common import VolumeNet, VolumeOutput
 from emalign.volumetric.train import VolumeTrainConfig, to_batch, unsupervised_loss

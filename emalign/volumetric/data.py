@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from emalign.evaluate import FLYEM, SHARED_DATA
 from emalign.fields import warp_torch
+from emalign.shared_data import FLYEM, SHARED_DATA
 
 __all__ = [
     "DeformationSpec",
