@@ -30,6 +30,7 @@ from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from emalign.errors import EmalignError, IncompleteOutputWarning
+from emalign.ngff import AXES, image_attrs
 
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 COMPRESSOR_V3 = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
@@ -44,7 +45,6 @@ DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole m
 MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
-AXES = ("z", "y", "x")
 _UNITS = {
     "nm": "nanometer",
     "nanometer": "nanometer",
@@ -715,35 +715,16 @@ class OmeZarrWriter:
         shard: int,
     ) -> OmeZarrWriter:
         p = Path(path)
+        count = levels or _auto_levels(shape)
+        ome = image_attrs(p.stem, voxel_size, unit, count, ngff, str(path))
         if p.exists():
             shutil.rmtree(p)
         v2 = ngff == "0.4"
         group = zarr.open_group(str(p), mode="w", zarr_format=2 if v2 else 3)
         shards = None if v2 or not shard else (chunks[0], shard, shard)
-        vz, vy, vx = (float(v) for v in voxel_size)
-        datasets = []
-        for level in range(levels or _auto_levels(shape)):
+        for level in range(count):
             create_array(group, str(level), _level_shape(shape, level), chunks, dtype, shards=shards, image_axes=AXES)
-            f = 2**level
-            datasets.append(
-                {
-                    "path": str(level),
-                    "coordinateTransformations": [
-                        {"type": "scale", "scale": [vz, vy * f, vx * f]},
-                        {"type": "translation", "translation": [0.0, (f - 1) / 2 * vy, (f - 1) / 2 * vx]},
-                    ],
-                }
-            )
         create_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
-        multiscales = {
-            **({"version": ngff} if v2 else {}),
-            "name": p.stem,
-            "axes": [{"name": axis, "type": "space", "unit": unit} for axis in AXES],
-            "datasets": datasets,
-            "type": "mean",
-            "metadata": {"method": "emalign.io.downsample2", "description": "2x2 mean in y, x; z never downsampled"},
-        }
-        ome = {"multiscales": [multiscales]} if v2 else {"ome": {"version": ngff, "multiscales": [multiscales]}}
         group.attrs.update({**ome, "emalign": {**attrs, "complete": False}})
         return cls(str(path), group)
 
