@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from emalign import stores
 from emalign.cli_errors import friendly
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
@@ -169,13 +170,20 @@ def _params(opts: dict):
         adapt=opts["adapt"],
         polish=opts["polish"],
         polish_patch=opts["polish_patch"],
-        mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
+        mask=_mask_path(opts["mask"]),
         voxel_size=_voxel_size(opts["voxel_size"]),
         unit=opts["unit"],
         ngff=opts["ngff"],
         shard=opts["shard"],
         task_tile=opts["task_tile"],
     )
+
+
+def _mask_path(mask: str) -> str:
+    """What the parameters record of ``--mask``: the URL as given, or the resolved local path ('' for none)."""
+    if not mask or stores.is_url(mask):
+        return mask
+    return str(Path(stores.local(mask)).resolve())
 
 
 def _voxel_size(text: str | None) -> tuple[float, ...]:
@@ -225,7 +233,8 @@ def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
     click.echo(report)
     stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
     click.echo(f"time: {total:.1f}s ({stages}); {depth * height * width / 1e6 / total:.2f} MPx/s")
-    click.echo(f"aligned OME-Zarr: {output_path} (QC: {Path(output_path) / 'qc.csv'}, {Path(output_path) / 'qc.png'})")
+    qc = ", ".join(stores.join(output_path, name) for name in ("qc.csv", "qc.png"))
+    click.echo(f"aligned OME-Zarr: {output_path} (QC: {qc})")
 
 
 def _stage_command(stage: str, help_text: str):
