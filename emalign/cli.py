@@ -7,6 +7,7 @@ workflow can fan the stages out. Bad input ends with a one-line ``error: ...`` a
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -377,10 +378,32 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
 
 
 @main.command()
-@click.argument("path", metavar="PATH")
+@click.argument("path", metavar="OUT")
+@click.option(
+    "--neuroglancer",
+    is_flag=True,
+    help="serve OUT (and the raw input) over HTTP with CORS and print a Neuroglancer link, instead of napari",
+)
+@click.option("--input", "raw", default=None, help="--neuroglancer: the raw OME-Zarr too (default: OUT's input if one)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--neuroglancer: address to serve on")
+@click.option("--port", default=0, show_default=True, help="--neuroglancer: port to serve on (0: a free one)")
 @friendly
-def view(path: str) -> None:
-    """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window."""
+def view(path: str, neuroglancer: bool, raw: str | None, host: str, port: int) -> None:
+    """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window; or
+    (--neuroglancer) serve it to Neuroglancer in the browser until Ctrl+C."""
+    if neuroglancer:
+        from emalign.neuroglancer import start
+
+        server, url, _ = start(path, raw, host, port)
+        click.echo(f"serving on http://{server.server_address[0]}:{server.server_address[1]}/ until Ctrl+C; open:")
+        click.echo(url)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
+        return
+    if raw is not None:
+        raise EmalignError(f"{path}: --input goes with --neuroglancer (napari shows the recorded input)")
     try:
         from emalign.napari.view import main as open_napari
     except ImportError as err:
