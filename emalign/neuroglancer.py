@@ -1,7 +1,9 @@
 """``emalign view --neuroglancer OUT``: serve an aligned output (and its raw input) to Neuroglancer.
 
 Local OME-Zarr folders are served read-only over HTTP on this machine, with CORS headers (Neuroglancer runs in
-the browser, on another origin) and byte ranges (it reads the index of each Zarr v3 shard from the file's end).
+the browser, on another origin; browsers let an https page read http://127.0.0.1 and http://localhost, and
+Chrome asks such a server to allow private-network access) and byte ranges (it reads the index of each Zarr v3
+shard from the file's end).
 Each folder is mounted under its layer's name: ``http://HOST:PORT/aligned/`` and ``http://HOST:PORT/raw/``.
 Outputs and inputs given as URLs (``s3://``, ``gs://``, ``https://``) are handed to Neuroglancer as they are.
 
@@ -53,6 +55,7 @@ class CorsHandler(SimpleHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
         self.send_header("Access-Control-Allow-Headers", "Range")
+        self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page reading from localhost
         self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, Accept-Ranges")
         self.send_header("Accept-Ranges", "bytes")
         super().end_headers()

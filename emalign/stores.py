@@ -39,8 +39,9 @@ def _error(url: str, problem: str) -> EmalignError:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    """``Type: message`` of an exception on one line (the message's lines joined, at most 200 characters)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -112,6 +113,8 @@ def exists(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return Path(local(path)).exists()
     fs, key = filesystem(path)
+    if not key.strip("/"):
+        raise _error(path, "names no bucket, host or object")
     with remote(path):
         if fs.exists(key):
             return True

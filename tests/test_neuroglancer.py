@@ -82,6 +82,7 @@ def test_the_state_names_both_layers_at_the_voxel_size_and_the_sources_answer_wi
         assert "Content-Range" in headers["Access-Control-Expose-Headers"]
         status, headers, _ = fetch(base, "OPTIONS", **{"Access-Control-Request-Headers": "range"})
         assert status == 204 and "Range" in headers["Access-Control-Allow-Headers"]
+        assert headers["Access-Control-Allow-Private-Network"] == "true"
         port = server.server_address[1]
         assert fetch(f"http://127.0.0.1:{port}/elsewhere/zarr.json")[0] == 404
         assert fetch(f"http://127.0.0.1:{port}/aligned/../raw/.zattrs")[0] == 404

@@ -174,6 +174,8 @@ def test_missing_bucket_missing_input_bad_scheme_and_read_only_http_are_one_line
     assert "bucket 'no-such-bucket' does not exist" in error_line("import", source, "s3://no-such-bucket/out.zarr")
     assert f"s3://{BUCKET}/missing.zarr: does not exist" in error_line("align", f"s3://{BUCKET}/missing.zarr", "x")
     assert "Protocol not known: nosuch" in error_line("import", "nosuch://host/in.zarr", "x.zarr")
+    assert "s3://: names no bucket" in error_line("align", "s3://", "x.zarr")
+    assert "Invalid bucket name" in error_line("align", "s3://Bad_Bucket!/in.zarr", "x.zarr")
     assert "URLs are read-only" in error_line("import", source, "http://127.0.0.1:9/out.zarr")
 
 
