@@ -740,9 +740,13 @@ class OmeZarrWriter:
         path = stores.local(path)
         if not stores.exists(path):
             raise _err(path, "does not exist")
-        if emalign_attrs(path) is None:
+        try:  # opened once: on an object store each metadata read is a request
+            group = zarr.open_group(stores.zarr_store(path, writable=True), mode="r+")
+        except Exception:
+            group = None
+        if group is None or not isinstance(group.attrs.get("emalign"), dict):
             raise _err(path, "is not an emalign OME-Zarr output")
-        return cls(str(path), zarr.open_group(stores.zarr_store(path, writable=True), mode="r+"))
+        return cls(str(path), group)
 
     def write_section(self, z: int, section: np.ndarray) -> None:
         """Write section z at level 0 and its downsampled copies at every pyramid level, then mark z done."""

@@ -32,6 +32,9 @@ READ_ONLY = ("http", "https")
 WORK_ENV = "EMALIGN_WORK"
 """Environment variable naming the local folder under which URL outputs get their work folders."""
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+STORAGE_OPTIONS = {"s3": {"max_concurrency": 1}}
+"""fsspec options emalign sets per scheme, none of them credentials: s3fs reads a Zarr chunk in one GET instead
+of asking its size first (a chunk is far too small for a concurrent multipart read)."""
 
 
 def _error(url: str, problem: str) -> EmalignError:
@@ -104,8 +107,9 @@ def zarr_store(path: str | os.PathLike, writable: bool = False) -> Any:
         return str(local(path))
     from zarr.storage import FsspecStore
 
+    options = STORAGE_OPTIONS.get(urlsplit(str(path)).scheme.lower())
     with remote(path):
-        return FsspecStore.from_url(str(path), read_only=not writable)
+        return FsspecStore.from_url(str(path), storage_options=options, read_only=not writable)
 
 
 def exists(path: str | os.PathLike) -> bool:
