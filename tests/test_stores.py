@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -24,6 +25,7 @@ from emalign import stores
 from emalign.cli import main
 from emalign.evaluate import write_tiff
 from emalign.io import import_stack, is_complete, open_stack
+from emalign.pipeline import Workspace
 from emalign.synth import demo_stack
 
 SHAPE = (8, 96, 96)
@@ -141,6 +143,21 @@ def test_a_stage_then_align_from_and_to_s3_resumes_to_the_local_result(s3, s3_in
     attrs = zarr.open_group(stores.zarr_store(out), mode="r").attrs["emalign"]
     assert attrs["input"]["path"] == s3_input
     assert "testing" not in str(attrs)  # the credentials are nowhere in the recorded parameters
+
+
+def test_the_model_file_of_an_s3_output_is_made_locally_copied_to_s3_and_fetched_where_missing(s3, s3_input):
+    _, fs = s3
+    out = f"s3://{BUCKET}/files.zarr"
+    ok("prealign", s3_input, out, *ALIGN)
+    ws = Workspace(out)
+    assert ws.files == stores.work_folder(out) and ws.files.is_relative_to(os.environ[stores.WORK_ENV])
+    model = ws.adapted_model_path
+    model.write_bytes(b"adapted weights")
+    ws.publish(model)
+    assert fs.cat_file(f"{BUCKET}/files.zarr/model/adapted.pt") == b"adapted weights"
+    model.unlink()  # another machine: no local copy
+    ws.params = dataclasses.replace(ws.params, adapt=5)
+    assert Path(ws.model).read_bytes() == b"adapted weights"
 
 
 def test_a_killed_align_on_s3_resumes_to_the_uninterrupted_result(s3, s3_input, reference):
