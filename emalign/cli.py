@@ -394,7 +394,9 @@ def view(path: str, neuroglancer: bool, raw: str | None, host: str, port: int) -
     if neuroglancer:
         from emalign.neuroglancer import start
 
-        server, url, _ = start(path, raw, host, port)
+        server, url, state = start(path, raw, host, port)
+        if len(state["layers"]) == 1:
+            click.echo("raw input not shown: OUT's input is not an OME-Zarr (`emalign import` it, pass --input)")
         click.echo(f"serving on http://{server.server_address[0]}:{server.server_address[1]}/ until Ctrl+C; open:")
         click.echo(url)
         try:
