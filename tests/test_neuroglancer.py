@@ -48,11 +48,17 @@ def stacks(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_the_state_names_both_layers_at_the_voxel_size_and_the_sources_answer_with_cors(stacks):
+    import neuroglancer
+
     raw, out = stacks
     server, url, state = start(str(out), str(raw))
     try:
         assert url.startswith(f"{ORIGIN}/#!")
         assert json.loads(urllib.parse.unquote(url.split("#!", 1)[1])) == state
+        parsed = neuroglancer.parse_url(url)  # the link as Neuroglancer's own state model reads it
+        assert parsed.dimensions.names == ("x", "y", "z") and parsed.dimensions.units == ("m", "m", "m")
+        np.testing.assert_allclose(parsed.dimensions.scales, [8e-9, 8e-9, 40e-9])
+        assert [(layer.name, layer.type) for layer in parsed.layers] == [("raw", "image"), ("aligned", "image")]
         assert state["dimensions"] == {
             "x": [pytest.approx(8e-9), "m"],
             "y": [pytest.approx(8e-9), "m"],
