@@ -49,6 +49,7 @@ def stacks(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_the_state_names_both_layers_at_the_voxel_size_and_the_sources_answer_with_cors(stacks):
     import neuroglancer
+    import tensorstore
 
     raw, out = stacks
     server, url, state = start(str(out), str(raw))
@@ -80,6 +81,9 @@ def test_the_state_names_both_layers_at_the_voxel_size_and_the_sources_answer_wi
             served = open_stack(base.rstrip("/"), level=1)  # zarr over HTTP parses the metadata and reads the data
             np.testing.assert_array_equal(np.asarray(served.data), np.asarray(open_stack(local, level=1).data))
             assert served.voxel_size == pytest.approx((40.0, 16.0, 16.0))
+            driver = "zarr" if source.startswith("zarr2://") else "zarr3"  # a second reader, reading shards by range
+            level0 = tensorstore.open({"driver": driver, "kvstore": base + "0/"}, read=True).result()
+            np.testing.assert_array_equal(level0.read().result(), np.asarray(open_stack(local).data))
         shard = out / "0" / "c" / "0" / "0" / "0"
         status, headers, body = fetch(layers["aligned"].split("://", 1)[1] + "0/c/0/0/0", Range="bytes=-16")
         assert status == 206 and body == shard.read_bytes()[-16:]
