@@ -134,7 +134,8 @@ def _os_reason(exc: OSError) -> str:
 def check_writable(path: str | os.PathLike) -> None:
     """Raise EmalignError unless a file can be created (and removed) in the existing folder (or URL) `path`."""
     if stores.is_url(path):
-        return stores.check_writable(path)
+        stores.check_writable(path)
+        return
     probe = Path(path) / f".emalign-write-test-{os.getpid()}-{threading.get_ident()}"
     try:
         probe.write_bytes(b"")
