@@ -238,3 +238,13 @@ def test_an_ome_zarr_served_over_http_reads_like_the_local_copy(http_root, sourc
     assert (served.voxel_size, served.unit) == (local.voxel_size, local.unit)
     assert served.voxel_size == pytest.approx((40.0, 16.0, 16.0))
     assert stores.absolute(f"{base.replace('//', '//user:secret@')}/v{ngff}.zarr/") == f"{base}/v{ngff}.zarr"
+
+
+def test_neuroglancer_gets_an_s3_output_as_its_url_with_nothing_served(s3, s3_input):
+    from emalign.neuroglancer import start
+
+    server, _, state = start(s3_input)
+    server.shutdown()
+    server.server_close()
+    assert [layer["source"] for layer in state["layers"]] == [f"zarr://{s3_input}/"]
+    assert state["dimensions"]["z"] == [pytest.approx(40e-9), "m"]
