@@ -248,3 +248,10 @@ def test_neuroglancer_gets_an_s3_output_as_its_url_with_nothing_served(s3, s3_in
     server.server_close()
     assert [layer["source"] for layer in state["layers"]] == [f"zarr://{s3_input}/"]
     assert state["dimensions"]["z"] == [pytest.approx(40e-9), "m"]
+
+
+def test_file_urls_are_local_paths(source, tmp_path):
+    out = tmp_path / "imported.zarr"
+    ok("import", f"file://{source}", f"file://{out}", "--chunk", "64")
+    assert is_complete(out) and open_stack(f"file://{out}").voxel_size == pytest.approx(VOXEL)
+    assert zarr.open_group(str(out), mode="r").attrs["emalign"]["params"]["src"] == str(source)
