@@ -7,11 +7,13 @@ workflow can fan the stages out. Bad input ends with a one-line ``error: ...`` a
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import click
 
+from emalign import stores
 from emalign.cli_errors import friendly
 from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
@@ -168,13 +170,20 @@ def _params(opts: dict):
         adapt=opts["adapt"],
         polish=opts["polish"],
         polish_patch=opts["polish_patch"],
-        mask=str(Path(opts["mask"]).resolve()) if opts["mask"] else "",
+        mask=_mask_path(opts["mask"]),
         voxel_size=_voxel_size(opts["voxel_size"]),
         unit=opts["unit"],
         ngff=opts["ngff"],
         shard=opts["shard"],
         task_tile=opts["task_tile"],
     )
+
+
+def _mask_path(mask: str) -> str:
+    """What the parameters record of ``--mask``: the URL as given, or the resolved local path ('' for none)."""
+    if not mask or stores.is_url(mask):
+        return mask
+    return str(Path(stores.local(mask)).resolve())
 
 
 def _voxel_size(text: str | None) -> tuple[float, ...]:
@@ -224,7 +233,8 @@ def align(input_path: str, output_path: str, overwrite: bool, **opts) -> None:
     click.echo(report)
     stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
     click.echo(f"time: {total:.1f}s ({stages}); {depth * height * width / 1e6 / total:.2f} MPx/s")
-    click.echo(f"aligned OME-Zarr: {output_path} (QC: {Path(output_path) / 'qc.csv'}, {Path(output_path) / 'qc.png'})")
+    qc = ", ".join(stores.join(output_path, name) for name in ("qc.csv", "qc.png"))
+    click.echo(f"aligned OME-Zarr: {output_path} (QC: {qc})")
 
 
 def _stage_command(stage: str, help_text: str):
@@ -367,10 +377,34 @@ def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
 
 
 @main.command()
-@click.argument("path", metavar="PATH")
+@click.argument("path", metavar="OUT")
+@click.option(
+    "--neuroglancer",
+    is_flag=True,
+    help="serve OUT (and the raw input) over HTTP with CORS and print a Neuroglancer link, instead of napari",
+)
+@click.option("--input", "raw", default=None, help="--neuroglancer: the raw OME-Zarr too (default: OUT's input if one)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--neuroglancer: address to serve on")
+@click.option("--port", default=0, show_default=True, help="--neuroglancer: port to serve on (0: a free one)")
 @friendly
-def view(path: str) -> None:
-    """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window."""
+def view(path: str, neuroglancer: bool, raw: str | None, host: str, port: int) -> None:
+    """Open an aligned OUT in napari: aligned | raw | fields side by side, and a linked xz reslice window; or
+    (--neuroglancer) serve it to Neuroglancer in the browser until Ctrl+C."""
+    if neuroglancer:
+        from emalign.neuroglancer import start
+
+        server, url, state = start(path, raw, host, port)
+        if len(state["layers"]) == 1:
+            click.echo("raw input not shown: OUT's input is not an OME-Zarr (`emalign import` it, pass --input)")
+        click.echo(f"serving on http://{server.server_address[0]}:{server.server_address[1]}/ until Ctrl+C; open:")
+        click.echo(url)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
+        return
+    if raw is not None:
+        raise EmalignError(f"{path}: --input goes with --neuroglancer (napari shows the recorded input)")
     try:
         from emalign.napari.view import main as open_napari
     except ImportError as err:

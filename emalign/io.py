@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +28,10 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
+from emalign import stores
 from emalign.errors import EmalignError, IncompleteOutputWarning
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
+from emalign.ngff import AXES, image_attrs
 
 COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 COMPRESSOR_V3 = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
@@ -40,8 +41,6 @@ PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at m
 DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
 MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
-AXES = ("z", "y", "x")
 _UNITS = {
     "nm": "nanometer",
     "nanometer": "nanometer",
@@ -130,17 +129,16 @@ def _os_reason(exc: OSError) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raise EmalignError unless a file can be created (and removed) in the existing folder `path`."""
+    """Raise EmalignError unless a file can be created (and removed) in the existing folder (or URL) `path`."""
+    if stores.is_url(path):
+        stores.check_writable(path)
+        return
     probe = Path(path) / f".emalign-write-test-{os.getpid()}-{threading.get_ident()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise _err(path, f"cannot write the output here ({_os_reason(exc)})") from exc
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / marker).exists() for marker in _ZARR_MARKERS)
 
 
 def _kept_axes(path: str, shape: Sequence[int], dtype: Any, names: Sequence[str] | None = None) -> list[int]:
@@ -284,9 +282,9 @@ def _multiscales(attrs: Any) -> dict | None:
     return found[0] if found else None
 
 
-def _open_zarr(path: Path, level: int, dataset: str | None) -> Stack:
+def _open_zarr(path: str | os.PathLike, level: int, dataset: str | None) -> Stack:
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(stores.zarr_store(path), mode="r")
     except Exception as exc:
         raise _err(path, f"is not a readable Zarr store ({_reason(exc)})") from exc
     if dataset:
@@ -354,15 +352,24 @@ def _bad_zarr_chunks(array: zarr.Array, z_axis: int, z: int) -> str:
 def open_stack(path: str | os.PathLike, level: int = 0, dataset: str | None = None) -> Stack:
     """Open a (z, y, x) stack lazily: a Zarr v2/v3 array, an OME-Zarr image (pyramid `level`), a multi-page TIFF,
     or a folder of single-section TIFFs (natural name order). `dataset` names an array or image inside a Zarr group.
+    A URL (:mod:`emalign.stores`) must hold Zarr or OME-Zarr.
     """
-    p = Path(path)
+    if stores.is_url(path):
+        if not stores.exists(path):
+            raise _err(path, "does not exist")
+        if not stores.is_zarr(path):
+            raise _err(path, "is not a Zarr store (a URL input must be Zarr or OME-Zarr; import TIFFs locally first)")
+        stack = _open_zarr(path, level, dataset)
+        warn_if_incomplete(path)
+        return stack
+    p = Path(stores.local(path))
     if not p.exists():
         raise _err(path, "does not exist")
-    if dataset and not _is_zarr(p):
+    if dataset and not stores.is_zarr(p):
         raise _err(path, f"dataset={dataset!r} given but this is not a Zarr store")
     if p.is_file():
         return _open_tiff(p, level)
-    if _is_zarr(p):
+    if stores.is_zarr(p):
         stack = _open_zarr(p, level, dataset)
         warn_if_incomplete(p)
         return stack
@@ -372,11 +379,11 @@ def open_stack(path: str | os.PathLike, level: int = 0, dataset: str | None = No
 def warn_if_incomplete(path: str | os.PathLike, stacklevel: int = 3) -> None:
     """Warn (IncompleteOutputWarning) if `path` is an emalign output (alignment or import) whose run has not
     finished: its unwritten sections read as zeros."""
-    attrs = emalign_attrs(Path(path))
+    attrs = emalign_attrs(path)
     if attrs is None or attrs.get("complete"):
         return
     try:
-        done = np.asarray(zarr.open_array(str(Path(path) / "done"), mode="r")[:], bool)
+        done = np.asarray(zarr.open_group(stores.zarr_store(path), mode="r")["done"][:], bool)
         written = f"{int(done.sum())} of {done.size} sections written"
     except Exception:
         written = "not all sections written"
@@ -474,7 +481,7 @@ def create_array(
     Zarr v3 only: ``shards`` (whole multiples of the chunks, capped to the shape) pack chunks into one file each
     (a write to part of a shard rewrites the file: tasks must not share shards)."""
     if not isinstance(group, zarr.Group):
-        group = zarr.open_group(str(group), mode="a", zarr_format=zarr_format)
+        group = zarr.open_group(stores.zarr_store(group, writable=True), mode="a", zarr_format=zarr_format)
     shape = tuple(int(s) for s in shape)
     chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
     v3 = group.metadata.zarr_format == 3
@@ -573,12 +580,11 @@ def downsample2(section: np.ndarray) -> np.ndarray:
 
 
 def emalign_attrs(path: str | os.PathLike) -> dict | None:
-    """attrs["emalign"] of an emalign output at `path`, or None if it is not one."""
-    path = Path(path)
-    if not _is_zarr(path):
+    """attrs["emalign"] of an emalign output at `path` (a local path or a URL), or None if it is not one."""
+    if not stores.is_zarr(path):
         return None
     try:
-        found = zarr.open_group(str(path), mode="r").attrs.get("emalign")
+        found = zarr.open_group(stores.zarr_store(path), mode="r").attrs.get("emalign")
     except Exception:
         return None
     return dict(found) if isinstance(found, dict) else None
@@ -586,7 +592,7 @@ def emalign_attrs(path: str | os.PathLike) -> dict | None:
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True if `path` is an emalign output whose every section has been written and marked complete."""
-    return bool((emalign_attrs(Path(path)) or {}).get("complete"))
+    return bool((emalign_attrs(path) or {}).get("complete"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -659,23 +665,25 @@ class OmeZarrWriter:
         `path`, a non-empty folder that is not Zarr, and (unless `overwrite`) an emalign output with other params
         or another Zarr store. `overwrite=True` deletes the existing Zarr store first.
         """
-        p = Path(path)
+        path = stores.local(path)
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
         chunks = tuple(int(c) for c in chunks or SECTION_CHUNKS)
         attrs = json.loads(json.dumps(attrs or {}, default=_jsonable))  # as they will read back
         if len(shape) != 3 or min(shape) < 1 or (levels is not None and levels < 1):
             raise _err(path, f"cannot create an output of shape {shape} with {levels} pyramid level(s)")
-        if p.is_file():
+        if stores.is_url(path):
+            stores.check_writable(path)  # a read-only scheme, a missing bucket, denied access: before anything
+        if stores.is_file(path):
             raise _err(path, "exists and is a file; expected a folder for the OME-Zarr output")
-        existing = emalign_attrs(p)
+        existing = emalign_attrs(path)
         if existing is not None and not overwrite:
             if existing.get("params") != attrs.get("params"):
                 raise _err(
                     path, "holds an emalign output made with different params; pass overwrite=True to replace it"
                 )
             writer = cls.open(path)
-            check_writable(p)
+            check_writable(path)
             if (writer.shape, writer.dtype, writer.ngff) != (shape, dtype, ngff):
                 raise _err(
                     path,
@@ -683,18 +691,19 @@ class OmeZarrWriter:
                     f"{shape} {dtype}; pass overwrite=True to replace it",
                 )
             return writer
-        if p.exists() and any(p.iterdir()):
-            if not _is_zarr(p):
+        if not stores.is_empty(path):
+            if not stores.is_zarr(path):
                 raise _err(path, "exists, is not empty and is not a Zarr store; refusing to write into it")
             if not overwrite:
                 raise _err(path, "holds a Zarr store that is not an emalign output; pass overwrite=True to replace it")
         check_layout(path, ngff, shard, chunks)
-        created = not p.exists()
+        created = not stores.exists(path)
         try:
             return cls._create(path, shape, dtype, voxel_size, unit, chunks, levels, attrs, ngff, shard)
         except OSError as exc:
             if created:  # leave no half-made output behind (a full disk gets its space back)
-                shutil.rmtree(p, ignore_errors=True)
+                with contextlib.suppress(OSError, EmalignError):
+                    stores.remove(path)
             raise _err(path, f"cannot write the output here ({_os_reason(exc)})") from exc
 
     @classmethod
@@ -711,47 +720,31 @@ class OmeZarrWriter:
         ngff: str,
         shard: int,
     ) -> OmeZarrWriter:
-        p = Path(path)
-        if p.exists():
-            shutil.rmtree(p)
+        count = levels or _auto_levels(shape)
+        ome = image_attrs(Path(str(path)).stem, voxel_size, unit, count, ngff, str(path))
+        stores.remove(path)
         v2 = ngff == "0.4"
-        group = zarr.open_group(str(p), mode="w", zarr_format=2 if v2 else 3)
+        group = zarr.open_group(stores.zarr_store(path, writable=True), mode="w", zarr_format=2 if v2 else 3)
         shards = None if v2 or not shard else (chunks[0], shard, shard)
-        vz, vy, vx = (float(v) for v in voxel_size)
-        datasets = []
-        for level in range(levels or _auto_levels(shape)):
+        for level in range(count):
             create_array(group, str(level), _level_shape(shape, level), chunks, dtype, shards=shards, image_axes=AXES)
-            f = 2**level
-            datasets.append(
-                {
-                    "path": str(level),
-                    "coordinateTransformations": [
-                        {"type": "scale", "scale": [vz, vy * f, vx * f]},
-                        {"type": "translation", "translation": [0.0, (f - 1) / 2 * vy, (f - 1) / 2 * vx]},
-                    ],
-                }
-            )
         create_array(group, "done", (shape[0],), (1,), bool, fill_value=False)
-        multiscales = {
-            **({"version": ngff} if v2 else {}),
-            "name": p.stem,
-            "axes": [{"name": axis, "type": "space", "unit": unit} for axis in AXES],
-            "datasets": datasets,
-            "type": "mean",
-            "metadata": {"method": "emalign.io.downsample2", "description": "2x2 mean in y, x; z never downsampled"},
-        }
-        ome = {"multiscales": [multiscales]} if v2 else {"ome": {"version": ngff, "multiscales": [multiscales]}}
         group.attrs.update({**ome, "emalign": {**attrs, "complete": False}})
         return cls(str(path), group)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> OmeZarrWriter:
         """Open an existing emalign output to resume writing."""
-        if not Path(path).exists():
+        path = stores.local(path)
+        if not stores.exists(path):
             raise _err(path, "does not exist")
-        if emalign_attrs(Path(path)) is None:
+        try:  # opened once: on an object store each metadata read is a request
+            group = zarr.open_group(stores.zarr_store(path, writable=True), mode="r+")
+        except Exception:
+            group = None
+        if group is None or not isinstance(group.attrs.get("emalign"), dict):
             raise _err(path, "is not an emalign OME-Zarr output")
-        return cls(str(path), zarr.open_group(str(path), mode="r+"))
+        return cls(str(path), group)
 
     def write_section(self, z: int, section: np.ndarray) -> None:
         """Write section z at level 0 and its downsampled copies at every pyramid level, then mark z done."""
@@ -774,7 +767,7 @@ class OmeZarrWriter:
                 raise
             first = (z // (array.shards or array.chunks)[0],) + (0,) * (array.ndim - 1)
             key = array.metadata.encode_chunk_key(first)
-            raise OSError(exc.errno, exc.strerror, str(Path(self.path) / array.path / key)) from exc
+            raise OSError(exc.errno, exc.strerror, stores.join(self.path, array.path, key)) from exc
 
     def done_sections(self) -> np.ndarray:
         """Bool per section: True once all its levels are written."""
@@ -811,7 +804,7 @@ def import_stack(
     if unit is not None and str(unit).strip().lower() not in _UNITS:
         raise _err(dst, f"unit {unit!r} is not a known length unit (e.g. nanometer, nm, micrometer, um)")
     unit = _UNITS[str(unit).strip().lower()] if unit is not None else stack.unit
-    source = os.path.abspath(src)
+    source = stores.absolute(src)
     params = {
         "step": "import",
         "src": source,

@@ -24,7 +24,7 @@ from helpers import entry_point, write_stack
 from emalign.cli import main
 from emalign.io import is_complete, open_stack
 from emalign.pipeline import AlignParams
-from emalign.synth import demo_stack
+from emalign.synth import DEMO_VOXEL_NM, demo_stack
 
 SHAPE = (12, 96, 96)
 BLOCK = ["--block", "4", "--polish", "on", "--polish-patch", "32", "--quiet"]  # polish: the stage always runs
@@ -384,6 +384,10 @@ def test_demo_prints_the_accuracy_table_and_writes_an_aligned_ome_zarr(tmp_path)
     assert level0(out / "aligned.zarr").shape == (12, 128, 128)
     assert (out / "input.tif").exists() and (out / "accuracy.md").exists()
     assert (out / "aligned.zarr" / "qc.csv").exists()
+    assert "40 nm sections at 10 x 10 nm pixels" in result.output
+    assert open_stack(out / "input.tif").voxel_size == pytest.approx(DEMO_VOXEL_NM)
+    aligned = open_stack(out / "aligned.zarr")
+    assert (aligned.voxel_size, aligned.unit) == (pytest.approx(DEMO_VOXEL_NM), "nanometer")
 
 
 # --- schedulers -------------------------------------------------------------------------------------------

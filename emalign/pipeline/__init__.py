@@ -21,7 +21,7 @@ import dask
 import numpy as np
 import torch
 
-from emalign import models
+from emalign import models, stores
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device, reuse_freed_memory
 from emalign.errors import EmalignError
@@ -133,7 +133,7 @@ def run_stage(
     zr = parse_z_range(z_range, ws.plan.shape[0])
     reuse_freed_memory()  # before the scheduler starts its threads
     compute = compute or {"scheduler": "threads", "num_workers": cores()}
-    path = os.path.abspath(ws.path)  # tasks may run on other machines, in another working directory
+    path = stores.absolute(ws.path)  # tasks may run on other machines, in another working directory
     if stage == "stitch":
         if not (done := ws.stage_done("stitch")).all():
             ws.require("estimate")

@@ -118,7 +118,7 @@ def adapt_model(
     cfg = adaptation_config(params.model, params.adapt, sample.shape, device)
     sample = aligned_sample(sample, params.model, align, device)
     origin["aligned_by"] = params.model
-    runs = Path(ws.path) / "model" / "run"
+    runs = ws.files / "model" / "run"
     if runs.exists():
         shutil.rmtree(runs)  # a killed adaptation starts over: the result must not depend on where it stopped
     history = train(cfg, runs, resume=False, progress=progress, volumes=[sample], val_volumes=[sample])
@@ -135,6 +135,7 @@ def adapt_model(
     target = ws.adapted_model_path
     torch.save(ckpt, target.with_suffix(".tmp"))
     target.with_suffix(".tmp").replace(target)
+    ws.publish(target)
     shutil.rmtree(runs)
     ws.mark_done("adapt", 0)
     return target

@@ -125,9 +125,9 @@ def summary(rows: list[dict]) -> str:
 def run_qc(ws: Workspace, stack: Stack) -> str:
     """Write ``qc.csv`` and ``qc.png`` into the output; return the summary."""
     rows = quality_table(ws, stack)
-    out = Path(ws.path)
-    write_table(rows, out / "qc.csv")
-    plot(rows, out / "qc.png")
+    for name, write in (("qc.csv", write_table), ("qc.png", plot)):
+        write(rows, ws.files / name)
+        ws.publish(ws.files / name)
     done = ws.writer.done_sections()
     if done.all():
         return summary(rows)

@@ -26,6 +26,10 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
     OUT/model/adapted.pt       the model fine-tuned on this stack (``--adapt N``), with its provenance
     OUT/qc.csv, OUT/qc.png     per-section quality table and plot
 
+OUT may be a URL (``s3://``, ``gs://``; :mod:`emalign.stores`): every Zarr array above, the stage markers
+included, lives in the object store (each task writes its own chunks, so a killed run resumes from there), while
+``qc.csv``, ``qc.png`` and ``model/`` are made in a local work folder (:attr:`Workspace.files`) and copied to OUT.
+
 attrs["emalign"] holds the version, input, params, plan, resolution (:class:`emalign.pixelsize.Resolution`),
 model checksum and ``complete``. Every stage before render works at the working resolution, ``factor`` x
 coarser than the input (block means; 1 for inputs of 10 nm pixels or coarser), and so do the arrays: fields
@@ -44,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from emalign import __version__, io, models
+from emalign import __version__, io, models, stores
 from emalign.errors import EmalignError
 from emalign.io import OmeZarrWriter, Stack, check_chunk, downsampled, emalign_attrs, open_stack
 from emalign.patches import PatchGrid
@@ -136,9 +140,9 @@ class Workspace:
     """Access to an alignment's output folder (create once, then open from any process)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        self.writer = OmeZarrWriter.open(path)
-        self.group = zarr.open_group(self.path, mode="r+")
+        self.path = str(stores.local(path))
+        self.writer = OmeZarrWriter.open(self.path)
+        self.group = self.writer.group
         meta = self.writer.attrs
         self.resolution = Resolution.from_dict(meta.get("resolution") or {"pixel_nm": 0.0, "source": "metadata"})
         self.params = AlignParams.from_dict(meta["params"]).working(self.resolution.ratio)
@@ -174,7 +178,7 @@ class Workspace:
                 f"at {resolution.factor}x block means)"
             )
         plan = Plan(working.shape, effective)
-        source = {"path": os.path.abspath(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
+        source = {"path": stores.absolute(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
         existing = (emalign_attrs(out) or {}).get("input")
         if existing is not None and existing != source and not overwrite:
             raise EmalignError(f"{out}: holds the alignment of another input ({existing['path']}); use --overwrite")
@@ -260,15 +264,33 @@ class Workspace:
         return np.asarray(self.array("sections/flags")[:], np.uint8)
 
     @property
+    def files(self) -> Path:
+        """The local folder of the output's non-Zarr files: OUT itself, or for an OUT given as a URL a local work
+        folder (:func:`emalign.stores.work_folder`) whose files :meth:`publish` copies to OUT."""
+        return stores.work_folder(self.path) if stores.is_url(self.path) else Path(self.path)
+
+    def publish(self, file: Path) -> None:
+        """Copy ``file`` (under :attr:`files`) to the same place under an OUT given as a URL (local OUT: nothing
+        to do)."""
+        if stores.is_url(self.path):
+            stores.upload(file, stores.join(self.path, *file.relative_to(self.files).parts))
+
+    @property
     def adapted_model_path(self) -> Path:
-        path = Path(self.path) / "model" / "adapted.pt"
+        path = self.files / "model" / "adapted.pt"
         path.parent.mkdir(exist_ok=True)
         return path
 
     @property
     def model(self) -> str:
-        """The checkpoint the estimate uses: the adapted one under ``--adapt``, else ``params.model``."""
-        return str(self.adapted_model_path) if self.params.adapt else self.params.model
+        """The checkpoint the estimate uses: the adapted one under ``--adapt`` (for a URL OUT, copied from there
+        when this machine has none), else ``params.model``."""
+        if not self.params.adapt:
+            return self.params.model
+        path = self.adapted_model_path
+        if stores.is_url(self.path) and not path.exists():
+            stores.download(stores.join(self.path, "model", path.name), path)
+        return str(path)
 
     def excluded(self) -> np.ndarray:
         """``(Z,)`` bool: sections bridged and written through unchanged (blank, damaged, skipped)."""
@@ -281,6 +303,6 @@ class Workspace:
 
 def open_workspace(out: str | os.PathLike) -> Workspace:
     """Open an existing output folder (clear error when it is not one)."""
-    if not Path(out).exists():
+    if not stores.exists(out):
         raise EmalignError(f"{out}: no such output; run `emalign align` (or the first stage) to create it")
     return Workspace(out)
