@@ -19,6 +19,7 @@ from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
+from emalign.stages import TABLE
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
 
@@ -262,14 +263,8 @@ def _stage_command(stage: str, help_text: str):
     return main.command(name=stage)(command)
 
 
-_stage_command("prealign", "Stage 1: section statistics, pairwise rigid estimates, global rigid solve.")
-_stage_command("adapt", "Stage 1b (--adapt N): fine-tune the model on this stack, unsupervised.")
-_stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
-_stage_command("stitch", "Stage 3: reconcile the relative fields into one stitched field per section.")
-_stage_command("refine", "Stage 4: translations of the stitched sections against slow wander along z.")
-_stage_command("polish", "Stage 5: patch-wise translations of the refined sections (at fine z-spacing).")
-_stage_command("render", "Stage 6: warp the sections and write the aligned pyramid.")
-_stage_command("qc", "Stage 7: per-section quality table (qc.csv), plot (qc.png) and summary.")
+for _stage in TABLE:
+    _stage_command(_stage.name, _stage.summary)
 
 
 @main.command(name="import")

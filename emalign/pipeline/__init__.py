@@ -3,7 +3,8 @@
 Each stage works on z-blocks as independent dask tasks that read their input from the
 stack and the output folder and write their results straight to Zarr (nothing large is
 gathered), records finished blocks, and skips them when run again: a killed run resumes
-where it stopped. :func:`align` runs them all on a stack on disk; :func:`align_in_memory`
+where it stopped. :func:`run_stage` runs one stage as the stage table (:data:`emalign.stages.TABLE`)
+declares it; :func:`align` runs them all on a stack on disk; :func:`align_in_memory`
 runs them on a short stack held in memory, in a temporary folder (the in-memory API
 :func:`emalign.register.register_sections` and the adapt stage's sample use it).
 """
@@ -21,22 +22,20 @@ import dask
 import numpy as np
 import torch
 
-from emalign import models, stores
+from emalign import models, stages, stores
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
 from emalign.device import resolve_device, reuse_freed_memory
-from emalign.errors import EmalignError
 from emalign.fields import resample, warp
-from emalign.io import cast_to_dtype, create_array, open_stack
+from emalign.io import Stack, cast_to_dtype, create_array, open_stack
 from emalign.models.faemreg import FAEMReg
 from emalign.pipeline.adapt import adapt_model
-from emalign.pipeline.estimate import estimate_block, prealign_block, solve_prealignment
+from emalign.pipeline.estimate import solve_prealignment
 from emalign.pipeline.plan import AlignParams, Plan, parse_z_range
-from emalign.pipeline.polish import polish_block, polish_wanted, solve_polish
+from emalign.pipeline.polish import polish_wanted, solve_polish
 from emalign.pipeline.qc import run_qc
-from emalign.pipeline.refine import FINE_MIN_PEAK, adjacent_peak, refine_block, solve_refinement
-from emalign.pipeline.render import render_block
-from emalign.pipeline.stitch import stitch
+from emalign.pipeline.refine import FINE_MIN_PEAK, adjacent_peak, solve_refinement
 from emalign.pipeline.store import Workspace, open_workspace
+from emalign.stages import BLOCK, BLOCK_TILE, BLOCK_UNITS, IN_MEMORY_STAGES, ONE, SECTION, STAGES, TABLE, TILE, Stage
 
 __all__ = [
     "IN_MEMORY_STAGES",
@@ -57,36 +56,33 @@ def _finished(ws: Workspace, stage: str, index: int) -> bool:
     return bool(ws.array(f"stages/{stage}")[index])
 
 
-def _block_task(out: str, stage: str, index: int, device: str, threads: int, tile: int = 0) -> None:
-    """Block ``index`` of ``prealign``, ``estimate`` (its xy task tile ``tile``), ``refine``, ``polish`` or
-    ``render`` on ``threads`` CPU threads; a task with its completion marker is not redone."""
-    reuse_freed_memory()
-    torch.set_num_threads(threads)
+def _task(out: str, stage: str, index: int, tile: int, device: str, threads: int, progress: bool) -> None:
+    """One task of ``stage`` (:data:`emalign.stages.TABLE`): z-block ``index`` and/or xy task tile ``tile`` as its
+    unit says, z-block tasks on ``threads`` CPU threads; a task with its completion marker is not redone."""
+    spec = stages.stage(stage)
+    if spec.unit in BLOCK_UNITS:
+        reuse_freed_memory()
+        torch.set_num_threads(threads)
     ws = Workspace(out)
-    if stage == "render":
-        render_block(ws, ws.input_stack(), index)
-    elif stage == "estimate":
-        if not _finished(ws, stage, ws.plan.task_index(index, tile)):
-            estimate_block(ws, ws.working_stack(), index, tile, device=device)
-    elif not _finished(ws, stage, index):
-        if stage == "prealign":
-            prealign_block(ws, ws.working_stack(), index)
-        elif stage == "refine":
-            refine_block(ws, ws.working_stack(), index)
-        else:
-            polish_block(ws, ws.working_stack(), index)
+    marker = {BLOCK: index, BLOCK_TILE: ws.plan.task_index(index, tile), TILE: tile, ONE: 0}[spec.unit]
+    if spec.markers != SECTION and _finished(ws, stage, marker):
+        return
+    task = stages.function(spec.task)
+    if spec.unit == TILE:
+        task(ws, tile)
+        return
+    stack = ws.input_stack() if spec.reads == "input" else ws.working_stack()
+    if spec.unit == BLOCK:
+        task(ws, stack, index)
+    elif spec.unit == BLOCK_TILE:
+        task(ws, stack, index, tile, device=device)
+    else:
+        task(ws, stack, device, progress)
 
 
-def _adapt_task(out: str, device: str, progress: bool) -> None:
-    ws = Workspace(out)
-    if not _finished(ws, "adapt", 0):
-        adapt_model(ws, ws.working_stack(), align_in_memory, device, progress)
-
-
-def _stitch_task(out: str, tile: int = 0) -> None:
-    ws = Workspace(out)
-    if not _finished(ws, "stitch", tile):
-        stitch(ws, tile)
+def adapt_task(ws: Workspace, stack: Stack, device: str, progress: bool) -> None:
+    """The adapt stage's task: fine-tune the model on a sample of ``stack`` aligned in memory."""
+    adapt_model(ws, stack, align_in_memory, device, progress)
 
 
 def _polish_reason(ws: Workspace) -> str:
@@ -96,22 +92,74 @@ def _polish_reason(ws: Workspace) -> str:
     return f"auto: adjacent sections' median peak {adjacent_peak(ws):.2f}, polished from {FINE_MIN_PEAK}"
 
 
-def _blocks_todo(ws: Workspace, stage: str, z_range: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """``(block, tile)`` tasks of ``stage`` in ``z_range`` without their completion marker (tile: the xy task tile
-    of an estimate task, 0 for the other stages)."""
+def polish_gate(ws: Workspace) -> str | None:
+    """The polish stage's gate: a stack that is not polished keeps its refined fields as the global ones."""
+    if polish_wanted(ws):
+        return None
+    if not ws.stage_done("polish")[-1]:
+        solve_polish(ws, polished=False)
+    return f"polish: off ({_polish_reason(ws)}); refined fields kept"
+
+
+def finish_prealign(ws: Workspace, blocks: int) -> str:
+    flagged = int((solve_prealignment(ws) != 0).sum())
+    return f"prealign: {blocks} block(s) done; global rigid solve done; {flagged} flagged section(s)"
+
+
+def finish_adapt(ws: Workspace, blocks: int) -> str:
+    return f"adapt: {ws.params.adapt} steps on this stack; model {ws.model}"
+
+
+def finish_stitch(ws: Workspace, blocks: int) -> str:
+    return "stitch: stitched fields written"
+
+
+def finish_refine(ws: Workspace, blocks: int) -> str:
+    if not ws.stage_done("refine")[-1]:
+        solve_refinement(ws)
+    return f"refine: {blocks} block(s) done; translation solve done, refined fields written"
+
+
+def finish_polish(ws: Workspace, blocks: int) -> str:
+    if not ws.stage_done("polish")[-1]:
+        solve_polish(ws, polished=True)
+    return f"polish: {blocks} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
+
+
+def finish_render(ws: Workspace, blocks: int) -> str:
+    ws.writer.mark_complete()
+    return f"render: {blocks} block(s) written; output complete"
+
+
+def finish_qc(ws: Workspace, blocks: int) -> str:
+    return run_qc(ws, ws.input_stack())
+
+
+def _todo(ws: Workspace, spec: Stage, z_range: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """``(block, tile)`` tasks of ``spec`` without their completion marker, the z-blocks' only in ``z_range``
+    (block 0 for a stage of xy tiles, tile 0 for a stage of z-blocks)."""
+    n_tiles = len(ws.plan.tiles())
+    if spec.unit not in BLOCK_UNITS:
+        count = spec.tasks(0, n_tiles)
+        done = ws.stage_done(spec.name)[:count] if count else []
+        return [(0, i) if spec.unit == TILE else (i, 0) for i in range(count) if not done[i]]
     blocks = ws.plan.blocks()
     wanted = set(ws.plan.blocks(z_range))
-    if stage == "render":
+    if spec.markers == SECTION:
         done = ws.writer.done_sections()
         return [(i, 0) for i, (a, b) in enumerate(blocks) if (a, b) in wanted and not done[a:b].all()]
-    tiles = len(ws.plan.tiles()) if stage == "estimate" else 1
-    done = ws.stage_done(stage)[: len(blocks) * tiles].reshape(len(blocks), tiles)  # block-major: Plan.task_index
+    tiles = n_tiles if spec.unit == BLOCK_TILE else 1
+    done = ws.stage_done(spec.name)[: len(blocks) * tiles].reshape(len(blocks), tiles)  # block-major: task_index
     return [(i, t) for i, block in enumerate(blocks) if block in wanted for t in range(tiles) if not done[i, t]]
 
 
-STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish", "render", "qc")
-IN_MEMORY_STAGES = STAGES[: STAGES.index("render")]
-"""What :func:`align_in_memory` runs: the fields, not the written pyramid or the QC."""
+def _all_done(ws: Workspace, spec: Stage) -> bool:
+    """Every task of ``spec`` has its completion marker (the global step's own marker aside)."""
+    if spec.markers == SECTION:
+        return bool(ws.writer.done_sections().all())
+    if not spec.unit:
+        return True
+    return bool(ws.stage_done(spec.name)[: spec.tasks(len(ws.plan.blocks()), len(ws.plan.tiles()))].all())
 
 
 def run_stage(
@@ -122,67 +170,35 @@ def run_stage(
     device: str = "auto",
     progress: bool = True,
 ) -> str:
-    """Run one stage (``prealign``, ``adapt``, ``estimate``, ``stitch``, ``refine``, ``polish``, ``render``,
-    ``qc``) on a z-range of the stack.
+    """Run one stage of :data:`STAGES` on a z-range of the stack, as :data:`emalign.stages.TABLE` declares it:
+    check what it requires, run its unfinished tasks, then its global step once every task is done.
 
     ``compute``: the dask compute arguments from :func:`emalign.cluster.scheduler` (default:
     the threaded scheduler). Returns a one-line (for qc, a few-line) report.
     """
-    if stage not in STAGES:
-        raise EmalignError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    spec = stages.stage(stage)
     zr = parse_z_range(z_range, ws.plan.shape[0])
     reuse_freed_memory()  # before the scheduler starts its threads
     compute = compute or {"scheduler": "threads", "num_workers": cores()}
     path = stores.absolute(ws.path)  # tasks may run on other machines, in another working directory
-    if stage == "stitch":
-        if not (done := ws.stage_done("stitch")).all():
-            ws.require("estimate")
-            tasks = [dask.delayed(_stitch_task)(path, tile) for tile in np.flatnonzero(~done).tolist()]
-            run_tasks(tasks, compute, f"stitch ({len(tasks)} xy tiles)", progress and len(done) > 1)
-        return "stitch: stitched fields written"
-    if stage == "qc":
-        return run_qc(ws, ws.input_stack())
-    if stage == "adapt":
-        if not ws.params.adapt:
-            return "adapt: off (--adapt 0)"
-        if not ws.stage_done("adapt").all():
-            ws.require("prealign")
-            run_tasks([dask.delayed(_adapt_task)(path, device, progress)], compute, "adapt", progress=False)
-        return f"adapt: {ws.params.adapt} steps on this stack; model {ws.model}"
-    if stage == "estimate":
-        ws.require("prealign")
-        if ws.params.adapt:
-            ws.require("adapt")
-    if stage == "refine":
-        ws.require("stitch")
-    if stage == "polish":
-        ws.require("refine")
-        if not polish_wanted(ws):
-            if not ws.stage_done("polish")[-1]:
-                solve_polish(ws, polished=False)
-            return f"polish: off ({_polish_reason(ws)}); refined fields kept"
-    if stage == "render":
-        ws.require("polish")
-    todo = _blocks_todo(ws, stage, zr)
+    if not spec.is_on(ws.params):
+        return f"{stage}: off (--{spec.switch} 0)"
+    ws.check_requirements(stage)
+    if spec.gate and (report := stages.function(spec.gate)(ws)) is not None:
+        return report
+    todo = _todo(ws, spec, zr) if spec.unit else []
     threads = compute.get("threads_per_task") or max(1, cores() // (compute.get("num_workers") or 1))
-    tasks = [dask.delayed(_block_task)(path, stage, i, device, threads, tile) for i, tile in todo]
+    tasks = [dask.delayed(_task)(path, stage, i, tile, device, threads, progress) for i, tile in todo]
     blocks = len({i for i, _ in todo})
-    tiled = f" in {len(ws.plan.tiles())} xy tiles" if stage == "estimate" and len(ws.plan.tiles()) > 1 else ""
-    run_tasks(tasks, compute, stage, progress and bool(todo))
-    if stage == "prealign" and ws.stage_done("prealign").all():
-        flagged = int((solve_prealignment(ws) != 0).sum())
-        return f"prealign: {blocks} block(s) done; global rigid solve done; {flagged} flagged section(s)"
-    if stage == "refine" and (refined := ws.stage_done("refine"))[:-1].all():
-        if not refined[-1]:
-            solve_refinement(ws)
-        return f"refine: {blocks} block(s) done; translation solve done, refined fields written"
-    if stage == "polish" and (polished := ws.stage_done("polish"))[:-1].all():
-        if not polished[-1]:
-            solve_polish(ws, polished=True)
-        return f"polish: {blocks} block(s) done ({_polish_reason(ws)}); node solve done, global fields written"
-    if stage == "render" and ws.writer.done_sections().all():
-        ws.writer.mark_complete()
-        return f"render: {blocks} block(s) written; output complete"
+    n_tiles = len(ws.plan.tiles())
+    if spec.unit in BLOCK_UNITS:
+        run_tasks(tasks, compute, stage, progress and bool(todo))
+    else:
+        label = f"{stage} ({len(tasks)} xy tiles)" if spec.unit == TILE else stage
+        run_tasks(tasks, compute, label, progress and spec.tasks(0, n_tiles) > 1)
+    if spec.solve and _all_done(ws, spec):
+        return stages.function(spec.solve)(ws, blocks)
+    tiled = f" in {n_tiles} xy tiles" if spec.unit == BLOCK_TILE and n_tiles > 1 else ""
     return f"{stage}: {blocks} block(s) done{tiled}"
 
 
@@ -209,9 +225,7 @@ def align(
         print(ws.resolution.describe())
     seconds: dict[str, float] = {}
     with scheduler(scheduler_spec, jobqueue_options) as compute:
-        for stage in STAGES:
-            if stage == "adapt" and not params.adapt:
-                continue
+        for stage in (spec.name for spec in TABLE if spec.is_on(params)):
             start = time.perf_counter()
             message = run_stage(stage, ws, None, compute, device, progress)
             seconds[stage] = time.perf_counter() - start
@@ -251,15 +265,15 @@ def align_in_memory(
         source = create_array(Path(tmp) / "input.zarr", "stack", stack.shape, (1, *stack.shape[1:]), stack.dtype)
         source[:] = stack
         ws = Workspace.create(open_stack(Path(tmp) / "input.zarr" / "stack"), Path(tmp) / "aligned.zarr", params)
-        stages = [stage for stage in IN_MEMORY_STAGES if stage != "adapt" or params.adapt]
-        for done, stage in enumerate(stages, start=1):
+        names = [spec.name for spec in TABLE if spec.in_memory and spec.is_on(params)]
+        for done, stage in enumerate(names, start=1):
             if network is not None and stage in ("estimate", "stitch"):
                 if stage == "estimate":
                     network(ws)
             else:
                 run_stage(stage, ws, device=device, progress=progress)
             if report is not None:
-                report(done, len(stages))
+                report(done, len(names))
         fields = full_resolution_fields(ws)
     aligned = np.stack(
         [cast_to_dtype(warp(stack[z].astype(np.float32), fields[z]), stack.dtype) for z in range(len(stack))]
