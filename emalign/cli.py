@@ -19,7 +19,7 @@ from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
-from emalign.stages import TABLE
+from emalign.pipeline.stages import TABLE
 
 MODEL_HELP = "shipped model name or .pt checkpoint"
 

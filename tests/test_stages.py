@@ -1,4 +1,4 @@
-"""The stage table (emalign.stages) is what the command line, the runner and the output's markers follow."""
+"""The stage table (emalign.pipeline.stages) is what the commands, the runner and the output's markers follow."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from click.testing import CliRunner
 from helpers import write_stack
 
 import emalign.cli
-from emalign import stages
 from emalign.io import open_stack
-from emalign.pipeline import AlignParams, Workspace, run_stage
-from emalign.stages import TABLE, Stage, requirements
+from emalign.pipeline import AlignParams, Workspace, run_stage, stages
+from emalign.pipeline.stages import TABLE, Stage, requirements
 
 SHAPE = (8, 64, 64)
 OPTIONS = ["--block", "4", "--adapt", "1", "--quiet"]

@@ -53,6 +53,7 @@ from emalign.errors import EmalignError
 from emalign.io import OmeZarrWriter, Stack, check_chunk, downsampled, emalign_attrs, open_stack
 from emalign.patches import PatchGrid
 from emalign.pipeline.plan import AlignParams, Plan
+from emalign.pipeline.stages import MARKED, requirements
 from emalign.pixelsize import (
     ESTIMATE_CROP,
     PLACEHOLDER,
@@ -62,7 +63,6 @@ from emalign.pixelsize import (
     to_nanometres,
     working_resolution,
 )
-from emalign.stages import MARKED, requirements
 
 OFFSETS = (1, 2, 3)
 FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
@@ -251,7 +251,7 @@ class Workspace:
         self.array(f"stages/{stage}")[index] = True
 
     def check_requirements(self, stage: str) -> None:
-        """Refuse to run ``stage`` before the stages it requires (:data:`emalign.stages.TABLE`) have finished."""
+        """Refuse to run ``stage`` before the stages it requires (:data:`emalign.pipeline.stages.TABLE`) finished."""
         for needed in requirements(stage, self.params):
             self.require(needed)
 

@@ -78,9 +78,9 @@ submit() {
     sbatch "${options[@]}" "$here/stage.sbatch" "$stage" "$in" "$out" "$@" | cut -d';' -f1
 }
 
-# the chain from the stage table (emalign/stages.py): STAGE ARRAY SWITCH per line; a stage of z-blocks runs as an
+# the chain from the stage table (emalign/pipeline/stages.py): STAGE ARRAY SWITCH per line; a stage of z-blocks runs as an
 # array of tasks, the others as one job; a stage with a switch (--adapt N) only when that option turns it on
-chain=$($python -c 'from emalign.stages import BLOCK_UNITS, TABLE
+chain=$($python -c 'from emalign.pipeline.stages import BLOCK_UNITS, TABLE
 for s in TABLE: print(s.name, "array" if s.unit in BLOCK_UNITS else "-", s.switch or "-")')
 first=$(head -n1 <<<"$chain" | cut -d' ' -f1)
 after=$(submit init "" "" "$first" --z-range 0:1 "$@")

@@ -1,6 +1,6 @@
 """The pipeline's stages, declared once: what each needs, what its tasks are, what marks them done.
 
-Everything that knows the stages reads :data:`TABLE`: the runner (:func:`emalign.pipeline.run_stage`), the
+Everything that knows the stages reads :data:`TABLE`: the runner (:func:`emalign.pipeline.run.run_stage`), the
 output's marker arrays (:mod:`emalign.pipeline.store`), the ``emalign`` stage commands, the in-memory run
 (:func:`emalign.pipeline.align_in_memory`) and the SLURM recipe (``workflows/slurm/submit.sh``). Functions are
 named as ``"module:function"`` and imported when a stage runs, so reading the table (``emalign --help``) loads
@@ -80,7 +80,7 @@ class Stage:
         return self.tasks(blocks, tiles) + (self.markers == TASK_SOLVE)
 
 
-PIPELINE = "emalign.pipeline"
+PIPELINE = "emalign.pipeline.run"
 TABLE: tuple[Stage, ...] = (
     Stage(
         "prealign",
