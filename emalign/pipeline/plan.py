@@ -16,10 +16,11 @@ POLISH_MODES = ("auto", "on", "off")
 
 
 def _param(default: object, help: str, **cli: object) -> object:
-    """A field of :class:`AlignParams` with what the ``emalign`` commands make its option from, in its metadata: ``help`` (the option's help line) and, where it applies, ``flag`` (other than ``--field-name``),
-    ``choices``, ``expect``/``length`` (a tuple given as comma-separated numbers: what the error says is
-    expected, and how many), ``path`` (a path or URL, recorded resolved) and ``layout`` (the output layout,
-    which ``emalign import`` takes too)."""
+    """A field of :class:`AlignParams` with what the ``emalign`` commands make its option from, in its metadata:
+    ``help`` (the option's help line) and, where it applies, ``flag`` (other than ``--field-name``), ``choices``,
+    ``expect``/``length`` (a tuple given as comma-separated numbers: what the error says is expected, and how
+    many), ``path`` (a path or URL, recorded resolved) and ``layout`` (the output layout, which ``emalign import``
+    takes too)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
