@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import click
 
@@ -18,73 +20,46 @@ from emalign.cli_errors import friendly
 from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
-from emalign.layout import NGFF_VERSIONS, SHARD_XY
+from emalign.pipeline.plan import AlignParams
+from emalign.pipeline.stages import TABLE
 
-MODEL_HELP = "shipped model name or .pt checkpoint"
+FIELDS = {spec.name: spec for spec in fields(AlignParams)}
+MODEL_HELP = FIELDS["model"].metadata["help"]
 
 
-def _layout_options(func):
-    """The output layout: NGFF version and shard size (align, every stage, import)."""
-    options = [
-        click.option(
-            "--ngff",
-            default=NGFF_VERSIONS[0],
-            show_default=True,
-            type=click.Choice(NGFF_VERSIONS),
-            help="output layout: 0.5 (Zarr v3, sharded) or 0.4 (Zarr v2, for older readers)",
-        ),
-        click.option(
-            "--shard",
-            default=SHARD_XY,
-            show_default=True,
-            help="y/x side of a shard (file) of the 0.5 output, px; 0: none",
-        ),
-    ]
-    for option in reversed(options):
+def _flag(spec: Field) -> str:
+    """The option of an :class:`emalign.pipeline.AlignParams` field: ``--field-name`` unless its metadata names one."""
+    return spec.metadata.get("flag", f"--{spec.name.replace('_', '-')}")
+
+
+def _field_options(func, layout: bool):
+    """The options of the :class:`emalign.pipeline.AlignParams` fields, made from the fields (default, type) and
+    their metadata (help, flag, choices): the output layout's (``layout``) or the others'."""
+    for spec in reversed(FIELDS.values()):
+        meta = spec.metadata
+        if meta.get("layout", False) != layout:
+            continue
+        empty = spec.default in ("", ())
+        option = click.option(
+            _flag(spec),
+            spec.name,
+            default="" if empty else spec.default,
+            show_default=not empty,
+            type=click.Choice(meta["choices"]) if "choices" in meta else None,
+            help=meta["help"],
+        )
         func = option(func)
     return func
 
 
+def _layout_options(func):
+    """The output layout: NGFF version and shard size (align, every stage, import)."""
+    return _field_options(func, layout=True)
+
+
 def _plan_options(func):
     """The options that define an alignment (recorded in the output)."""
-    options = [
-        click.option("--model", default="faemreg-small", show_default=True, help=MODEL_HELP),
-        click.option("--stride", default=8, show_default=True, help="field grid spacing, px"),
-        click.option("--block", default=16, show_default=True, help="sections per task"),
-        click.option("--stitch-block", default=128, show_default=True, help="sections per stitch solve"),
-        click.option("--stitch-overlap", default=32, show_default=True, help="overlap of stitch solves"),
-        click.option("--spring", default=0.2, show_default=True, help="stitch pull towards the prealignment"),
-        click.option("--smoothing", default=16.0, show_default=True, help="Gaussian sigma of the network fields, px"),
-        click.option("--tile", default=512, show_default=True, help="xy tile of the network, px"),
-        click.option("--halo", default=64, show_default=True, help="xy tile overlap, px"),
-        click.option(
-            "--task-tile", default=4096, show_default=True, help="xy tile of the estimate and stitch tasks, px"
-        ),
-        click.option("--coarse-downsample", default=2, show_default=True, help="prealignment resolution factor"),
-        click.option("--trend-stiffness", default=1e4, show_default=True, help="prealignment trend along z"),
-        click.option("--max-rotation", default=10.0, show_default=True, help="prealignment rotation search, deg"),
-        click.option("--skip", default="", help="bad sections to bridge, e.g. 12,40"),
-        click.option("--level", default=0, show_default=True, help="input OME-Zarr level"),
-        click.option("--mask", default="", help="mask stack (TIFF/Zarr, IN's shape), non-zero = invalid pixels"),
-        click.option(
-            "--adapt", default=0, show_default=True, help="fine-tune the model on this stack for N steps first (0: off)"
-        ),
-        click.option(
-            "--polish",
-            default="auto",
-            show_default=True,
-            type=click.Choice(["auto", "on", "off"]),
-            help="patch-wise translations after refine (auto: at fine z-spacing only)",
-        ),
-        click.option("--polish-patch", default=96, show_default=True, help="polish patch side, px"),
-        click.option(
-            "--voxel-size", default=None, help="z,y,x of IN in --unit (default: IN's metadata, else estimated)"
-        ),
-        click.option("--unit", default="nanometer", show_default=True, help="unit of --voxel-size"),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return _layout_options(func)
+    return _layout_options(_field_options(func, layout=False))
 
 
 def _run_options(func):
@@ -146,57 +121,36 @@ def _jobqueue(opts: dict) -> dict:
 
 
 def _params(opts: dict):
-    from emalign.pipeline import AlignParams
-
-    try:
-        skip = tuple(int(z) for z in opts["skip"].split(",") if z.strip())
-    except ValueError:
-        raise EmalignError(f"--skip {opts['skip']!r}: expected comma-separated section numbers") from None
-    return AlignParams(
-        model=opts["model"],
-        stride=opts["stride"],
-        block=opts["block"],
-        stitch_block=opts["stitch_block"],
-        stitch_overlap=opts["stitch_overlap"],
-        spring=opts["spring"],
-        smoothing=opts["smoothing"],
-        tile=opts["tile"],
-        halo=opts["halo"],
-        coarse_downsample=opts["coarse_downsample"],
-        trend_stiffness=opts["trend_stiffness"],
-        max_rotation_deg=opts["max_rotation"],
-        skip=skip,
-        level=opts["level"],
-        adapt=opts["adapt"],
-        polish=opts["polish"],
-        polish_patch=opts["polish_patch"],
-        mask=_mask_path(opts["mask"]),
-        voxel_size=_voxel_size(opts["voxel_size"]),
-        unit=opts["unit"],
-        ngff=opts["ngff"],
-        shard=opts["shard"],
-        task_tile=opts["task_tile"],
-    )
+    """The :class:`emalign.pipeline.AlignParams` of the options (as :func:`_field_options` made them)."""
+    return AlignParams(**{name: _field_value(spec, opts[name]) for name, spec in FIELDS.items()})
 
 
-def _mask_path(mask: str) -> str:
-    """What the parameters record of ``--mask``: the URL as given, or the resolved local path ('' for none)."""
-    if not mask or stores.is_url(mask):
-        return mask
-    return str(Path(stores.local(mask)).resolve())
-
-
-def _voxel_size(text: str | None) -> tuple[float, ...]:
-    """``"40,4,4"`` -> ``(40.0, 4.0, 4.0)``; empty -> ``()``."""
+def _field_value(spec: Field, text: object) -> object:
+    """A field's value from its option: comma-separated numbers for a tuple, a resolved path for a path."""
+    meta = spec.metadata
+    if meta.get("path"):
+        return _local_path(str(text))
+    if not isinstance(spec.default, tuple):
+        return text
     if not text:
         return ()
+    flag = _flag(spec)
+    number = get_args(get_type_hints(AlignParams)[spec.name])[0]
     try:
-        voxel = tuple(float(v) for v in text.split(","))
+        values = tuple(number(v) for v in str(text).split(",") if v.strip())
     except ValueError:
-        raise EmalignError(f"--voxel-size {text!r}: expected three numbers z,y,x") from None
-    if len(voxel) != 3:
-        raise EmalignError(f"--voxel-size {text!r}: expected three numbers z,y,x")
-    return voxel
+        raise EmalignError(f"{flag} {text!r}: expected {meta['expect']}") from None
+    if "length" in meta and len(values) != meta["length"]:
+        raise EmalignError(f"{flag} {text!r}: expected {meta['expect']}")
+    return values
+
+
+def _local_path(path: str) -> str:
+    """What the parameters record of a path option (``--mask``): the URL as given, or the resolved local path ('' for
+    none)."""
+    if not path or stores.is_url(path):
+        return path
+    return str(Path(stores.local(path)).resolve())
 
 
 @click.group()
@@ -262,14 +216,8 @@ def _stage_command(stage: str, help_text: str):
     return main.command(name=stage)(command)
 
 
-_stage_command("prealign", "Stage 1: section statistics, pairwise rigid estimates, global rigid solve.")
-_stage_command("adapt", "Stage 1b (--adapt N): fine-tune the model on this stack, unsupervised.")
-_stage_command("estimate", "Stage 2: the network's field of every section against its neighbours.")
-_stage_command("stitch", "Stage 3: reconcile the relative fields into one stitched field per section.")
-_stage_command("refine", "Stage 4: translations of the stitched sections against slow wander along z.")
-_stage_command("polish", "Stage 5: patch-wise translations of the refined sections (at fine z-spacing).")
-_stage_command("render", "Stage 6: warp the sections and write the aligned pyramid.")
-_stage_command("qc", "Stage 7: per-section quality table (qc.csv), plot (qc.png) and summary.")
+for _stage in TABLE:
+    _stage_command(_stage.name, _stage.summary)
 
 
 @main.command(name="import")
@@ -294,7 +242,7 @@ def import_command(
     """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
     from emalign.io import import_stack
 
-    voxel = list(_voxel_size(voxel_size)) or None
+    voxel = list(_field_value(FIELDS["voxel_size"], voxel_size)) or None
     import_stack(
         input_path,
         output_path,

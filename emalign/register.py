@@ -85,7 +85,7 @@ def sequential_pass(ws: Workspace, net: FAEMReg, device: torch.device, progress:
     used as references; a break starts the chain again. Holds one segment's sections (three copies) in
     memory: it is the in-memory API's method. Marks the estimate and stitch stages done.
     """
-    ws.require("prealign")
+    ws.check_requirements("estimate")
     params, plan = ws.params, ws.plan
     k, stride, grid = net.config.references, params.stride, plan.grid_shape
     stack = ws.working_stack()

@@ -26,7 +26,7 @@ __all__ = [
     "em_texture",
     "misalign",
     "random_affine",
-    "smooth_field",
+    "random_smooth_field",
     "tear",
 ]
 
@@ -229,7 +229,7 @@ def em_texture(
     span = max(nz - 1, 0) * z_step
     cells = _make_cells(rng, period, cell_size, span)
     sigma = membrane / (2 * np.sqrt(2 * np.log(2)))
-    wobble = [smooth_field((ny, nx), 0.1 * cell_size, 0.35 * cell_size, rng) for _ in range(2)]
+    wobble = [random_smooth_field((ny, nx), 0.1 * cell_size, 0.35 * cell_size, rng) for _ in range(2)]
     base = np.empty((nz, ny, nx), dtype=np.float32)
     for z in range(nz):
         phase = 2 * np.pi * z * z_step / 200.0  # the bends of the walls change slowly along z
@@ -248,7 +248,7 @@ def em_texture(
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def smooth_field(
+def random_smooth_field(
     shape: tuple[int, int], amplitude: float, correlation_length: float, rng: np.random.Generator
 ) -> np.ndarray:
     """A smooth random displacement field ``(2, Y, X)`` float32, px.
@@ -368,7 +368,7 @@ def misalign(
 
     Section z gets ``a_z = fields.compose(e_z, f_z)``: ``f_z`` the pull field of
     :func:`random_affine` (``shift`` px, ``rotation_deg`` degrees, ``scale``, ``compression`` along a
-    random direction per section, about the image centre) and ``e_z`` a :func:`smooth_field` (RMS
+    random direction per section, about the image centre) and ``e_z`` a :func:`random_smooth_field` (RMS
     ``elastic`` px, correlation length ``elastic_length`` px). The true section is first deformed
     elastically and then placed by the affine map: ``raw_z(q) = true_z(r + e_z(r))`` with
     ``r = q + f_z(q)``. Pixels that come from outside the section are 0.
@@ -405,7 +405,7 @@ def misalign(
             placed.append(
                 fields.affine_field(random_affine(rng, shift, rotation_deg, scale, center, compression), (ny, nx))
             )
-            bent.append(smooth_field((ny, nx), elastic, elastic_length, rng))
+            bent.append(random_smooth_field((ny, nx), elastic, elastic_length, rng))
         a = fields.compose_torch(torch.from_numpy(np.stack(bent)), torch.from_numpy(np.stack(placed)))
         image = torch.from_numpy(np.asarray(stack[part], dtype=np.float32)[:, None])
         truth[part] = a.numpy()

@@ -17,7 +17,7 @@ def one_torch_thread():
     Results do not depend on it; speed does: on a CPU shared with other work, 2 OpenMP threads per
     task measured up to 60x slower than 1.
     """
-    import emalign.pipeline as pipeline
+    import emalign.pipeline.run as pipeline
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "cores", lambda: 1)

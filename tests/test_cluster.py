@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from helpers import entry_point, write_stack
 
 import emalign.cluster as cluster
-import emalign.pipeline as pipeline
+import emalign.pipeline.run as pipeline
 from emalign.cli import main
 from emalign.cluster import run_tasks, scheduler, slurm_cluster, slurm_options, slurm_problem
 from emalign.errors import EmalignError
@@ -206,8 +206,8 @@ def test_block_tasks_whose_marker_is_set_do_not_run_again(reference, tmp_path):
     time.sleep(0.01)
     for index in range(3):
         for stage in ("prealign", "estimate", "refine", "polish", "render"):
-            assert pipeline._block_task(str(out), stage, index, "cpu", 1) is None
-    assert pipeline._stitch_task(str(out)) is None
+            assert pipeline._task(str(out), stage, index, 0, "cpu", 1, False) is None
+    assert pipeline._task(str(out), "stitch", 0, 0, "cpu", 1, False) is None
     assert stamps(out) == before
 
 

@@ -10,7 +10,7 @@ from emalign.metrics import (
     residual_fields,
     residual_parts,
 )
-from emalign.synth import misalign, smooth_field
+from emalign.synth import misalign, random_smooth_field
 
 
 def _constant(shifts: np.ndarray, shape: tuple[int, int] = (40, 50)) -> np.ndarray:
@@ -61,7 +61,7 @@ def test_pure_per_section_shift_metrics_are_exact():
 
 
 def test_shared_field_and_constant_offset_are_not_penalised():
-    shared = smooth_field((40, 50), 3.0, 10.0, np.random.default_rng(0))
+    shared = random_smooth_field((40, 50), 3.0, 10.0, np.random.default_rng(0))
     residuals = _constant(np.zeros((5, 2))) + shared + np.float32(30.0)
     m = alignment_metrics(residuals, fail_px=5.0)
     assert m["rms"] < 1e-5 and m["adj"] < 1e-5 and m["drift"] < 1e-5 and m["fail"] == 0.0
@@ -69,7 +69,7 @@ def test_shared_field_and_constant_offset_are_not_penalised():
 
 def test_linear_shear_in_z_is_not_penalised():
     z = np.arange(20, dtype=np.float32)
-    shared = smooth_field((40, 50), 2.0, 10.0, np.random.default_rng(1))
+    shared = random_smooth_field((40, 50), 2.0, 10.0, np.random.default_rng(1))
     residuals = _constant(np.stack([0.5 * z, -2.0 * z + 3.0], axis=1)) + shared
     m = alignment_metrics(residuals, fail_px=5.0)
     assert m["rms"] < 1e-4 and m["adj"] < 1e-4 and m["drift"] < 1e-4

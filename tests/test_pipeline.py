@@ -18,8 +18,9 @@ import torch
 import zarr
 from helpers import one_line_error
 
-import emalign.pipeline as pipeline
 import emalign.pipeline.adapt as adapt_stage
+import emalign.pipeline.estimate as estimate_stage
+import emalign.pipeline.render as render_stage
 from emalign import models
 from emalign.cluster import scheduler
 from emalign.errors import EmalignError
@@ -332,9 +333,9 @@ def test_resume_after_a_partial_estimate_matches_the_uninterrupted_run(case, ali
 
         return wrapper
 
-    monkeypatch.setattr(pipeline, "prealign_block", recording("prealign", pipeline.prealign_block))
-    monkeypatch.setattr(pipeline, "estimate_block", recording("estimate", pipeline.estimate_block))
-    monkeypatch.setattr(pipeline, "render_block", recording("render", pipeline.render_block))
+    monkeypatch.setattr(estimate_stage, "prealign_block", recording("prealign", estimate_stage.prealign_block))
+    monkeypatch.setattr(estimate_stage, "estimate_block", recording("estimate", estimate_stage.estimate_block))
+    monkeypatch.setattr(render_stage, "render_block", recording("render", render_stage.render_block))
     align(path, out, PARAMS, **RUN)
     assert calls["prealign"] == [] and calls["estimate"] == [2]
     assert sorted(calls["render"]) == [0, 1, 2]

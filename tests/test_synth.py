@@ -3,7 +3,7 @@ import pytest
 
 from emalign import fields
 from emalign.errors import EmalignError
-from emalign.synth import CRACK_WIDTH, Misaligned, demo_stack, em_texture, misalign, random_affine, smooth_field
+from emalign.synth import CRACK_WIDTH, Misaligned, demo_stack, em_texture, misalign, random_affine, random_smooth_field
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,23 +49,23 @@ def test_em_texture_has_thin_dark_membranes():
     assert 0.05 < dark.mean() < 0.35
 
 
-def test_smooth_field_has_requested_rms():
-    u = smooth_field((80, 120), 2.5, 30.0, np.random.default_rng(0))
+def test_random_smooth_field_has_requested_rms():
+    u = random_smooth_field((80, 120), 2.5, 30.0, np.random.default_rng(0))
     assert u.shape == (2, 80, 120) and u.dtype == np.float32
     np.testing.assert_allclose(np.sqrt(np.mean(u.astype(np.float64) ** 2, axis=(1, 2))), 2.5, rtol=1e-4)
 
 
-def test_smooth_field_has_requested_correlation_length():
+def test_random_smooth_field_has_requested_correlation_length():
     length = 6.0
-    u = smooth_field((256, 256), 1.0, length, np.random.default_rng(1)).astype(np.float64)
+    u = random_smooth_field((256, 256), 1.0, length, np.random.default_rng(1)).astype(np.float64)
     u -= u.mean(axis=(1, 2), keepdims=True)
     lag = int(length)
     at_lag = np.mean(u[:, :, lag:] * u[:, :, :-lag]) / np.mean(u**2)
     assert 0.45 < at_lag < 0.75  # exp(-1/2) = 0.61 for a Gaussian covariance
 
 
-def test_smooth_field_zero_amplitude_is_zero():
-    assert not np.any(smooth_field((16, 16), 0.0, 10.0, np.random.default_rng(0)))
+def test_random_smooth_field_zero_amplitude_is_zero():
+    assert not np.any(random_smooth_field((16, 16), 0.0, 10.0, np.random.default_rng(0)))
 
 
 def test_random_affine_rotates_about_the_centre():

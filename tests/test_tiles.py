@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 
-import emalign.pipeline as pipeline
 import emalign.pipeline.estimate as estimate
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Plan, Workspace, run_stage
@@ -112,8 +111,8 @@ def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(esti
         calls.append((index, tile))
         return unpatched(ws, stack, index, tile, **kwargs)
 
-    unpatched = pipeline.estimate_block
-    monkeypatch.setattr(pipeline, "estimate_block", recording)
+    unpatched = estimate.estimate_block
+    monkeypatch.setattr(estimate, "estimate_block", recording)
     assert run_stage("estimate", tiled, "3:6", **STAGE) == "estimate: 1 block(s) done in 4 xy tiles"
     assert calls == [(1, 3)]  # --z-range: only the second block
     run_stage("estimate", tiled, **STAGE)

@@ -210,7 +210,7 @@ def test_pair_ground_truth_registers_moving_onto_fixed(cells):
 
 
 def test_smooth_3d_field_has_the_requested_amplitude():
-    field = data.smooth_field_3d((24, 20, 16), 1.5, 8.0, np.random.default_rng(0))
+    field = data.random_smooth_field_3d((24, 20, 16), 1.5, 8.0, np.random.default_rng(0))
     np.testing.assert_allclose(np.sqrt((field**2).mean(axis=(1, 2, 3))), 1.5, rtol=1e-4)
 
 
@@ -313,7 +313,7 @@ def test_chunked_warp_matches_the_whole_volume_warp_and_reads_lazily(cells):
     import dask.array as da
 
     moving = cells[0][:40, :36, :30]
-    field = data.smooth_field_3d(moving.shape, 3.0, 8.0, np.random.default_rng(1))
+    field = data.random_smooth_field_3d(moving.shape, 3.0, 8.0, np.random.default_rng(1))
     expected = fields.warp(moving, field)
     lazy = da.from_array(moving, chunks=(8, 36, 30))
     np.testing.assert_allclose(infer.warp_volume(lazy, field, chunk=16), expected, atol=1e-5)
@@ -327,7 +327,7 @@ def test_affine_prealignment_composes_like_fields_compose():
     matrix = np.array([[1.02, 0.01, 0.0, 1.5], [0.0, 0.99, 0.02, -2.0], [0.01, 0.0, 1.0, 0.5]])
     pre = infer.AffinePrealignment(matrix)
     box = (slice(0, 12), slice(0, 10), slice(0, 8))
-    u = data.smooth_field_3d((12, 10, 8), 1.0, 6.0, np.random.default_rng(2))
+    u = data.random_smooth_field_3d((12, 10, 8), 1.0, 6.0, np.random.default_rng(2))
     expected = fields.compose(pre.field(box), u)
     inner = (slice(None), slice(3, -3), slice(3, -3), slice(3, -3))  # compose clamps the affine field outside
     np.testing.assert_allclose(pre.compose_after(u, box)[inner], expected[inner], atol=1e-4)

@@ -21,6 +21,7 @@ from helpers import write_stack
 from emalign.cluster import slurm_problem
 from emalign.io import is_complete
 from emalign.pipeline import AlignParams, align
+from emalign.pipeline.stages import TABLE
 
 SHAPE = (12, 96, 96)
 SLURM = Path(__file__).resolve().parents[1] / "workflows" / "slurm"
@@ -139,6 +140,20 @@ def test_submit_sh_chains_the_stages_over_whole_blocks(recorder, stack, tmp_path
         expected += [f"{stage} {common} {part}{tail}" for part in parts]
     assert log.read_text().splitlines() == expected
     assert (tmp_path / "out.zarr.logs").is_dir()
+
+
+def test_submit_sh_takes_its_chain_from_the_stage_table_and_adds_adapt_only_when_asked(recorder, stack, tmp_path):
+    """The jobs are the table's stages in order (a stage of z-blocks as an array of tasks); adapt, switched by
+    --adapt, is one job after prealign when --adapt N > 0 is given."""
+    script, log = recorder
+    env = {"EMALIGN": str(script), "EMALIGN_LOCAL": "1", "EMALIGN_SECTIONS_PER_TASK": "12"}
+    stages = [spec.name for spec in TABLE]
+    for adapt, jobs in ((["--adapt", "0"], [name for name in stages if name != "adapt"]), (["--adapt=5"], stages)):
+        log.unlink(missing_ok=True)
+        result = run("submit.sh", stack, tmp_path / "out.zarr", *adapt, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"{job} local" for job in ("init", *jobs)]
+        assert [line.split()[0] for line in log.read_text().splitlines()] == [stages[0], *jobs]
 
 
 @pytest.mark.e2e

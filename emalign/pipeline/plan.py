@@ -15,6 +15,15 @@ from emalign.layout import NGFF_VERSIONS, SHARD_XY
 POLISH_MODES = ("auto", "on", "off")
 
 
+def _param(default: object, help: str, **cli: object) -> object:
+    """A field of :class:`AlignParams` with what the ``emalign`` commands make its option from, in its metadata:
+    ``help`` (the option's help line) and, where it applies, ``flag`` (other than ``--field-name``), ``choices``,
+    ``expect``/``length`` (a tuple given as comma-separated numbers: what the error says is expected, and how
+    many), ``path`` (a path or URL, recorded resolved) and ``layout`` (the output layout, which ``emalign import``
+    takes too)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class AlignParams:
     """User-facing parameters of an alignment; two runs agree when these agree.
@@ -53,34 +62,45 @@ class AlignParams:
             (:func:`emalign.pipeline.estimate.task_region`), never a whole larger section. Sections up to this
             size are one tile.
 
+    Each field's metadata holds its command-line option (see :func:`_param`).
+
     Lengths in px (``stride``, ``smoothing``, ``tile``, ``halo``, ``polish_patch``) are pixels of the working
     resolution (:class:`emalign.pixelsize.Resolution`: 10 nm where the input's pixels are 10 nm or finer);
     :meth:`working` scales them for what the integer working factor leaves.
     """
 
-    model: str = "faemreg-small"
-    stride: int = 8
-    block: int = 16
-    stitch_block: int = 128
-    stitch_overlap: int = 32
-    spring: float = 0.2
-    smoothing: float = 16.0
-    tile: int = 512
-    halo: int = 64
-    coarse_downsample: int = 2
-    trend_stiffness: float = 1e4
-    max_rotation_deg: float = 10.0
-    skip: tuple[int, ...] = ()
-    level: int = 0
-    adapt: int = 0
-    polish: str = "auto"
-    polish_patch: int = 96
-    mask: str = ""
-    voxel_size: tuple[float, ...] = ()
-    unit: str = "nanometer"
-    ngff: str = NGFF_VERSIONS[0]
-    shard: int = SHARD_XY
-    task_tile: int = 4096
+    model: str = _param("faemreg-small", "shipped model name or .pt checkpoint")
+    stride: int = _param(8, "field grid spacing, px")
+    block: int = _param(16, "sections per task")
+    stitch_block: int = _param(128, "sections per stitch solve")
+    stitch_overlap: int = _param(32, "overlap of stitch solves")
+    spring: float = _param(0.2, "stitch pull towards the prealignment")
+    smoothing: float = _param(16.0, "Gaussian sigma of the network fields, px")
+    tile: int = _param(512, "xy tile of the network, px")
+    halo: int = _param(64, "xy tile overlap, px")
+    coarse_downsample: int = _param(2, "prealignment resolution factor")
+    trend_stiffness: float = _param(1e4, "prealignment trend along z")
+    max_rotation_deg: float = _param(10.0, "prealignment rotation search, deg", flag="--max-rotation")
+    skip: tuple[int, ...] = _param((), "bad sections to bridge, e.g. 12,40", expect="comma-separated section numbers")
+    level: int = _param(0, "input OME-Zarr level")
+    adapt: int = _param(0, "fine-tune the model on this stack for N steps first (0: off)")
+    polish: str = _param(
+        "auto", "patch-wise translations after refine (auto: at fine z-spacing only)", choices=POLISH_MODES
+    )
+    polish_patch: int = _param(96, "polish patch side, px")
+    mask: str = _param("", "mask stack (TIFF/Zarr, IN's shape), non-zero = invalid pixels", path=True)
+    voxel_size: tuple[float, ...] = _param(
+        (), "z,y,x of IN in --unit (default: IN's metadata, else estimated)", expect="three numbers z,y,x", length=3
+    )
+    unit: str = _param("nanometer", "unit of --voxel-size")
+    ngff: str = _param(
+        NGFF_VERSIONS[0],
+        "output layout: 0.5 (Zarr v3, sharded) or 0.4 (Zarr v2, for older readers)",
+        choices=NGFF_VERSIONS,
+        layout=True,
+    )
+    shard: int = _param(SHARD_XY, "y/x side of a shard (file) of the 0.5 output, px; 0: none", layout=True)
+    task_tile: int = _param(4096, "xy tile of the estimate and stitch tasks, px")
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -44,7 +44,6 @@ def polish_grid(ws: Workspace) -> PatchGrid:
 
 def polish_wanted(ws: Workspace) -> bool:
     """Whether this stack is polished: ``--polish on``/``off``, or under ``auto`` at fine z-spacing."""
-    ws.require("refine")
     if ws.params.polish != "auto":
         return ws.params.polish == "on"
     return fine_spacing(ws)

@@ -70,7 +70,6 @@ def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: i
 def render_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Render and write the sections of block ``index`` of the full-resolution ``stack`` not yet written (fields
     scaled from the working resolution); flagged ones pass through unchanged."""
-    ws.require("polish")
     start, stop = ws.plan.blocks()[index]
     excluded = ws.excluded()
     done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section

@@ -39,7 +39,6 @@ def stitch(ws: Workspace, tile: int = 0) -> None:
     """Solve the stitch for the grid points of xy task tile ``tile`` (:meth:`Plan.tiles`) through the whole stack
     (streaming in z-blocks) and write their stitched fields. Every grid point has its own z-system, so the tiles
     are independent and together equal one solve of the whole grid."""
-    ws.require("estimate")
     params, plan = ws.params, ws.plan
     depth = plan.shape[0]
     k = models.load(ws.model).config.references

@@ -53,6 +53,7 @@ from emalign.errors import EmalignError
 from emalign.io import OmeZarrWriter, Stack, check_chunk, downsampled, emalign_attrs, open_stack
 from emalign.patches import PatchGrid
 from emalign.pipeline.plan import AlignParams, Plan
+from emalign.pipeline.stages import MARKED, requirements
 from emalign.pixelsize import (
     ESTIMATE_CROP,
     PLACEHOLDER,
@@ -68,7 +69,6 @@ FLAG_BLANK, FLAG_DAMAGED, FLAG_SKIPPED, FLAG_BREAK = 1, 2, 4, 8
 FLAG_NAMES = {FLAG_BLANK: "blank", FLAG_DAMAGED: "damaged", FLAG_SKIPPED: "skipped", FLAG_BREAK: "break"}
 EXCLUDING = FLAG_BLANK | FLAG_DAMAGED | FLAG_SKIPPED
 """Flags of sections that get no estimate of their own (bridged, written through unchanged)."""
-STAGES = ("prealign", "adapt", "estimate", "stitch", "refine", "polish")
 NODE_TILE = 16
 """Patch-grid nodes per side of the chunks of ``polish/pairs`` and ``polish/shifts`` (solved a tile at a time)."""
 MIN_SIDE = 4
@@ -201,7 +201,7 @@ class Workspace:
             ngff=params.ngff,
             shard=params.shard,
         )
-        if f"stages/{STAGES[-1]}" not in writer.group:  # new, or killed while its arrays were being created
+        if f"stages/{MARKED[-1].name}" not in writer.group:  # new, or killed while its arrays were being created
             f = resolution.factor
             cls._create_arrays(out, plan, (voxel_size[0], voxel_size[1] * f, voxel_size[2] * f))
         return cls(out)
@@ -238,10 +238,8 @@ class Workspace:
         for name in ("relative", "stitched", "refined", "global"):
             create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, side, side), np.float32, attrs=field_attrs)
         n_blocks, n_tiles = len(plan.blocks()), len(plan.tiles())
-        markers = {"adapt": 1, "estimate": n_blocks * n_tiles, "stitch": n_tiles}
-        markers |= {"refine": n_blocks + 1, "polish": n_blocks + 1}
-        for stage in STAGES:
-            create_array(out, f"stages/{stage}", (markers.get(stage, n_blocks),), (1,), bool)
+        for stage in MARKED:
+            create_array(out, f"stages/{stage.name}", (stage.marker_count(n_blocks, n_tiles),), (1,), bool)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
@@ -252,8 +250,13 @@ class Workspace:
     def mark_done(self, stage: str, index: int) -> None:
         self.array(f"stages/{stage}")[index] = True
 
+    def check_requirements(self, stage: str) -> None:
+        """Refuse to run ``stage`` before the stages it requires (:data:`emalign.pipeline.stages.TABLE`) finished."""
+        for needed in requirements(stage, self.params):
+            self.require(needed)
+
     def require(self, stage: str) -> None:
-        """Refuse to go on before an earlier stage has finished every block."""
+        """Refuse to go on before ``stage`` has finished every block."""
         missing = np.flatnonzero(~self.stage_done(stage))
         if missing.size:
             raise EmalignError(

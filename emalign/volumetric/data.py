@@ -36,7 +36,7 @@ __all__ = [
     "normalise",
     "random_affine_3d",
     "random_deformation",
-    "smooth_field_3d",
+    "random_smooth_field_3d",
 ]
 
 
@@ -96,14 +96,14 @@ def normalise(volume: np.ndarray) -> np.ndarray:
     return intensity_stats(volume).apply(volume)
 
 
-def smooth_field_3d(
+def random_smooth_field_3d(
     shape: tuple[int, int, int], amplitude: float, correlation: float, rng: np.random.Generator
 ) -> np.ndarray:
     """A smooth random field ``(3, Z, Y, X)`` float32, RMS ``amplitude`` voxels per channel.
 
     White noise on a coarse grid (spacing ``correlation / 4``) is Gaussian-filtered with sigma
     ``correlation / sqrt(2)`` (so the covariance falls as ``exp(-r^2 / (2 correlation^2))``, as in
-    :func:`emalign.synth.smooth_field`) and trilinearly interpolated to ``shape``.
+    :func:`emalign.synth.random_smooth_field`) and trilinearly interpolated to ``shape``.
     """
     shape = tuple(int(n) for n in shape)
     if amplitude == 0:
@@ -155,7 +155,7 @@ def random_deformation(shape: tuple[int, int, int], spec: DeformationSpec, rng: 
     matrix = random_affine_3d(rng, k * spec.shift, k * spec.rotation, k * spec.scale, centre)
     coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")).reshape(3, -1)
     affine = (matrix[:, :3] @ coords + matrix[:, 3:] - coords).reshape(3, *shape).astype(np.float32)
-    return affine + smooth_field_3d(shape, k * spec.elastic, spec.correlation, rng)
+    return affine + random_smooth_field_3d(shape, k * spec.elastic, spec.correlation, rng)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Align a stack on SLURM as a chain of jobs (see workflows/README.md):
 #
-#   init (creates OUT) -> prealign[array] -> estimate[array] -> stitch -> refine[array] -> polish[array]
-#   -> render[array] -> qc
+#   init (creates OUT) -> prealign[array] -> (adapt, with --adapt N) -> estimate[array] -> stitch
+#   -> refine[array] -> polish[array] -> render[array] -> qc
 #
 # each starting only after the one before it succeeded (--dependency afterok; a failure cancels the rest).
 # Usage: submit.sh IN OUT [emalign options, the same for every stage, e.g. --block 16 --model faemreg-small]
@@ -24,14 +24,18 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 in=$1 out=$2
 shift 2
 
-block=16
-args=("$@")
-for i in "${!args[@]}"; do
-    case ${args[i]} in
-        --block) block=${args[i + 1]} ;;
-        --block=*) block=${args[i]#--block=} ;;
-    esac
-done
+# option NAME DEFAULT: the value of the emalign option --NAME among the arguments, else DEFAULT
+option() {
+    local value=$2 args=("${@:3}") i
+    for i in "${!args[@]}"; do
+        case ${args[i]} in
+            "--$1") value=${args[i + 1]} ;;
+            "--$1="*) value=${args[i]#--"$1"=} ;;
+        esac
+    done
+    echo "$value"
+}
+block=$(option block 16 "$@")
 per=${EMALIGN_SECTIONS_PER_TASK:-256}
 per=$(((per + block - 1) / block * block)) # whole blocks: no block is split between two array tasks
 export EMALIGN_SECTIONS_PER_TASK=$per
@@ -74,19 +78,17 @@ submit() {
     sbatch "${options[@]}" "$here/stage.sbatch" "$stage" "$in" "$out" "$@" | cut -d';' -f1
 }
 
-init=$(submit init "" "" prealign --z-range 0:1 "$@")
-echo "init $init"
-prealign=$(submit prealign "$init" array prealign "$@")
-echo "prealign $prealign"
-estimate=$(submit estimate "$prealign" array estimate "$@")
-echo "estimate $estimate"
-stitch=$(submit stitch "$estimate" "" stitch "$@")
-echo "stitch $stitch"
-refine=$(submit refine "$stitch" array refine "$@")
-echo "refine $refine"
-polish=$(submit polish "$refine" array polish "$@")
-echo "polish $polish"
-render=$(submit render "$polish" array render "$@")
-echo "render $render"
-qc=$(submit qc "$render" "" qc "$@")
-echo "qc $qc"
+# the chain from the stage table (emalign/pipeline/stages.py): STAGE ARRAY SWITCH per line; a stage of z-blocks runs as an
+# array of tasks, the others as one job; a stage with a switch (--adapt N) only when that option turns it on
+chain=$($python -c 'from emalign.pipeline.stages import BLOCK_UNITS, TABLE
+for s in TABLE: print(s.name, "array" if s.unit in BLOCK_UNITS else "-", s.switch or "-")')
+first=$(head -n1 <<<"$chain" | cut -d' ' -f1)
+after=$(submit init "" "" "$first" --z-range 0:1 "$@")
+echo "init $after"
+while read -r -u 3 stage array switch; do
+    if [[ $switch != - && $(option "${switch//_/-}" 0 "$@") == 0 ]]; then
+        continue
+    fi
+    after=$(submit "$stage" "$after" "${array#-}" "$stage" "$@")
+    echo "$stage $after"
+done 3<<<"$chain"
