@@ -57,7 +57,16 @@ def _plan_options(func):
         click.option("--tile", default=512, show_default=True, help="xy tile of the network, px"),
         click.option("--halo", default=64, show_default=True, help="xy tile overlap, px"),
         click.option(
-            "--task-tile", default=4096, show_default=True, help="xy tile of the estimate and stitch tasks, px"
+            "--task-tile",
+            default=0,
+            show_default=True,
+            help="xy tile of the estimate and stitch tasks, px (0: from --memory-per-task)",
+        ),
+        click.option(
+            "--memory-per-task",
+            default=1.5,
+            show_default=True,
+            help="GiB a task may hold, about: sets --task-tile 0 and the prealignment's resolution on large sections",
         ),
         click.option("--coarse-downsample", default=2, show_default=True, help="prealignment resolution factor"),
         click.option("--trend-stiffness", default=1e4, show_default=True, help="prealignment trend along z"),
@@ -175,6 +184,7 @@ def _params(opts: dict):
         ngff=opts["ngff"],
         shard=opts["shard"],
         task_tile=opts["task_tile"],
+        memory_per_task=opts["memory_per_task"],
     )
 
 

@@ -47,7 +47,7 @@ def estimated(stack, tmp_path_factory):
     for name in ("coarse/matrices", "sections/flags", "stages/prealign"):  # the same prealignment
         tiled.array(name)[:] = whole.array(name)[:]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(estimate, "invalid_pixels", lambda raw, user=None: raw == 0)
+        patch.setattr(estimate, "invalid_pixels", lambda raw, user=None, typical=None: raw == 0)
         for ws in (whole, tiled):
             run_stage("estimate", ws, **STAGE)
     return whole, tiled

@@ -8,7 +8,7 @@ removes most of it (40 nm FlyEM benchmark: drift 3.05 -> 2.08 px, rms 3.81 -> 3.
 
 refine
     per z-block: every section warped by its stitched field and phase-correlated (translation
-    only, at ``coarse_downsample``) with the 3 before it; once every block is done, one solve
+    only, at :attr:`emalign.pipeline.plan.Plan.coarse_factor`) with the 3 before it; once every block is done, one solve
     (:func:`emalign.pipeline.estimate.solve_pairs`: breaks, bad sections and the z-trend handled
     as in the prealignment) whose shifts are composed into ``fields/refined`` (the polish stage makes
     ``fields/global`` from them).
@@ -27,7 +27,7 @@ import numpy as np
 from emalign import rigid
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
-from emalign.pipeline.estimate import adjacent_score, pair_table, read_masked, solve_pairs, user_mask
+from emalign.pipeline.estimate import adjacent_score, coarse_section, pair_table, solve_pairs, user_mask
 from emalign.pipeline.store import OFFSETS, Workspace
 
 FINE_MIN_PEAK = 0.62
@@ -50,8 +50,9 @@ def fine_spacing(ws: Workspace) -> bool:
 
 class WarpedSections:
     """Sections ``start..stop`` as ``factor``-block means warped by their fields in the workspace array
-    ``fields`` (invalid pixels and excluded sections at 0): block mean first, then the warp on the coarse
-    grid, a ``factor^2`` cheaper warp than at full resolution."""
+    ``fields`` (invalid pixels and excluded sections at 0): block mean first (read part by part:
+    :func:`emalign.pipeline.estimate.coarse_section`), then the warp on the coarse grid, a ``factor^2`` cheaper
+    warp than at full resolution."""
 
     def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int, fields: str):
         self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
@@ -63,7 +64,7 @@ class WarpedSections:
         z = self.start + index
         if self.excluded[z]:
             return np.zeros(self.shape[1:], np.float32)
-        coarse = rigid.block_mean(read_masked(self.stack, z, self.mask)[1], self.factor)
+        coarse = coarse_section(self.stack, z, self.factor, self.mask)[0]
         # coarse pixel i sits at full-resolution factor * i + (factor - 1) / 2; fields are in full-resolution px
         centre = ((self.factor - 1) / 2,) * 2
         field = resample(np.asarray(self.fields[z]), self.ws.params.stride, self.factor, coarse.shape, centre)
@@ -74,7 +75,7 @@ def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each)."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
-    factor = ws.params.coarse_downsample
+    factor = ws.plan.coarse_factor
     sections = WarpedSections(ws, stack, first, stop, factor, "fields/stitched")
     pairs = [
         (z, j, rigid.upscale_matrix(matrix, factor), score)
