@@ -64,7 +64,7 @@ def _plan_options(func):
         ),
         click.option(
             "--memory-per-task",
-            default=1.5,
+            default=2.0,
             show_default=True,
             help="GiB a task may hold, about: sets --task-tile 0 and the prealignment's resolution on large sections",
         ),

@@ -117,3 +117,33 @@ def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(esti
     assert calls == [(1, 3), (0, 2)]
     assert tiled.stage_done("estimate").all()
     np.testing.assert_array_equal(fields(tiled, "relative"), before)
+
+
+def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, monkeypatch):
+    """prealign, estimate, refine and render read their sections part by part (parts of 64 px here; the estimate
+    in task tiles of 64 px; the render one 32 px shard at a time), never a whole 256 x 256 section."""
+    import emalign.io as io
+    import emalign.pipeline.render as render
+
+    shape = (4, 256, 256)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, demo_stack(shape, seed=2)[1].stack, photometric="minisblack")
+    monkeypatch.setattr(io, "SECTION_CHUNKS", (1, 16, 16))
+    monkeypatch.setattr(estimate, "COARSE_TILE", 64)
+    reads = []
+
+    def recording(stack, z, require_finite=True, region=None):
+        assert region is not None, "a whole section was read"
+        reads.append((region[0].stop - region[0].start) * (region[1].stop - region[1].start))
+        return unpatched(stack, z, require_finite, region)
+
+    unpatched = estimate.check_chunk
+    for module in (estimate, render):
+        monkeypatch.setattr(module, "check_chunk", recording)
+    params = AlignParams(block=2, tile=32, halo=4, smoothing=4.0, task_tile=64, shard=32, polish="off")
+    ws = Workspace.create(open_stack(path), tmp_path / "out.zarr", params)
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish", "render"):
+        run_stage(stage, ws, **STAGE)
+    assert ws.writer.done_sections().all() and ws.writer.tile_side() == 32
+    widened = 64 + 2 * (32 + 4)  # a part, widened to whole contrast blocks and a few px (estimate._widened)
+    assert max(reads) <= widened**2 < shape[1] * shape[2] / 2

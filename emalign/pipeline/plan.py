@@ -13,9 +13,11 @@ from emalign.errors import EmalignError
 from emalign.io import NGFF_VERSIONS, SHARD_XY
 
 POLISH_MODES = ("auto", "on", "off")
-ESTIMATE_BYTES_PER_PX = 180
-"""Memory of an estimate task per pixel of its region (windows, network, fields; measured: benchmarks/results/
-speed_large.md), from which :attr:`Plan.task_tile` sizes the tiles under ``--memory-per-task``."""
+ESTIMATE_BYTES_PER_PX = 80
+"""Memory of an estimate task per pixel of its region (the window's sections, the fields; measured:
+benchmarks/results/speed_large.md), from which :attr:`Plan.task_tile` sizes the tiles under ``--memory-per-task``."""
+ESTIMATE_FIXED_BYTES = 0.5 * 2**30
+"""Memory of an estimate task whatever its region (the network's activations on one batch of its tiles)."""
 MATCH_BYTES_PER_PX = 340
 """Memory of the rigid and affine matching (:func:`emalign.rigid.pairwise_rigid`) per block mean of a section
 (spectra, polar transforms, patches of the sections held), from which :attr:`Plan.coarse_factor` is chosen."""
@@ -99,7 +101,7 @@ class AlignParams:
     ngff: str = NGFF_VERSIONS[0]
     shard: int = SHARD_XY
     task_tile: int = 0
-    memory_per_task: float = 1.5
+    memory_per_task: float = 2.0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -164,14 +166,18 @@ class Plan:
 
     @property
     def task_tile(self) -> int:
-        """Side (px) of the xy task tiles: ``params.task_tile`` (0: the largest side whose estimate task, the tile
-        and its context, holds about ``params.memory_per_task``: :data:`ESTIMATE_BYTES_PER_PX`) rounded up to a
-        multiple of the stride, so a tile's grid points (one chunk of the field arrays) belong to no other tile."""
+        """Side (px) of the xy task tiles: ``params.task_tile``, or with 0 the side that cuts the section into the
+        fewest equal tiles whose estimate task (the tile and its context: :func:`emalign.pipeline.estimate.task_region`)
+        holds about ``params.memory_per_task`` (:data:`ESTIMATE_BYTES_PER_PX`, :data:`ESTIMATE_FIXED_BYTES`); rounded
+        up to a multiple of the stride, so a tile's grid points (one chunk of the field arrays) belong to no other
+        tile."""
         s, params = self.params.stride, self.params
         side = params.task_tile
         if not side:
-            context = params.tile + params.halo + 4 * params.smoothing  # each side: network tiles and smoothing
-            side = max(MIN_TASK_TILE, int(math.sqrt(_budget(params) / ESTIMATE_BYTES_PER_PX) - 2 * context))
+            context = 4 * params.smoothing + params.tile - 2 * params.halo  # per side, at most: smoothing, network
+            region = math.sqrt(max(_budget(params) - ESTIMATE_FIXED_BYTES, 0) / ESTIMATE_BYTES_PER_PX)
+            largest, longest = max(MIN_TASK_TILE, int(region - 2 * context)), max(self.shape[1:])
+            side = math.ceil(longest / math.ceil(longest / largest))
         return math.ceil(side / s) * s
 
     @property
