@@ -61,24 +61,10 @@ jitter keeps accumulated wander that the gain (:func:`emalign.affine.strain_gain
 aligned 40 nm FlyEM stack is moved 1.92 px rms (1.74 rigid and at 0.01)."""
 
 
-def section_stats(section: np.ndarray) -> tuple[float, float]:
-    """``(valid fraction, contrast)`` of a section: non-zero share, and std relative to its largest value.
-
-    Relative to the section's own values, not to its dtype: 8-bit data stored as uint16, or any
-    int64 stack, has as much contrast as the same data in uint8.
-    """
-    valid = section != 0
-    fraction = float(valid.mean())
-    if not valid.any():
-        return fraction, 0.0
-    values = section[valid].astype(np.float64)
-    return fraction, float(values.std() / max(float(np.abs(values).max()), 1e-12))
-
-
 class CoarseSections:
     """Sections ``start..stop`` of a stack as :func:`coarse_section` gives them (``factor``-block means of the
-    masked sections, read in bounded memory); records the contrast and the :func:`section_stats` (on a
-    ``factor``-subsampled grid, before masking) of every section read."""
+    masked sections, read in bounded memory); records the contrast and the statistics (:func:`section_contrast`)
+    of every section read."""
 
     def __init__(self, stack: Stack, start: int, stop: int, factor: int, mask: Stack | None = None):
         self.stack, self.start, self.factor, self.mask = stack, start, factor, mask
@@ -172,8 +158,11 @@ def _tiles(shape: tuple[int, ...], factor: int) -> list[tuple[slice, slice]]:
 
 
 def section_contrast(stack: Stack, z: int, factor: int = 1) -> tuple[np.floating, tuple[float, float]]:
-    """The median block contrast of section ``z`` (:func:`emalign.masks.typical_contrast`) and its
-    :func:`section_stats` on the ``factor``-subsampled grid, read part by part (:func:`_tiles`)."""
+    """The median block contrast of section ``z`` (:func:`emalign.masks.typical_contrast`) and its statistics
+    ``(valid fraction, contrast)`` on the ``factor``-subsampled grid, before masking: the share of non-zero
+    pixels, and their std relative to their largest magnitude (relative to the section's own values, not to its
+    dtype: 8-bit data stored as uint16 has as much contrast as the same data in uint8); read part by part
+    (:func:`_tiles`)."""
     contrasts, counts = [], []
     size = valid = 0
     total = squares = largest = 0.0
@@ -201,8 +190,7 @@ def coarse_section(
     stack: Stack, z: int, factor: int, mask: Stack | None = None
 ) -> tuple[np.ndarray, np.floating, tuple[float, float]]:
     """``(Y // factor, X // factor)`` float32: :func:`emalign.rigid.block_mean` of section ``z`` as
-    :func:`read_masked` gives it; the section's median block contrast and :func:`section_stats`
-    (:func:`section_contrast`).
+    :func:`read_masked` gives it; the section's median block contrast and statistics (:func:`section_contrast`).
 
     Read in two passes, part by part (:func:`_tiles`): the section's contrast first (:func:`section_contrast`),
     then each part masked against it and block-averaged; the full-resolution section is never held.
