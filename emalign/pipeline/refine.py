@@ -22,12 +22,22 @@ trend, fitted to misaligned sections, takes some true misalignment with it, and 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from emalign import rigid
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
-from emalign.pipeline.estimate import adjacent_score, coarse_section, pair_table, solve_pairs, user_mask
+from emalign.pipeline.estimate import (
+    adjacent_score,
+    coarse_section,
+    pair_table,
+    read_masked_region,
+    solve_pairs,
+    user_mask,
+)
+from emalign.pipeline.render import render_region
 from emalign.pipeline.store import OFFSETS, Workspace
 
 FINE_MIN_PEAK = 0.62
@@ -59,6 +69,16 @@ class WarpedSections:
         self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
         self.excluded, self.mask = ws.excluded(), user_mask(ws, stack)
         self.fields = ws.array(fields)
+        self.contrast = np.asarray(ws.array("sections/contrast")[:])
+
+    def region(self, index: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+        """The ``shape`` region at ``origin`` of section ``index`` warped at full resolution (``factor`` 1), read
+        around it only: the pixels of the whole warped section there."""
+        z = self.start + index
+        if self.excluded[z]:
+            return np.zeros(shape, np.float32)
+        read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
+        return render_region(self.stack, z, np.asarray(self.fields[z]), self.ws.params.stride, origin, shape, read)
 
     def __getitem__(self, index: int) -> np.ndarray:
         z = self.start + index
