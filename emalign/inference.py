@@ -8,12 +8,21 @@ blended with weights that fall to zero at tile borders, so tiles leave no seams.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from emalign.device import autocast, reuse_freed_memory
 from emalign.models.faemreg import FAEMReg, normalize_sections
+
+
+class WindowSource(Protocol):
+    """What :func:`predict_windows` reads windows from: a shape ``(B, D, Y, X)`` and slices of it as arrays."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray: ...
 
 
 def _tile_starts(length: int, tile: int, halo: int) -> list[int]:
@@ -80,7 +89,7 @@ def _region_tiles(
 @torch.inference_mode()
 def predict_windows(
     model: FAEMReg,
-    windows: np.ndarray,
+    windows: np.ndarray | WindowSource,
     device: torch.device,
     tile: int = 512,
     halo: int = 64,
@@ -88,6 +97,9 @@ def predict_windows(
     frame: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Fields of the moving sections of ``windows (B, D, Y, X)`` -> ``(B, 2, Y, X)`` float32.
+
+    ``windows``: an array, or an object with its ``shape`` that gives ``windows[b0:b1, :, rows, cols]`` as one
+    (e.g. windows stacked one network tile at a time, so that they are never held whole).
 
     Pull fields in full-resolution pixels: ``warp(window[:, K], field)`` lines up with the
     window's references. Sections larger than ``tile`` are processed in overlapping tiles.

@@ -11,6 +11,7 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -38,6 +39,8 @@ COMPRESSOR_V3 = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 """COMPRESSOR for Zarr v3 arrays."""
 SECTION_CHUNKS = (1, 512, 512)
 PYRAMID_TOP = 256  # auto pyramids stop once the smaller side of a level is at most this many pixels
+WRITE_TILE = 2048
+"""Side (px) of the level-0 tiles an unsharded output is written in (sharded: one shard per tile)."""
 DASK_XY = 4096  # y/x extent that dask chunks over a Zarr array grow to (whole multiples of the Zarr chunks)
 MAX_ABS_VALUE = 1e12  # largest pixel magnitude accepted for alignment (the engine sums squares in float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -579,6 +582,17 @@ def downsample2(section: np.ndarray) -> np.ndarray:
     return cast_to_dtype(mean, section.dtype)
 
 
+def _z_order(rows: int, cols: int, side: int) -> list[tuple[int, int]]:
+    """Origins ``(y0, x0)`` of a ``rows x cols`` grid of tiles of ``side`` px in Z-order (Morton): every aligned
+    block of ``2^k x 2^k`` tiles comes in one run."""
+
+    def key(index: tuple[int, int]) -> int:
+        return sum(((index[0] >> bit) & 1) << (2 * bit + 1) | ((index[1] >> bit) & 1) << (2 * bit) for bit in range(32))
+
+    order = sorted(itertools.product(range(rows), range(cols)), key=key)
+    return [(row * side, col * side) for row, col in order]
+
+
 def emalign_attrs(path: str | os.PathLike) -> dict | None:
     """attrs["emalign"] of an emalign output at `path` (a local path or a URL), or None if it is not one."""
     if not stores.is_zarr(path):
@@ -751,21 +765,81 @@ class OmeZarrWriter:
         section = np.asarray(section)
         if section.shape != self.shape[1:] or not 0 <= z < self.shape[0]:
             raise _err(self.path, f"cannot write section {z} of shape {section.shape} into a stack of {self.shape}")
-        section = cast_to_dtype(section, self.dtype)
-        self._write(self.arrays[0], z, section)
-        for array in self.arrays[1:]:
-            section = downsample2(section)
-            self._write(array, z, section)
-        self._write(self.done, z, True)
+        self.write_tiled(
+            z, lambda origin, shape: section[origin[0] : origin[0] + shape[0], origin[1] : origin[1] + shape[1]]
+        )
 
-    def _write(self, array: zarr.Array, z: int, value: Any) -> None:
-        """``array[z] = value``; an OSError naming no file (a full disk) gets the file of section z's first chunk."""
+    def tile_side(self) -> int:
+        """Side (px) of the level-0 tiles :meth:`write_tiled` asks for: one shard (unsharded: :data:`WRITE_TILE`),
+        made a multiple of ``2^(levels - 1)`` so that every level's part of a tile is whole pixels."""
+        first = self.arrays[0]
+        side = first.shards[1] if first.shards else WRITE_TILE
+        return math.lcm(side, 2 ** (len(self.arrays) - 1))
+
+    def write_tiled(self, z: int, tile: Callable[[tuple[int, int], tuple[int, int]], np.ndarray]) -> None:
+        """Write section z tile by tile: ``tile(origin, shape)`` gives the level-0 pixels of each tile
+        (:meth:`tile_side`, in Z-order), written with their downsampled copies at every level; z is marked done
+        after the last. Memory: a tile, and per level one group of tiles that fills its shards (chunks) whole, so
+        every shard is written once, whole (no read-modify-write of a shard, nor of one a killed run tore)."""
+        if not 0 <= z < self.shape[0]:
+            raise _err(self.path, f"cannot write section {z} into a stack of {self.shape}")
+        height, width = self.shape[1:]
+        side = self.tile_side()
+        groups = [  # level-0 px per axis of a level's group of tiles: whole shards (chunks) of that level
+            tuple(max(side, (array.shards or array.chunks)[axis] * 2**level) for axis in (1, 2))
+            for level, array in enumerate(self.arrays)
+        ]
+        pending: dict[int, tuple[tuple[int, int], np.ndarray, int]] = {}  # level -> group origin, pixels, tiles left
+        for y0, x0 in _z_order(-(-height // side), -(-width // side), side):
+            shape = (min(side, height - y0), min(side, width - x0))
+            pixels = cast_to_dtype(np.asarray(tile((y0, x0), shape)), self.dtype)
+            if pixels.shape != shape:
+                raise _err(self.path, f"tile of shape {pixels.shape} at {(y0, x0)} of section {z}; expected {shape}")
+            self._write(self.arrays[0], z, (y0, x0), pixels)
+            for level in range(1, len(self.arrays)):
+                pixels = downsample2(pixels)
+                self._gather(pending, level, z, (y0, x0), pixels, groups[level], side)
+        self._write(self.done, z, (), True)
+
+    def _gather(
+        self,
+        pending: dict[int, tuple[tuple[int, int], np.ndarray, int]],
+        level: int,
+        z: int,
+        origin: tuple[int, int],
+        pixels: np.ndarray,
+        group: tuple[int, int],
+        side: int,
+    ) -> None:
+        """Place one tile's level-``level`` ``pixels`` (its level-0 ``origin``) into its group, and write the
+        group once its last tile is in."""
+        array, f = self.arrays[level], 2**level
+        start = tuple(o // g * g for o, g in zip(origin, group, strict=True))
+        if level not in pending:
+            extent = [min(g, n - a) for g, n, a in zip(group, self.shape[1:], start, strict=True)]
+            tiles = math.prod(-(-e // side) for e in extent)
+            size = [min(-(-(a + e) // f), n) - a // f for a, e, n in zip(start, extent, array.shape[1:], strict=True)]
+            pending[level] = (start, np.zeros(size, array.dtype), tiles)
+        first, buffer, left = pending[level]
+        y, x = origin[0] // f - first[0] // f, origin[1] // f - first[1] // f
+        buffer[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
+        if left > 1:
+            pending[level] = (first, buffer, left - 1)
+        else:
+            del pending[level]
+            self._write(array, z, (first[0] // f, first[1] // f), buffer)
+
+    def _write(self, array: zarr.Array, z: int, origin: tuple[int, ...], value: Any) -> None:
+        """``array[z]`` (or its part at ``origin``) ``= value``; an OSError naming no file (a full disk) gets the file
+        of the first chunk written."""
+        where = (z, *(slice(o, o + n) for o, n in zip(origin, np.shape(value), strict=True)))
         try:
-            array[z] = value
+            array[where] = value
         except OSError as exc:
             if exc.filename is not None:
                 raise
-            first = (z // (array.shards or array.chunks)[0],) + (0,) * (array.ndim - 1)
+            unit = array.shards or array.chunks
+            first = tuple(i // u for i, u in zip((z, *origin), unit, strict=True))
             key = array.metadata.encode_chunk_key(first)
             raise OSError(exc.errno, exc.strerror, stores.join(self.path, array.path, key)) from exc
 

@@ -29,26 +29,63 @@ def _block_std(section: np.ndarray, block: int) -> np.ndarray:
     return np.repeat(np.repeat(std, block, 0), block, 1)[:height, :width]
 
 
-def invalid_pixels(section: np.ndarray, user: np.ndarray | None = None) -> np.ndarray:
-    """``(Y, X)`` bool: pixels that must not drive the alignment.
-
-    Detected: no data (0), saturated areas (the integer dtype's maximum, in runs of more than a
-    few pixels: cracks and holes imaged as white), and featureless blocks (contrast below
-    :data:`TEXTURE_FRACTION` of the section's median block contrast: charging, blur, empty
-    resin). ``user``: a mask of the same shape, non-zero where invalid.
-    """
+def _no_data(section: np.ndarray) -> np.ndarray:
+    """``(Y, X)`` bool: no data (0) and saturated runs (the integer dtype's maximum, opened by a 3 x 3 square)."""
     invalid = section == 0
     if section.dtype.kind in "ui":
         saturated = section == np.iinfo(section.dtype).max
         if saturated.any():
             invalid |= ndimage.binary_opening(saturated, np.ones((3, 3), bool))
+    return invalid
+
+
+def invalid_pixels(
+    section: np.ndarray, user: np.ndarray | None = None, typical: np.floating | None = None
+) -> np.ndarray:
+    """``(Y, X)`` bool: pixels that must not drive the alignment.
+
+    Detected: no data (0), saturated areas (the integer dtype's maximum, in runs of more than a
+    few pixels: cracks and holes imaged as white), and featureless blocks (contrast below
+    :data:`TEXTURE_FRACTION` of ``typical``: charging, blur, empty resin). ``typical``: the median block
+    contrast of the whole section when ``section`` is a part of it (:func:`typical_contrast`); default: the
+    median of ``section``'s own. ``user``: a mask of the same shape, non-zero where invalid.
+    """
+    invalid = _no_data(section)
     std = _block_std(section, TEXTURE_BLOCK)
-    typical = np.median(std[~invalid]) if (~invalid).any() else 0.0
+    if typical is None:
+        typical = np.median(std[~invalid]) if (~invalid).any() else 0.0
     if typical > 0:
         invalid |= std < TEXTURE_FRACTION * typical
     if user is not None:
         invalid |= np.asarray(user) != 0
     return invalid
+
+
+def block_contrast(section: np.ndarray, part: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """``(contrast, count)`` of the blocks of the part ``part`` of ``section`` (which holds the part and what
+    surrounds it, so saturated runs are judged as in the whole section), both ``(ceil(h / b), ceil(w / b))`` for
+    ``b`` = :data:`TEXTURE_BLOCK`: each block's contrast and its number of pixels with data (not no data or
+    saturated); what :func:`typical_contrast` combines over the parts of a section read one at a time (parts cut
+    at multiples of the block from the section's corner)."""
+    valid = ~_no_data(section)[part]
+    block = TEXTURE_BLOCK
+    std = _block_std(section[part], block)[::block, ::block]
+    pad = ((0, -valid.shape[0] % block), (0, -valid.shape[1] % block))
+    count = np.pad(valid, pad).reshape(std.shape[0], block, std.shape[1], block).sum(axis=(1, 3))
+    return std, count
+
+
+def typical_contrast(contrast: np.ndarray, count: np.ndarray) -> np.floating:
+    """The median contrast over a section's pixels with data, from its blocks' ``contrast`` and pixel ``count``
+    (:func:`block_contrast`): what :func:`invalid_pixels` computes from the whole section (0 without data)."""
+    contrast, count = np.ravel(contrast), np.ravel(count)
+    total = int(count.sum())
+    if total == 0:
+        return contrast.dtype.type(0)
+    order = np.argsort(contrast, kind="stable")
+    ends = np.cumsum(count[order])
+    middle = [contrast[order][np.searchsorted(ends, rank, side="right")] for rank in ((total - 1) // 2, total // 2)]
+    return np.median(np.array(middle, contrast.dtype))
 
 
 def pieces(valid: np.ndarray, min_fraction: float = MIN_PIECE) -> tuple[np.ndarray, int]:
@@ -102,4 +139,11 @@ def piecewise_field(fields: list[np.ndarray], labels: np.ndarray, stride: int, s
     return out
 
 
-__all__ = ["invalid_pixels", "piecewise_field", "pieces", "smooth_within"]
+__all__ = [
+    "block_contrast",
+    "invalid_pixels",
+    "piecewise_field",
+    "pieces",
+    "smooth_within",
+    "typical_contrast",
+]

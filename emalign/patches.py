@@ -58,6 +58,10 @@ class PatchGrid:
         spacing = max(size // 2, 1)
         return cls(patch_starts(shape[0], patch[0], spacing), patch_starts(shape[1], patch[1], spacing), patch)
 
+    def part(self, rows: slice, cols: slice, origin: tuple[int, int]) -> PatchGrid:
+        """The patches ``rows``, ``cols`` of this grid, in the pixels of an image whose corner is ``origin``."""
+        return PatchGrid(self.ys[rows] - origin[0], self.xs[cols] - origin[1], self.size)
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(ny, nx)`` nodes."""
@@ -67,13 +71,15 @@ class PatchGrid:
         """Node positions along y and along x, full-resolution px."""
         return self.ys + (self.size[0] - 1) / 2, self.xs + (self.size[1] - 1) / 2
 
-    def spectra(self, image: np.ndarray) -> np.ndarray:
+    def spectra(self, image: np.ndarray, ramp: float | None = None) -> np.ndarray:
         """Whitened spectra of the patches of a ``(Y, X)`` image (zeros are no data), ready for :meth:`match`.
+
+        ``ramp``: of the no-data edges' weights (:func:`emalign.rigid.soft_mask`; default: the image's own).
 
         Returns ``(ny * nx, py, px // 2 + 1)`` complex; all zero for a patch with data on less than
         :data:`MIN_DATA` of its pixels (its matches, half in the void, would be unreliable).
         """
-        weights = soft_mask(image)
+        weights = soft_mask(image, ramp=ramp)
         cut = [(slice(y, y + self.size[0]), slice(x, x + self.size[1])) for y in self.ys for x in self.xs]
         spectra = patch_spectra(image, weights, cut, LOWPASS)
         spectra[np.array([(weights[s] > 0).mean() for s in cut]) < MIN_DATA] = 0

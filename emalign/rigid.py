@@ -170,15 +170,22 @@ def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
     return np.concatenate([m[:, :2], (factor * m[:, 2] + offset - m[:, :2] @ offset)[:, None]], axis=1)
 
 
-def soft_mask(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def soft_ramp(shape: Sequence[int]) -> float:
+    """Width (px) of :func:`soft_mask`'s rise for an image of ``shape (Y, X)``."""
+    return max(2.0, min(shape) / 32)
+
+
+def soft_mask(image: np.ndarray, mask: np.ndarray | None = None, ramp: float | None = None) -> np.ndarray:
     """Weights in ``[0, 1]`` of a ``(Y, X)`` image's pixels: 0 on no data (zeros, outside ``mask``),
-    rising smoothly to 1 over a few pixels away from it (so its edge does not correlate)."""
+    rising smoothly to 1 over ``ramp`` px away from it (so its edge does not correlate; default
+    :func:`soft_ramp` of the image's shape: pass the whole image's to weigh a part of it, cut with a margin
+    of ``ramp`` px, as the whole)."""
     valid = np.asarray(image) != 0
     if mask is not None:
         valid &= np.asarray(mask, dtype=bool)
     if valid.all() or not valid.any():
         return valid.astype(np.float32)
-    ramp = max(2.0, min(valid.shape) / 32)
+    ramp = soft_ramp(valid.shape) if ramp is None else ramp
     taper = np.clip(ndimage.distance_transform_edt(valid) / ramp, 0, 1)
     return (3 * taper**2 - 2 * taper**3).astype(np.float32)
 

@@ -221,6 +221,7 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "--level": "0",
         "--polish": "off",
         "--polish-patch": "64",
+        "--memory-per-task": "3",
     }
     args = [item for pair in options.items() for item in pair]
     error_line(invoke("align", stack, out, *args, "--quiet"))
@@ -244,6 +245,7 @@ def test_align_into_an_output_with_other_params_needs_overwrite_and_records_ever
         "polish": "off",
         "polish_patch": 64,
         "task_tile": 64,
+        "memory_per_task": 3.0,
     }
     # every AlignParams field is recorded: those given above with their values, any other with its default
     assert recorded == {**AlignParams().to_dict(), **expected}

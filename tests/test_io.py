@@ -359,3 +359,33 @@ def test_import_roundtrip_uint16(tmp_path):
 
     override = import_stack(src, tmp_path / "um.zarr", progress=False, voxel_size=(0.05, 0.01, 0.01), unit="micrometer")
     assert open_stack(override).voxel_size == (0.05, 0.01, 0.01) and open_stack(override).unit == "micrometer"
+
+
+def test_a_section_written_tile_by_tile_gives_its_whole_pyramid_and_writes_every_shard_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "SECTION_CHUNKS", (1, 16, 16))
+    section = RNG.integers(0, 255, (150, 97), dtype=np.uint8)  # odd sides: edge tiles and padded levels
+    writer = OmeZarrWriter.create(tmp_path / "out.zarr", (2, *section.shape), np.uint8, levels=3, shard=32)
+    assert writer.tile_side() == 32 and len(writer.arrays) == 3
+    asked, writes = [], []
+    write = zarr.Array.__setitem__
+
+    def counted(self, key, value):
+        writes.append((self.path, key))
+        write(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", counted)
+
+    def tile(origin, shape):
+        asked.append(shape)
+        return section[origin[0] : origin[0] + shape[0], origin[1] : origin[1] + shape[1]]
+
+    writer.write_tiled(1, tile)
+    assert max(max(shape) for shape in asked) == 32  # never more than one shard of pixels at once
+    expected = section
+    for array in writer.arrays:
+        np.testing.assert_array_equal(array[1], expected)
+        assert not np.asarray(array[0]).any()
+        shards = np.prod([-(-n // s) for n, s in zip(array.shape[1:], array.shards[1:], strict=True)])
+        assert sum(path == array.path for path, _ in writes) == shards  # each shard written once, whole
+        expected = io.downsample2(expected)
+    assert writer.done_sections().tolist() == [False, True]

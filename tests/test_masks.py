@@ -58,3 +58,25 @@ def test_smooth_within_does_not_mix_values_across_the_weight_boundary():
     weight[:, :10] = 1
     smoothed = masks.smooth_within(field, weight, sigma=3.0)
     np.testing.assert_allclose(smoothed[:, :, :10], 0.0, atol=1e-6)
+
+
+def test_the_typical_contrast_of_a_section_read_in_parts_is_the_whole_sections():
+    texture = em_texture((1, 200, 170), seed=3)[0]
+    texture = (texture - texture.min()) / np.ptp(texture)
+    image = (texture * 20 + 100).astype(np.uint8)
+    part = (slice(32, 96), slice(64, 160))  # whole 32 px blocks, away from the saturated run
+    image[part] = texture[part] * 200 + 20  # a part of more contrast than the section, but for one block
+    image[64:96, 96:128] = texture[64:96, 96:128] * 15 + 100  # featureless within the part, not within the section
+    image[:40, :90] = 0
+    image[120:150, 30:160] = 255
+    whole = masks.invalid_pixels(image)
+    contrast, count = [], []
+    for y0 in range(0, 200, 64):  # parts cut at multiples of the block, each judged with its surroundings
+        for x0 in range(0, 170, 96):
+            c, n = masks.block_contrast(image, (slice(y0, min(y0 + 64, 200)), slice(x0, min(x0 + 96, 170))))
+            contrast.append(c.ravel())
+            count.append(n.ravel())
+    typical = masks.typical_contrast(np.concatenate(contrast), np.concatenate(count))
+    np.testing.assert_array_equal(masks.invalid_pixels(image[part], typical=typical), whole[part])
+    block = (slice(32, 64), slice(32, 64))  # that block, within the part
+    assert masks.invalid_pixels(image[part])[block].all() and not whole[part][block].any()

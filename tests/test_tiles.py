@@ -46,7 +46,7 @@ def estimated(stack, tmp_path_factory):
     for name in ("coarse/matrices", "sections/flags", "stages/prealign"):  # the same prealignment
         tiled.array(name)[:] = whole.array(name)[:]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(estimate, "invalid_pixels", lambda raw, user=None: raw == 0)
+        patch.setattr(estimate, "invalid_pixels", lambda raw, user=None, typical=None: raw == 0)
         for ws in (whole, tiled):
             run_stage("estimate", ws, **STAGE)
     return whole, tiled
@@ -119,3 +119,59 @@ def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(esti
     assert calls == [(1, 3), (0, 2)]
     assert tiled.stage_done("estimate").all()
     np.testing.assert_array_equal(fields(tiled, "relative"), before)
+
+
+def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, monkeypatch):
+    """prealign, estimate, refine, polish and render read their sections part by part (parts of 32 px here; the estimate
+    in task tiles of 64 px; the polish in bands of patch-grid nodes; the render one 32 px shard at a time), never a
+    whole 224 x 224 section."""
+    import emalign.io as io
+    import emalign.pipeline.polish as polish
+    import emalign.pipeline.render as render
+
+    shape = (3, 224, 224)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, demo_stack(shape, seed=2)[1].stack, photometric="minisblack")
+    monkeypatch.setattr(io, "SECTION_CHUNKS", (1, 16, 16))
+    monkeypatch.setattr(estimate, "COARSE_TILE", 32)
+    monkeypatch.setattr(polish, "POLISH_NODES", 2)
+    reads = []
+
+    def recording(stack, z, require_finite=True, region=None):
+        assert region is not None, "a whole section was read"
+        reads.append((region[0].stop - region[0].start) * (region[1].stop - region[1].start))
+        return unpatched(stack, z, require_finite, region)
+
+    unpatched = estimate.check_chunk
+    for module in (estimate, render):
+        monkeypatch.setattr(module, "check_chunk", recording)
+    params = AlignParams(block=2, tile=32, halo=4, smoothing=4.0, task_tile=64, shard=32, polish="on", polish_patch=16)
+    ws = Workspace.create(open_stack(path), tmp_path / "out.zarr", params)
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish", "render"):
+        run_stage(stage, ws, **STAGE)
+    assert ws.writer.done_sections().all() and ws.writer.tile_side() == 32
+    # a part and what it pulls from, widened to whole 32 px contrast blocks and a few px (estimate._widened)
+    assert max(reads) < shape[1] * shape[2] / 2
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_a_section_read_in_parts_gives_the_whole_sections_block_means_and_statistics(tmp_path, monkeypatch, factor):
+    import zarr
+
+    from emalign.rigid import block_mean
+
+    rng = np.random.default_rng(1)
+    data = (rng.random((1, 200, 234)) * 200 + 20).astype(np.uint8)
+    data[0, :40, :90] = 0
+    data[0, 100:130, 20:200] = 255  # a saturated run across parts
+    data[0, 150:190, 150:190] = 128  # featureless
+    zarr.open_array(str(tmp_path / "s.zarr"), mode="w", shape=data.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = data
+    stack = open_stack(tmp_path / "s.zarr")
+    monkeypatch.setattr(estimate, "COARSE_TILE", 60)  # parts of 64 or 96 px
+    coarse, _, (fraction, contrast) = estimate.coarse_section(stack, 0, factor)
+    raw, whole = estimate.read_masked(stack, 0)
+    np.testing.assert_array_equal(coarse, block_mean(whole, factor))
+    grid = raw[::factor, ::factor]
+    values = grid[grid != 0].astype(np.float64)
+    assert fraction == pytest.approx((grid != 0).mean(), rel=1e-12)
+    assert contrast == pytest.approx(values.std() / values.max(), rel=1e-9)

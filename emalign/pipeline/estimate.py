@@ -19,6 +19,7 @@ estimate
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
 from emalign.inference import predict_windows, tile_span
 from emalign.io import Stack, check_chunk, downsampled, open_stack
-from emalign.masks import TEXTURE_BLOCK, invalid_pixels, pieces, piecewise_field
+from emalign.masks import TEXTURE_BLOCK, block_contrast, invalid_pixels, pieces, piecewise_field, typical_contrast
 from emalign.pipeline.plan import AlignParams, Plan
 from emalign.pipeline.render import render_region
 from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
@@ -56,35 +57,20 @@ wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and a
 (figures: benchmarks/results/design_choices.md)."""
 
 
-def section_stats(section: np.ndarray) -> tuple[float, float]:
-    """``(valid fraction, contrast)`` of a section: non-zero share, and std relative to its largest value.
+class CoarseSections:
+    """Sections ``start..stop`` of a stack as :func:`coarse_section` gives them (``factor``-block means of the
+    masked sections, read in bounded memory); records the contrast and the statistics (:func:`section_contrast`)
+    of every section read."""
 
-    Relative to the section's own values, not to its dtype: 8-bit data stored as uint16, or any
-    int64 stack, has as much contrast as the same data in uint8.
-    """
-    valid = section != 0
-    fraction = float(valid.mean())
-    if not valid.any():
-        return fraction, 0.0
-    values = section[valid].astype(np.float64)
-    return fraction, float(values.std() / max(float(np.abs(values).max()), 1e-12))
-
-
-class CheckedSections:
-    """Sections ``start..stop`` of a stack, read one at a time through :func:`check_chunk` (clear errors),
-    invalid pixels (:func:`emalign.masks.invalid_pixels`, with the user's mask) set to 0 (no data).
-
-    Records :func:`section_stats` (on a ``step``-subsampled grid, before masking) of every section it reads.
-    """
-
-    def __init__(self, stack: Stack, start: int, stop: int, step: int, mask: Stack | None = None):
-        self.stack, self.start, self.step, self.mask = stack, start, step, mask
-        self.shape = (stop - start, *stack.shape[1:])
+    def __init__(self, stack: Stack, start: int, stop: int, factor: int, mask: Stack | None = None):
+        self.stack, self.start, self.factor, self.mask = stack, start, factor, mask
+        self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
         self.stats: dict[int, tuple[float, float]] = {}
+        self.contrast: dict[int, np.floating] = {}
 
     def __getitem__(self, z: int) -> np.ndarray:
-        raw, section = read_masked(self.stack, self.start + z, self.mask)
-        self.stats[self.start + z] = section_stats(raw[:: self.step, :: self.step])
+        z = self.start + z
+        section, self.contrast[z], self.stats[z] = coarse_section(self.stack, z, self.factor, self.mask)
         return section
 
 
@@ -115,20 +101,104 @@ def read_masked(stack: Stack, z: int, mask: Stack | None = None) -> tuple[np.nda
     return raw, masked(raw, None if mask is None else check_chunk(mask, z))
 
 
-def read_masked_region(stack: Stack, z: int, region: tuple[slice, slice], mask: Stack | None = None) -> np.ndarray:
-    """Part ``region`` (rows, cols) of section ``z`` as :func:`read_masked` gives it, reading only around it.
-
-    The part read is widened by a few pixels and to whole contrast blocks (:data:`emalign.masks.TEXTURE_BLOCK`,
-    counted from the section's corner), so blocks and saturated runs are judged as in the whole section; only
-    the featureless threshold differs: it is relative to the median contrast of the part read, not the section's.
-    """
-    block, sizes = TEXTURE_BLOCK, stack.shape[1:]
+def _widened(region: tuple[slice, slice], sizes: tuple[int, ...]) -> tuple[slice, slice]:
+    """``region`` widened by a few pixels (saturated runs are judged with their surroundings) and to whole
+    contrast blocks (:data:`emalign.masks.TEXTURE_BLOCK`, counted from the section's corner), within the section."""
+    block = TEXTURE_BLOCK
     lo = [max(0, (r.start - 4) // block * block) for r in region]
     hi = [min(n, -(-(r.stop + 4) // block) * block) for r, n in zip(region, sizes, strict=True)]
-    window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
+
+
+def _within(region: tuple[slice, slice], window: tuple[slice, slice]) -> tuple[slice, slice]:
+    """Where the part ``region`` of a section lies in an array holding its part ``window``."""
+    return tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True))
+
+
+def read_masked_region(
+    stack: Stack,
+    z: int,
+    region: tuple[slice, slice],
+    mask: Stack | None = None,
+    typical: np.floating | None = None,
+) -> np.ndarray:
+    """Part ``region`` (rows, cols) of section ``z`` as :func:`read_masked` gives it, reading only around it.
+
+    The part read is widened (:func:`_widened`), so blocks and saturated runs are judged as in the whole section;
+    the featureless threshold is relative to ``typical`` (the section's median block contrast:
+    :func:`section_contrast`) or, without it, to the median contrast of the part read.
+    """
+    window = _widened(region, stack.shape[1:])
     user = None if mask is None else check_chunk(mask, z, region=window)
-    section = masked(check_chunk(stack, z, region=window), user)
-    return section[region[0].start - lo[0] : region[0].stop - lo[0], region[1].start - lo[1] : region[1].stop - lo[1]]
+    raw = check_chunk(stack, z, region=window)
+    section = raw.astype(np.float32)
+    section[invalid_pixels(raw, user, typical)] = 0
+    return section[_within(region, window)]
+
+
+COARSE_TILE = 2048
+"""Side (px, rounded up to whole contrast blocks and block means) of the parts a section is read in by
+:func:`coarse_section`: its memory is bounded by this, not by the section."""
+
+
+def _tiles(shape: tuple[int, ...], factor: int) -> list[tuple[slice, slice]]:
+    """The parts of a ``shape (Y, X)`` section that :func:`coarse_section` reads one at a time: squares of
+    :data:`COARSE_TILE` rounded up to a multiple of both ``factor`` and :data:`emalign.masks.TEXTURE_BLOCK`."""
+    unit = math.lcm(factor, TEXTURE_BLOCK)
+    side = -(-COARSE_TILE // unit) * unit
+    return [
+        (slice(y0, min(y0 + side, shape[0])), slice(x0, min(x0 + side, shape[1])))
+        for y0 in range(0, shape[0], side)
+        for x0 in range(0, shape[1], side)
+    ]
+
+
+def section_contrast(stack: Stack, z: int, factor: int = 1) -> tuple[np.floating, tuple[float, float]]:
+    """The median block contrast of section ``z`` (:func:`emalign.masks.typical_contrast`) and its statistics
+    ``(valid fraction, contrast)`` on the ``factor``-subsampled grid, before masking: the share of non-zero
+    pixels, and their std relative to their largest magnitude (relative to the section's own values, not to its
+    dtype: 8-bit data stored as uint16 has as much contrast as the same data in uint8); read part by part
+    (:func:`_tiles`)."""
+    contrasts, counts = [], []
+    size = valid = 0
+    total = squares = largest = 0.0
+    for region in _tiles(stack.shape[1:], factor):
+        window = _widened(region, stack.shape[1:])
+        raw = check_chunk(stack, z, region=window)
+        part = _within(region, window)
+        contrast, count = block_contrast(raw, part)
+        contrasts.append(contrast.ravel())
+        counts.append(count.ravel())
+        values = raw[part][::factor, ::factor]
+        size += values.size
+        values = values[values != 0].astype(np.float64)
+        valid += values.size
+        total, squares = total + float(values.sum()), squares + float((values**2).sum())
+        largest = max(largest, float(np.abs(values).max(initial=0.0)))
+    typical = typical_contrast(np.concatenate(contrasts), np.concatenate(counts))
+    if not valid:
+        return typical, (0.0, 0.0)
+    spread = math.sqrt(max(squares / valid - (total / valid) ** 2, 0.0))
+    return typical, (valid / size, spread / max(largest, 1e-12))
+
+
+def coarse_section(
+    stack: Stack, z: int, factor: int, mask: Stack | None = None
+) -> tuple[np.ndarray, np.floating, tuple[float, float]]:
+    """``(Y // factor, X // factor)`` float32: :func:`emalign.rigid.block_mean` of section ``z`` as
+    :func:`read_masked` gives it; the section's median block contrast and statistics (:func:`section_contrast`).
+
+    Read in two passes, part by part (:func:`_tiles`): the section's contrast first (:func:`section_contrast`),
+    then each part masked against it and block-averaged; the full-resolution section is never held.
+    """
+    typical, stats = section_contrast(stack, z, factor)
+    height, width = (n // factor for n in stack.shape[1:])
+    out = np.zeros((height, width), np.float32)
+    for region in _tiles(stack.shape[1:], factor):
+        coarse = rigid.block_mean(read_masked_region(stack, z, region, mask, typical), factor)
+        y0, x0 = region[0].start // factor, region[1].start // factor
+        out[y0 : y0 + coarse.shape[0], x0 : x0 + coarse.shape[1]] = coarse[: height - y0, : width - x0]
+    return out, typical, stats
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
@@ -136,27 +206,31 @@ def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
     same pairs refined to affines (``coarse/affine``)."""
     start, stop = ws.plan.blocks()[index]
     params = ws.params
-    step = params.coarse_downsample
+    step = ws.plan.coarse_factor
     first = max(start - max(OFFSETS), 0)
-    sections = CheckedSections(stack, first, stop, step, user_mask(ws, stack))
+    sections = CoarseSections(stack, first, stop, step, user_mask(ws, stack))
     # one refinement step: the refine stage corrects what a second would (and more), at a third less time
     unrelated: dict[int, float] = {}
-    pairs = rigid.pairwise_rigid(
+    coarse_pairs = rigid.pairwise_rigid(  # on the block means: matrices in their pixels
         sections,
         OFFSETS,
-        downsample=step,
+        downsample=1,
         max_rotation_deg=params.max_rotation_deg,
         refine_steps=1,
         unrelated=unrelated,
         second_opinion=rigid.SECOND_OPINION_MARGIN,
     )
+    pairs = [(z, j, rigid.upscale_matrix(matrix, step), score) for z, j, matrix, score in coarse_pairs]
+    refined = [
+        (z, j, rigid.upscale_matrix(m, step), score)
+        for z, j, m, score in affine.pairwise_affine(sections, coarse_pairs, 1)
+    ]
     ws.array("sections/stats")[start:stop] = np.array(
         [(*sections.stats[z], unrelated.get(z - first, np.nan)) for z in range(start, stop)]
     )
+    ws.array("sections/contrast")[start:stop] = [sections.contrast[z] for z in range(start, stop)]
     ws.array("coarse/pairs")[start:stop] = pair_table(pairs, first, start, stop)
-    ws.array("coarse/affine")[start:stop] = pair_table(
-        affine.pairwise_affine(sections, pairs, step), first, start, stop
-    )
+    ws.array("coarse/affine")[start:stop] = pair_table(refined, first, start, stop)
     ws.mark_done("prealign", index)
 
 
@@ -375,38 +449,60 @@ def _piece_field(
 
 
 class PrealignedRegions:
-    """One xy region of sections warped by their prealignment (``coarse/matrices``), invalid pixels 0, excluded
-    sections all 0; each is read once (only the part of the raw section the region pulls from) and kept until
-    :meth:`keep_only` drops it."""
+    """One xy region of sections warped by their prealignment (``coarse/matrices``), invalid pixels 0 (judged
+    against each section's contrast: ``sections/contrast``, so a region's pixels equal the whole section's),
+    excluded sections all 0; each is read once, a part of :data:`COARSE_TILE` px at a time (only the part of the
+    raw section that part pulls from), and kept until :meth:`keep_only` drops it."""
 
     def __init__(self, ws: Workspace, stack: Stack, origin: tuple[int, int], shape: tuple[int, int]):
         self.stack, self.origin, self.shape = stack, origin, shape
         self.matrices = np.asarray(ws.array("coarse/matrices")[:])
+        self.contrast = np.asarray(ws.array("sections/contrast")[:])
         self.excluded = ws.excluded()
-        self.read = functools.partial(read_masked_region, mask=user_mask(ws, stack))
+        self.mask = user_mask(ws, stack)
         height, width = stack.shape[1:]
         self.grid = (height // AFFINE_STRIDE + 2, width // AFFINE_STRIDE + 2)  # reaches past the section's edge
         self.sections: dict[int, np.ndarray] = {}
 
     def __getitem__(self, z: int) -> np.ndarray:
         if z not in self.sections:
-            if self.excluded[z]:
-                self.sections[z] = np.zeros(self.shape, np.float32)
-            else:
+            section = np.zeros(self.shape, np.float32)
+            if not self.excluded[z]:
                 field = affine_field(self.matrices[z], self.grid, stride=AFFINE_STRIDE)
-                self.sections[z] = render_region(
-                    self.stack, z, field, AFFINE_STRIDE, self.origin, self.shape, read=self.read
-                )
+                read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
+                for rows, cols in _tiles(self.shape, 1):
+                    origin = (self.origin[0] + rows.start, self.origin[1] + cols.start)
+                    shape = (rows.stop - rows.start, cols.stop - cols.start)
+                    section[rows, cols] = render_region(self.stack, z, field, AFFINE_STRIDE, origin, shape, read=read)
+            self.sections[z] = section
         return self.sections[z]
 
     def window(self, indices: list[int]) -> np.ndarray:
         """``(D, h, w)``: the sections ``indices`` stacked."""
         return np.stack([self[i] for i in indices])
 
+    def windows(self, windows: list[list[int]]) -> LazyWindows:
+        """``(B, D, h, w)``: the sections of each of ``windows`` stacked, cut out only where sliced."""
+        return LazyWindows(self, windows)
+
     def keep_only(self, indices: set[int]) -> None:
         """Forget the sections not in ``indices``."""
         for z in set(self.sections) - indices:
             del self.sections[z]
+
+
+class LazyWindows:
+    """``(B, D, h, w)`` windows of :class:`PrealignedRegions`' sections (``indices[b]``: window ``b``'s), stacked
+    only for the part ``[batches, :, rows, cols]`` sliced (:func:`emalign.inference.predict_windows` slices one
+    network tile at a time): the windows' sections are held once, not once per window."""
+
+    def __init__(self, sections: PrealignedRegions, indices: list[list[int]]):
+        self.sections, self.indices = sections, indices
+        self.shape = (len(indices), len(indices[0]), *sections.shape)
+
+    def __getitem__(self, key: tuple[slice, slice, slice, slice]) -> np.ndarray:
+        batches, _, rows, cols = key
+        return np.stack([[self.sections[i][rows, cols] for i in window] for window in self.indices[batches]])
 
 
 @dataclass(frozen=True)
@@ -469,7 +565,7 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, tile: int = 0, devic
         relative[z, :, out_rows, out_cols] = field[:, region.rows, region.cols]
 
     def run(batch: list[int]) -> None:
-        windows = np.stack([sections.window(windows_of[z]) for z in batch])
+        windows = sections.windows([windows_of[z] for z in batch])
         fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH, frame=frame)
         for z, field in zip(batch, fields, strict=True):
             write(z, smooth_field(field[:, ::s, ::s], sigma / s))

@@ -13,6 +13,23 @@ from emalign.errors import EmalignError
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
 
 POLISH_MODES = ("auto", "on", "off")
+ESTIMATE_BYTES_PER_PX = 80
+"""Memory of an estimate task per pixel of its region (the window's sections, the fields; measured:
+benchmarks/results/speed_large.md), from which :attr:`Plan.task_tile` sizes the tiles under ``--memory-per-task``."""
+ESTIMATE_FIXED_BYTES = 0.5 * 2**30
+"""Memory of an estimate task whatever its region (the network's activations on one batch of its tiles)."""
+MATCH_BYTES_PER_PX = 340
+"""Memory of the rigid and affine matching (:func:`emalign.rigid.pairwise_rigid`) per block mean of a section
+(spectra, polar transforms, patches of the sections held), from which :attr:`Plan.coarse_factor` is chosen."""
+MIN_TASK_TILE = 512
+"""Smallest xy task tile chosen under ``--memory-per-task`` (smaller ones spend most of their work on context)."""
+BASE_BYTES = 0.4 * 2**30
+"""What a worker holds before any task (Python, torch, the model), taken off ``--memory-per-task``."""
+
+
+def _budget(params: AlignParams) -> float:
+    """Bytes a task's arrays may take: ``params.memory_per_task`` less :data:`BASE_BYTES`."""
+    return max(params.memory_per_task * 2**30 - BASE_BYTES, 2**28)
 
 
 def _param(default: object, help: str, **cli: object) -> object:
@@ -60,7 +77,10 @@ class AlignParams:
         task_tile: side (px, rounded up to a multiple of ``stride``) of the xy tiles that split
             the estimate and stitch tasks (:meth:`Plan.tiles`): a task holds one tile and the context around it
             (:func:`emalign.pipeline.estimate.task_region`), never a whole larger section. Sections up to this
-            size are one tile.
+            size are one tile. 0: the largest tile whose estimate task fits ``memory_per_task``.
+        memory_per_task: GiB one task may hold, about (the scheduler runs several at once): it sets the task tile
+            (``task_tile`` 0) and the block-mean factor of the prealignment's and the refine stage's matching,
+            ``coarse_downsample`` or larger where a section at that factor would not fit (:meth:`Plan.coarse_factor`).
 
     Each field's metadata holds its command-line option (see :func:`_param`).
 
@@ -100,7 +120,11 @@ class AlignParams:
         layout=True,
     )
     shard: int = _param(SHARD_XY, "y/x side of a shard (file) of the 0.5 output, px; 0: none", layout=True)
-    task_tile: int = _param(4096, "xy tile of the estimate and stitch tasks, px")
+    task_tile: int = _param(0, "xy tile of the estimate and stitch tasks, px (0: from --memory-per-task)")
+    memory_per_task: float = _param(
+        2.0,
+        "GiB a task may hold, about: sets --task-tile 0 and the prealignment's resolution on large sections",
+    )
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -130,8 +154,10 @@ class AlignParams:
                 f"bad plan: stride {self.stride}, block {self.block}, tile {self.tile}, halo {self.halo} "
                 "(need stride, block >= 1, tile >= 32, 0 <= 2 * halo < tile)"
             )
-        if self.task_tile < 16:
-            raise EmalignError(f"bad plan: --task-tile {self.task_tile} (need at least 16 px)")
+        if self.task_tile and self.task_tile < 16:
+            raise EmalignError(f"bad plan: --task-tile {self.task_tile} (need 0 (auto) or at least 16 px)")
+        if not (math.isfinite(self.memory_per_task) and self.memory_per_task > 0):
+            raise EmalignError(f"bad plan: --memory-per-task {self.memory_per_task} (need a positive number of GiB)")
         if self.polish not in POLISH_MODES:
             raise EmalignError(f"bad plan: --polish {self.polish!r}; expected one of {', '.join(POLISH_MODES)}")
         if self.polish_patch < 16:
@@ -163,10 +189,29 @@ class Plan:
 
     @property
     def task_tile(self) -> int:
-        """Side (px) of the xy task tiles: ``params.task_tile`` rounded up to a multiple of the stride, so a
-        tile's grid points (one chunk of the field arrays) belong to no other tile."""
-        s = self.params.stride
-        return math.ceil(self.params.task_tile / s) * s
+        """Side (px) of the xy task tiles: ``params.task_tile``, or with 0 the side that cuts the section into the
+        fewest equal tiles whose estimate task (the tile and its context: :func:`emalign.pipeline.estimate.task_region`)
+        holds about ``params.memory_per_task`` (:data:`ESTIMATE_BYTES_PER_PX`, :data:`ESTIMATE_FIXED_BYTES`); rounded
+        up to a multiple of the stride, so a tile's grid points (one chunk of the field arrays) belong to no other
+        tile."""
+        s, params = self.params.stride, self.params
+        side = params.task_tile
+        if not side:
+            context = 4 * params.smoothing + params.tile - 2 * params.halo  # per side, at most: smoothing, network
+            region = math.sqrt(max(_budget(params) - ESTIMATE_FIXED_BYTES, 0) / ESTIMATE_BYTES_PER_PX)
+            largest, longest = max(MIN_TASK_TILE, int(region - 2 * context)), max(self.shape[1:])
+            side = math.ceil(longest / math.ceil(longest / largest))
+        return math.ceil(side / s) * s
+
+    @property
+    def coarse_factor(self) -> int:
+        """Block-mean factor of the prealignment's and the refine stage's matching: ``params.coarse_downsample``,
+        or the smallest larger one at which a section's matching holds about ``params.memory_per_task`` at most
+        (:data:`MATCH_BYTES_PER_PX` per block mean)."""
+        factor, area = self.params.coarse_downsample, self.shape[1] * self.shape[2]
+        while area / factor**2 * MATCH_BYTES_PER_PX > _budget(self.params) and min(self.shape[1:]) >= 4 * factor:
+            factor += 1
+        return factor
 
     def tiles(self) -> list[tuple[int, int, int, int]]:
         """``(y0, x0, h, w)`` xy task tiles (px) covering a section, row by row."""

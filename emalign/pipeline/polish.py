@@ -20,6 +20,8 @@ polish
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from emalign.consensus import smooth_trend
@@ -28,8 +30,10 @@ from emalign.io import Stack
 from emalign.patches import PatchGrid
 from emalign.pipeline.refine import WarpedSections, fine_spacing
 from emalign.pipeline.store import NODE_TILE, OFFSETS, Workspace
-from emalign.rigid import solve_translations
+from emalign.rigid import soft_ramp, solve_translations
 
+POLISH_NODES = 32
+"""Patch-grid nodes per side of the bands a polish task matches one at a time (its memory: a band's spectra)."""
 TREND_STIFFNESS = 1e3
 """Curvature weight of the z-trend kept in each node's shifts. The polish corrects section-to-section
 error; slower trends, which patch matches cannot tell from the content's own drift, are left to the
@@ -49,21 +53,43 @@ def polish_wanted(ws: Workspace) -> bool:
     return fine_spacing(ws)
 
 
+def _band_region(
+    grid: PatchGrid, rows: slice, cols: slice, section: tuple[int, ...], margin: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(origin, shape)`` of the region of a ``section (Y, X)`` under the patches ``rows``, ``cols`` of ``grid``,
+    widened by ``margin`` px within the section."""
+    lo = [max(0, int(grid.ys[rows][0]) - margin), max(0, int(grid.xs[cols][0]) - margin)]
+    hi = [
+        min(section[0], int(grid.ys[rows][-1]) + grid.size[0] + margin),
+        min(section[1], int(grid.xs[cols][-1]) + grid.size[1] + margin),
+    ]
+    return (lo[0], lo[1]), (hi[0] - lo[0], hi[1] - lo[1])
+
+
 def polish_block(ws: Workspace, stack: Stack, index: int) -> None:
-    """Patch shifts of the refined sections of block ``index`` against the 3 before each."""
+    """Patch shifts of the refined sections of block ``index`` against the 3 before each, a band of
+    :data:`POLISH_NODES` x :data:`POLISH_NODES` nodes at a time: each section's region under the band's patches (and
+    the margin its no-data weights reach) is warped and matched, never the whole section."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
     grid = polish_grid(ws)
     sections = WarpedSections(ws, stack, first, stop, 1, "fields/refined")
+    ramp = soft_ramp(ws.plan.shape[1:])  # the whole section's, so that a region's weights are the section's
+    margin = math.ceil(ramp) + 1
     table = np.full((stop - start, len(OFFSETS), *grid.shape, 3), np.nan, np.float32)
-    spectra: dict[int, np.ndarray] = {}
-    for z in range(first, stop):
-        spectra[z] = grid.spectra(sections[z - first])
-        spectra.pop(z - max(OFFSETS) - 1, None)
-        for i, k in enumerate(OFFSETS):
-            if z >= start and z - k in spectra:
-                shifts, peaks = grid.match(spectra[z - k], spectra[z])
-                table[z - start, i] = np.concatenate([shifts, peaks[..., None]], axis=-1)
+    for r0 in range(0, grid.shape[0], POLISH_NODES):
+        for c0 in range(0, grid.shape[1], POLISH_NODES):
+            rows, cols = slice(r0, r0 + POLISH_NODES), slice(c0, c0 + POLISH_NODES)
+            origin, shape = _band_region(grid, rows, cols, ws.plan.shape[1:], margin)
+            band = grid.part(rows, cols, origin)
+            spectra: dict[int, np.ndarray] = {}
+            for z in range(first, stop):
+                spectra[z] = band.spectra(sections.region(z - first, origin, shape), ramp)
+                spectra.pop(z - max(OFFSETS) - 1, None)
+                for i, k in enumerate(OFFSETS):
+                    if z >= start and z - k in spectra:
+                        shifts, peaks = band.match(spectra[z - k], spectra[z])
+                        table[z - start, i, rows, cols] = np.concatenate([shifts, peaks[..., None]], axis=-1)
     ws.array("polish/pairs")[start:stop] = table
     ws.mark_done("polish", index)
 

@@ -8,7 +8,7 @@ removes most of it (figures: benchmarks/results/design_choices.md).
 
 refine
     per z-block: every section warped by its stitched field and phase-correlated (translation
-    only, at ``coarse_downsample``) with the 3 before it; once every block is done, one solve
+    only, at :attr:`emalign.pipeline.plan.Plan.coarse_factor`) with the 3 before it; once every block is done, one solve
     (:func:`emalign.pipeline.estimate.solve_pairs`: breaks, bad sections and the z-trend handled
     as in the prealignment) whose shifts are composed into ``fields/refined`` (the polish stage makes
     ``fields/global`` from them).
@@ -22,12 +22,22 @@ spacing (figures: benchmarks/results/design_choices.md).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from emalign import rigid
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
-from emalign.pipeline.estimate import adjacent_score, pair_table, read_masked, solve_pairs, user_mask
+from emalign.pipeline.estimate import (
+    adjacent_score,
+    coarse_section,
+    pair_table,
+    read_masked_region,
+    solve_pairs,
+    user_mask,
+)
+from emalign.pipeline.render import render_region
 from emalign.pipeline.store import OFFSETS, Workspace
 
 FINE_MIN_PEAK = 0.62
@@ -50,20 +60,31 @@ def fine_spacing(ws: Workspace) -> bool:
 
 class WarpedSections:
     """Sections ``start..stop`` as ``factor``-block means warped by their fields in the workspace array
-    ``fields`` (invalid pixels and excluded sections at 0): block mean first, then the warp on the coarse
-    grid, a ``factor^2`` cheaper warp than at full resolution."""
+    ``fields`` (invalid pixels and excluded sections at 0): block mean first (read part by part:
+    :func:`emalign.pipeline.estimate.coarse_section`), then the warp on the coarse grid, a ``factor^2`` cheaper
+    warp than at full resolution."""
 
     def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int, fields: str):
         self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
         self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
         self.excluded, self.mask = ws.excluded(), user_mask(ws, stack)
         self.fields = ws.array(fields)
+        self.contrast = np.asarray(ws.array("sections/contrast")[:])
+
+    def region(self, index: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+        """The ``shape`` region at ``origin`` of section ``index`` warped at full resolution (``factor`` 1), read
+        around it only: the pixels of the whole warped section there."""
+        z = self.start + index
+        if self.excluded[z]:
+            return np.zeros(shape, np.float32)
+        read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
+        return render_region(self.stack, z, np.asarray(self.fields[z]), self.ws.params.stride, origin, shape, read)
 
     def __getitem__(self, index: int) -> np.ndarray:
         z = self.start + index
         if self.excluded[z]:
             return np.zeros(self.shape[1:], np.float32)
-        coarse = rigid.block_mean(read_masked(self.stack, z, self.mask)[1], self.factor)
+        coarse = coarse_section(self.stack, z, self.factor, self.mask)[0]
         # coarse pixel i sits at full-resolution factor * i + (factor - 1) / 2; fields are in full-resolution px
         centre = ((self.factor - 1) / 2,) * 2
         field = resample(np.asarray(self.fields[z]), self.ws.params.stride, self.factor, coarse.shape, centre)
@@ -74,7 +95,7 @@ def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each)."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
-    factor = ws.params.coarse_downsample
+    factor = ws.plan.coarse_factor
     sections = WarpedSections(ws, stack, first, stop, factor, "fields/stitched")
     pairs = [
         (z, j, rigid.upscale_matrix(matrix, factor), score)

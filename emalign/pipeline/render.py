@@ -1,22 +1,20 @@
 """Stage 6: warp every section by its global field and write the aligned OME-Zarr.
 
-Each section is rendered in output tiles: the field is upsampled for the tile only, and
-only the part of the raw section the tile pulls from is read, so memory is bounded by the
-tile (plus one output section, which the pyramid writer needs).
+Each section is rendered in output tiles (one shard each): the field is upsampled for the tile only,
+only the part of the raw section the tile pulls from is read, and the tile is written with its
+pyramid before the next, so memory is bounded by the tile, not by the section.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 
 from emalign.fields import resample, sample
-from emalign.io import Stack, cast_to_dtype, check_chunk
+from emalign.io import Stack, check_chunk
 from emalign.pipeline.store import Workspace
-
-RENDER_TILE = 2048
-
 
 RegionReader = Callable[[Stack, int, tuple[slice, slice]], np.ndarray]
 """``read(stack, z, (rows, cols))``: that part of section ``z`` as float32."""
@@ -56,20 +54,10 @@ def render_region(
     return sample(source, coords)
 
 
-def render_section(stack: Stack, z: int, field: np.ndarray, stride: int, tile: int = RENDER_TILE) -> np.ndarray:
-    """Section ``z`` of ``stack`` pulled by ``field (2, gy, gx)`` (stride ``stride``), the input dtype."""
-    height, width = stack.shape[1:]
-    out = np.zeros((height, width), np.float32)
-    for y0 in range(0, height, tile):
-        for x0 in range(0, width, tile):
-            shape = (min(tile, height - y0), min(tile, width - x0))
-            out[y0 : y0 + shape[0], x0 : x0 + shape[1]] = render_region(stack, z, field, stride, (y0, x0), shape)
-    return cast_to_dtype(out, stack.dtype)
-
-
 def render_block(ws: Workspace, stack: Stack, index: int) -> None:
     """Render and write the sections of block ``index`` of the full-resolution ``stack`` not yet written (fields
-    scaled from the working resolution); flagged ones pass through unchanged."""
+    scaled from the working resolution), tile by tile (:meth:`emalign.io.OmeZarrWriter.write_tiled`: one shard
+    per tile, so no two tasks write the same file); flagged ones pass through unchanged."""
     start, stop = ws.plan.blocks()[index]
     excluded = ws.excluded()
     done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section
@@ -78,7 +66,13 @@ def render_block(ws: Workspace, stack: Stack, index: int) -> None:
         if done[z - start]:
             continue
         if excluded[z]:
-            section = check_chunk(stack, z, require_finite=False)
+            ws.writer.write_tiled(z, functools.partial(_raw_tile, stack, z))
         else:
-            section = render_section(stack, z, factor * np.asarray(fields[z]), factor * ws.params.stride)
-        ws.writer.write_section(z, section)
+            field = factor * np.asarray(fields[z])
+            ws.writer.write_tiled(z, functools.partial(render_region, stack, z, field, factor * ws.params.stride))
+
+
+def _raw_tile(stack: Stack, z: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The ``shape`` region at ``origin`` of section ``z`` as read (a flagged section, passed through)."""
+    region = (slice(origin[0], origin[0] + shape[0]), slice(origin[1], origin[1] + shape[1]))
+    return check_chunk(stack, z, require_finite=False, region=region)

@@ -10,6 +10,8 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
     OUT/sections/stats         (Z, 3) float32: valid fraction, contrast (std / 255 or range), peak of the
                                section before against this one turned by 180 degrees (the score of
                                unrelated content; NaN for the first section)
+    OUT/sections/contrast      (Z,) float32: median contrast of the section's 32 px blocks (emalign.masks), what
+                               every part of it read alone is masked against
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/affine          (Z, K, 7) float64: the same pairs refined to affine matrices (as coarse/pairs)
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, working px)
@@ -226,6 +228,7 @@ class Workspace:
         block = plan.params.block  # arrays written by parallel block tasks: one chunk per block, no shared chunk
         create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
         create_array(out, "sections/stats", (depth, 3), (block, 3), np.float32)
+        create_array(out, "sections/contrast", (depth,), (4096,), np.float32)
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/affine", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
