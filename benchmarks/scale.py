@@ -68,6 +68,15 @@ MISALIGNMENTS = {
         {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.015, "compression": 0.025},
     ),
     "c": ("(c) 100 px, 4 deg, 1 % scale", {"shift": 100.0, "rotation_deg": 4.0, "scale": 0.01}),
+    "d": (
+        "(d) 15 px, 1 deg, 1 % scale, 2 % compression",
+        {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.01, "compression": 0.02},
+    ),
+    "e": (
+        "(e) 50 px, 3 deg, 1 % scale, 2 % compression",
+        {"shift": 50.0, "rotation_deg": 3.0, "scale": 0.01, "compression": 0.02},
+    ),
+    "f": ("(f) 15 px, 1 deg, no scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.0}),
 }
 """Name: (label at 10 nm, :func:`emalign.synth.misalign` arguments); all with elastic 2 px at 100 px."""
 ELASTIC = {"elastic": 2.0, "elastic_length": 100.0}
@@ -96,10 +105,12 @@ class Plan:
     wide: int
     """Section size of the misalignment axis."""
     seeds: int
+    fine: tuple[int, int]
+    """Section size and sections of the tiled 5 nm FlyEM stack (issue 24's must-show case)."""
 
 
-FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3)
-QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2)
+FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3, (1024, 12))
+QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2, (256, 6))
 
 
 def physical(misalignment: dict, pixel_nm: float) -> dict:
@@ -161,6 +172,13 @@ def texture(size: int, sections: int, kind: str) -> np.ndarray:
     return tiled(block, size)
 
 
+def fine_flyem(size: int, sections: int) -> np.ndarray:
+    """FlyEM sample 2 at 40 nm spacing, each section tiled (:func:`tiled`) to ``size / 2`` px at 10 nm and zoomed
+    2x: ``sections`` x ``size`` x ``size`` at 5 nm pixels (the volume is only 250 px wide)."""
+    block = evaluate.shared_stack(evaluate.FLYEM[1], int(SPACING_NM / REFERENCE_NM), sections)
+    return zoomed(tiled(block, size // 2), 2.0)
+
+
 def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
     """Every stack of the matrix by name."""
     n = plan.flyem_sections
@@ -171,6 +189,13 @@ def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
         made[f"flyem-{pixel:g}nm"] = Stack(
             f"FlyEM, {n} x {width}^2, {pixel:g} nm px", pixel, (n, width, width), functools.partial(flyem, plan, pixel)
         )
+    fine, fine_sections = plan.fine
+    made["flyem-5nm-tiled"] = Stack(
+        f"FlyEM tiled, {fine_sections} x {fine}^2, 5 nm px",
+        5.0,
+        (fine_sections, fine, fine),
+        functools.partial(fine_flyem, fine, fine_sections),
+    )
     for axis in "yx":
         made[f"resliced-{axis}"] = Stack(
             f"FlyEM resliced along {axis} (wander-free), {n} x {side}^2, 10 nm px",
@@ -200,12 +225,19 @@ def axes(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
             [("flyem-10nm", "a"), ("flyem-10nm", "b"), ("flyem-5nm", "b")]
             + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
         ),
+        (
+            "Issue 24's must-show cases (5 nm FlyEM; procedural with and without scale)",
+            [("flyem-5nm-tiled", "d"), ("flyem-5nm-tiled", "e")] + [(f"size-{plan.wide}", m) for m in "af"],
+        ),
         ("Wander-free references", [("flyem-10nm", "a"), ("resliced-y", "a"), ("resliced-x", "a")]),
     ]
 
 
-def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[str, list[dict]]]:
-    """``{misalignment or "harm": {method: [metrics per seed]}}`` of one stack."""
+def run(
+    stack: Stack, misalignments: list[str], seeds: int, chosen: set[str] | None = None, harm: bool = True
+) -> dict[str, dict[str, list[dict]]]:
+    """``{misalignment or "harm": {method: [metrics per seed]}}`` of one stack, with the ``chosen`` methods
+    (default all), and the do-no-harm run unless ``harm`` is False."""
     aligned = stack.load()
     fail_px = FAIL_NM / stack.pixel_nm
     out: dict[str, dict[str, list[dict]]] = {}
@@ -215,6 +247,7 @@ def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[st
             "pairwise-rigid chain": evaluate.rigid_chain,
             "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
         }
+        methods = {m: f for m, f in methods.items() if chosen is None or m in chosen}
         for name in misalignments:
             setting = physical(MISALIGNMENTS[name][1], stack.pixel_nm)
             runs = [
@@ -223,8 +256,9 @@ def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[st
             ]
             out[name] = {method: [r[method] for r in runs] for method in methods}
         unchanged = {m: f for m, f in methods.items() if m != "no alignment"}
-        harm = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
-        out["harm"] = {method: [result] for method, result in harm.items()}
+        if harm and unchanged:
+            results = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
+            out["harm"] = {method: [result] for method, result in results.items()}
     return out
 
 
@@ -275,7 +309,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small stacks (FlyEM 6 x 128^2, texture 256^2, 512^2)")
     parser.add_argument("--seeds", type=int, help="misalignments per case (seeds 0..N-1; default 3, --quick 2)")
     parser.add_argument("--stacks", help="comma-separated stack names (default all; see the tables)")
-    parser.add_argument("--misalignments", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--misalignments", default=",".join(MISALIGNMENTS), help="comma-separated subset")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default all)")
+    parser.add_argument("--no-harm", action="store_true", help="skip the do-no-harm runs")
     parser.add_argument("--texture", choices=("procedural", "flyem"), default="procedural")
     parser.add_argument("--out", default=str(RESULTS / "scale.md"))
     args = parser.parse_args()
@@ -287,6 +323,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown stacks {sorted(unknown)}; choose from {list(everything)}")
     wanted = set(args.misalignments.split(","))
+    methods = set(args.methods.split(",")) if args.methods else None
     tables = [(title, [(s, m) for s, m in cases if s in chosen and m in wanted]) for title, cases in axes(plan)]
     todo: dict[str, list[str]] = {}
     for _, cases in tables:
@@ -299,8 +336,8 @@ def main() -> None:
     done = {}
     for name, misalignments in todo.items():
         stack = everything[name]
-        done[name] = run(stack, misalignments, seeds)
-        for key in [*misalignments, "harm"]:
+        done[name] = run(stack, misalignments, seeds, methods, not args.no_harm)
+        for key in [key for key in [*misalignments, "harm"] if key in done[name]]:
             print("\n".join(rows(stack, label(key, stack.pixel_nm), done[name][key])), flush=True)
     parts = [
         f"`python benchmarks/scale.py{' --quick' if args.quick else ''}`, {time.strftime('%Y-%m-%d')}: {seeds} "
@@ -314,7 +351,7 @@ def main() -> None:
         for name, misalignment in cases:
             stack = everything[name]
             lines += rows(stack, label(misalignment, stack.pixel_nm), done[name][misalignment])
-        for name in dict.fromkeys(name for name, _ in cases):
+        for name in [name for name in dict.fromkeys(name for name, _ in cases) if "harm" in done[name]]:
             lines += rows(everything[name], label("harm", everything[name].pixel_nm), done[name]["harm"])
         parts.append("\n".join(lines))
     text = "\n\n".join(parts) + "\n"
