@@ -1,9 +1,9 @@
 """Accuracy along the axes on which real serial-section stacks differ (EVALUATION.md, "Realistic cases").
 
     python benchmarks/scale.py [--quick] [--seeds 3] [--stacks flyem-4nm,size-1024] [--misalignments a,c]
-                               [--texture procedural|flyem]
+                               [--texture procedural|flyem] [--methods "no alignment,emalign align"] [--no-harm]
 
-One run over a matrix of (stack, misalignment), four tables, each varying one axis:
+One run over a matrix of (stack, misalignment), five tables, four each varying one axis:
 
 - **pixel size**: FlyEM sample 2, every 4th slice (40 nm), 32 sections at 10 nm pixels and zoomed
   (cubic, section by section) 2x and 2.5x to 5 and 4 nm pixels (250, 500, 625 px wide);
@@ -14,6 +14,10 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
   benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
   per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
   1024^2 texture, (a) and (b) on FlyEM 10 nm, (b) on FlyEM 5 nm (100 px would be 40 % of its sections);
+- **issue 24's must-show cases**: (d) 15 px, 1 deg, 1 % scale, 2 % compression and (e) the same with 50 px and
+  3 deg (30 and 100 px at 5 nm) on a 5 nm FlyEM stack of 12 x 1000^2 (a 2 x 2 mosaic of four 40 nm series,
+  samples 1 and 2 as imaged and resliced along y, zoomed 2x: the volume is only 250 px wide, and a periodic
+  tiling makes 100 px shifts ambiguous), and the 1024^2 texture under (a) and (f), (a) without its scale;
 - **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
   FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
   FlyEM stack as imaged.
@@ -21,12 +25,12 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
 Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
 at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain
 and by `emalign align` over several misalignment seeds (mean and range); every stack is also fed in
-aligned and unchanged (do no harm, once). The input TIFF carries the true voxel size (ImageJ calibration,
-`evaluate.pipeline_aligner(voxel_size=)`); a pipeline that does not use it yet aligns 4 nm pixels with its
-10 nm defaults. Metrics in px of the stack (mean and range) and in nm (mean); fail % counts residuals above
-250 nm (25 px at 10 nm); s/MPx is each method's wall time per megapixel of input (the small stacks of
---quick pay mostly the pipeline's fixed start-up). Writes benchmarks/results/scale.md; prints each row as
-it comes and the tables at the end. Needs ../shared/data.
+aligned and unchanged (do no harm, once; ``--no-harm`` skips it, ``--methods`` picks methods). The input TIFF
+carries the true voxel size (ImageJ calibration, `evaluate.pipeline_aligner(voxel_size=)`); a pipeline that
+does not use it yet aligns 4 nm pixels with its 10 nm defaults. Metrics in px of the stack (mean and range)
+and in nm (mean); fail % counts residuals above 250 nm (25 px at 10 nm); s/MPx is each method's wall time per
+megapixel of input (the small stacks of --quick pay mostly the pipeline's fixed start-up). Writes
+benchmarks/results/scale.md; prints each row as it comes and the tables at the end. Needs ../shared/data.
 
 Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; printed at the start). At
 the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
