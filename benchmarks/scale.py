@@ -271,12 +271,13 @@ def run(
     return out
 
 
-def megapixels(everything: dict[str, Stack], todo: dict[str, list[str]], seeds: int) -> float:
-    """MPx of input each method aligns over the stacks and misalignments in ``todo`` (plus do no harm)."""
+def megapixels(everything: dict[str, Stack], todo: dict[str, list[str]], seeds: int, harm: bool = True) -> float:
+    """MPx of input each method aligns over the stacks and misalignments in ``todo`` (plus do no harm unless
+    ``harm`` is False)."""
     total = 0.0
     for name, misalignments in todo.items():
         stack = everything[name]
-        runs = len(misalignments) * min(seeds, stack.seeds or seeds) + 1
+        runs = len(misalignments) * min(seeds, stack.seeds or seeds) + harm
         total += np.prod(stack.shape) / 1e6 * runs
     return total
 
@@ -340,7 +341,7 @@ def main() -> None:
             todo.setdefault(name, [])
             if misalignment not in todo[name]:
                 todo[name].append(misalignment)
-    print(f"{megapixels(everything, todo, seeds):.0f} MPx of input per method", flush=True)
+    print(f"{megapixels(everything, todo, seeds, not args.no_harm):.0f} MPx of input per method", flush=True)
     start = time.perf_counter()
     done = {}
     for name, misalignments in todo.items():
