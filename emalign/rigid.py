@@ -944,9 +944,9 @@ def detrend_rigid(
     trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is
     content that moves slowly through the stack (oblique structures, a stage drift) and is
     kept; what is left, the per-section jitter, is the misalignment to correct, together with
-    the part of the angles' and shifts' slope that the jitter explains (:func:`misaligned_slope`):
-    with large offsets a few sections' misalignment has a slope of its own, which would leave
-    neighbours several pixels apart for the network.
+    the part of the shifts' slope that the jitter explains (:func:`misaligned_slope`): with large
+    offsets a few sections' misalignment has a slope of its own, which would leave neighbours
+    several pixels apart for the network.
 
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
@@ -964,6 +964,6 @@ def detrend_rigid(
     trend = np.empty_like(params)
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
-    trend -= misaligned_slope(params, trend, weights)
+    trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])
