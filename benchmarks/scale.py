@@ -1,9 +1,9 @@
 """Accuracy along the axes on which real serial-section stacks differ (EVALUATION.md, "Realistic cases").
 
     python benchmarks/scale.py [--quick] [--seeds 3] [--stacks flyem-4nm,size-1024] [--misalignments a,c]
-                               [--texture procedural|flyem]
+                               [--texture procedural|flyem] [--methods "no alignment,emalign align"] [--no-harm]
 
-One run over a matrix of (stack, misalignment), four tables, each varying one axis:
+One run over a matrix of (stack, misalignment), five tables, four each varying one axis:
 
 - **pixel size**: FlyEM sample 2, every 4th slice (40 nm), 32 sections at 10 nm pixels and zoomed
   (cubic, section by section) 2x and 2.5x to 5 and 4 nm pixels (250, 500, 625 px wide);
@@ -14,6 +14,10 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
   benchmarks/accuracy.py); (b) (a) with 1.5 % isotropic scale and 2.5 % compression along a random direction
   per section; (c) shifts 100 px, rotations 4 deg (standard deviations per section): all three on the
   1024^2 texture, (a) and (b) on FlyEM 10 nm, (b) on FlyEM 5 nm (100 px would be 40 % of its sections);
+- **issue 24's must-show cases**: (d) 15 px, 1 deg, 1 % scale, 2 % compression and (e) the same with 50 px and
+  3 deg (30 and 100 px at 5 nm) on a 5 nm FlyEM stack of 12 x 1000^2 (a 2 x 2 mosaic of four 40 nm series,
+  samples 1 and 2 as imaged and resliced along y, zoomed 2x: the volume is only 250 px wide, and a periodic
+  tiling makes 100 px shifts ambiguous), and the 1024^2 texture under (a) and (f), (a) without its scale;
 - **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
   FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
   FlyEM stack as imaged.
@@ -21,12 +25,12 @@ One run over a matrix of (stack, misalignment), four tables, each varying one ax
 Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
 at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain
 and by `emalign align` over several misalignment seeds (mean and range); every stack is also fed in
-aligned and unchanged (do no harm, once). The input TIFF carries the true voxel size (ImageJ calibration,
-`evaluate.pipeline_aligner(voxel_size=)`); a pipeline that does not use it yet aligns 4 nm pixels with its
-10 nm defaults. Metrics in px of the stack (mean and range) and in nm (mean); fail % counts residuals above
-250 nm (25 px at 10 nm); s/MPx is each method's wall time per megapixel of input (the small stacks of
---quick pay mostly the pipeline's fixed start-up). Writes benchmarks/results/scale.md; prints each row as
-it comes and the tables at the end. Needs ../shared/data.
+aligned and unchanged (do no harm, once; ``--no-harm`` skips it, ``--methods`` picks methods). The input TIFF
+carries the true voxel size (ImageJ calibration, `evaluate.pipeline_aligner(voxel_size=)`); a pipeline that
+does not use it yet aligns 4 nm pixels with its 10 nm defaults. Metrics in px of the stack (mean and range)
+and in nm (mean); fail % counts residuals above 250 nm (25 px at 10 nm); s/MPx is each method's wall time per
+megapixel of input (the small stacks of --quick pay mostly the pipeline's fixed start-up). Writes
+benchmarks/results/scale.md; prints each row as it comes and the tables at the end. Needs ../shared/data.
 
 Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; printed at the start). At
 the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
@@ -68,6 +72,15 @@ MISALIGNMENTS = {
         {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.015, "compression": 0.025},
     ),
     "c": ("(c) 100 px, 4 deg, 1 % scale", {"shift": 100.0, "rotation_deg": 4.0, "scale": 0.01}),
+    "d": (
+        "(d) 15 px, 1 deg, 1 % scale, 2 % compression",
+        {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.01, "compression": 0.02},
+    ),
+    "e": (
+        "(e) 50 px, 3 deg, 1 % scale, 2 % compression",
+        {"shift": 50.0, "rotation_deg": 3.0, "scale": 0.01, "compression": 0.02},
+    ),
+    "f": ("(f) 15 px, 1 deg, no scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.0}),
 }
 """Name: (label at 10 nm, :func:`emalign.synth.misalign` arguments); all with elastic 2 px at 100 px."""
 ELASTIC = {"elastic": 2.0, "elastic_length": 100.0}
@@ -96,10 +109,12 @@ class Plan:
     wide: int
     """Section size of the misalignment axis."""
     seeds: int
+    fine_sections: int
+    """Sections of the 5 nm FlyEM mosaic (issue 24's must-show case)."""
 
 
-FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3)
-QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2)
+FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3, 12)
+QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2, 6)
 
 
 def physical(misalignment: dict, pixel_nm: float) -> dict:
@@ -161,6 +176,19 @@ def texture(size: int, sections: int, kind: str) -> np.ndarray:
     return tiled(block, size)
 
 
+def mosaic_flyem(plan: Plan, sections: int) -> np.ndarray:
+    """``sections`` x ``4 side`` x ``4 side`` at 5 nm pixels (``side``: the FlyEM crop, 250): a 2 x 2 mosaic of four
+    different 40 nm series at 10 nm (FlyEM samples 1 and 2, as imaged and resliced along y), zoomed 2x. Wider
+    sections than the volume's without the periodic content of :func:`tiled`, which makes large shifts ambiguous."""
+    series = []
+    for name in evaluate.FLYEM[::-1]:
+        volume = evaluate.shared_stack(name)
+        for view in (volume, volume.transpose(1, 0, 2)):
+            series.append(crop(view[:: int(SPACING_NM / REFERENCE_NM)][:sections], plan.flyem_crop))
+    top, bottom = np.concatenate(series[:2], axis=2), np.concatenate(series[2:], axis=2)
+    return zoomed(np.ascontiguousarray(np.concatenate([top, bottom], axis=1)), 2.0)
+
+
 def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
     """Every stack of the matrix by name."""
     n = plan.flyem_sections
@@ -171,6 +199,12 @@ def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
         made[f"flyem-{pixel:g}nm"] = Stack(
             f"FlyEM, {n} x {width}^2, {pixel:g} nm px", pixel, (n, width, width), functools.partial(flyem, plan, pixel)
         )
+    made["flyem-5nm-mosaic"] = Stack(
+        f"FlyEM 2 x 2 mosaic, {plan.fine_sections} x {4 * side}^2, 5 nm px",
+        5.0,
+        (plan.fine_sections, 4 * side, 4 * side),
+        functools.partial(mosaic_flyem, plan, plan.fine_sections),
+    )
     for axis in "yx":
         made[f"resliced-{axis}"] = Stack(
             f"FlyEM resliced along {axis} (wander-free), {n} x {side}^2, 10 nm px",
@@ -200,12 +234,19 @@ def axes(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
             [("flyem-10nm", "a"), ("flyem-10nm", "b"), ("flyem-5nm", "b")]
             + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
         ),
+        (
+            "Issue 24's must-show cases (5 nm FlyEM; procedural with and without scale)",
+            [("flyem-5nm-mosaic", "d"), ("flyem-5nm-mosaic", "e")] + [(f"size-{plan.wide}", m) for m in "af"],
+        ),
         ("Wander-free references", [("flyem-10nm", "a"), ("resliced-y", "a"), ("resliced-x", "a")]),
     ]
 
 
-def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[str, list[dict]]]:
-    """``{misalignment or "harm": {method: [metrics per seed]}}`` of one stack."""
+def run(
+    stack: Stack, misalignments: list[str], seeds: int, chosen: set[str] | None = None, harm: bool = True
+) -> dict[str, dict[str, list[dict]]]:
+    """``{misalignment or "harm": {method: [metrics per seed]}}`` of one stack, with the ``chosen`` methods
+    (default all), and the do-no-harm run unless ``harm`` is False."""
     aligned = stack.load()
     fail_px = FAIL_NM / stack.pixel_nm
     out: dict[str, dict[str, list[dict]]] = {}
@@ -215,6 +256,7 @@ def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[st
             "pairwise-rigid chain": evaluate.rigid_chain,
             "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
         }
+        methods = {m: f for m, f in methods.items() if chosen is None or m in chosen}
         for name in misalignments:
             setting = physical(MISALIGNMENTS[name][1], stack.pixel_nm)
             runs = [
@@ -223,17 +265,19 @@ def run(stack: Stack, misalignments: list[str], seeds: int) -> dict[str, dict[st
             ]
             out[name] = {method: [r[method] for r in runs] for method in methods}
         unchanged = {m: f for m, f in methods.items() if m != "no alignment"}
-        harm = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
-        out["harm"] = {method: [result] for method, result in harm.items()}
+        if harm and unchanged:
+            results = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
+            out["harm"] = {method: [result] for method, result in results.items()}
     return out
 
 
-def megapixels(everything: dict[str, Stack], todo: dict[str, list[str]], seeds: int) -> float:
-    """MPx of input each method aligns over the stacks and misalignments in ``todo`` (plus do no harm)."""
+def megapixels(everything: dict[str, Stack], todo: dict[str, list[str]], seeds: int, harm: bool = True) -> float:
+    """MPx of input each method aligns over the stacks and misalignments in ``todo`` (plus do no harm unless
+    ``harm`` is False)."""
     total = 0.0
     for name, misalignments in todo.items():
         stack = everything[name]
-        runs = len(misalignments) * min(seeds, stack.seeds or seeds) + 1
+        runs = len(misalignments) * min(seeds, stack.seeds or seeds) + harm
         total += np.prod(stack.shape) / 1e6 * runs
     return total
 
@@ -275,7 +319,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small stacks (FlyEM 6 x 128^2, texture 256^2, 512^2)")
     parser.add_argument("--seeds", type=int, help="misalignments per case (seeds 0..N-1; default 3, --quick 2)")
     parser.add_argument("--stacks", help="comma-separated stack names (default all; see the tables)")
-    parser.add_argument("--misalignments", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--misalignments", default=",".join(MISALIGNMENTS), help="comma-separated subset")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default all)")
+    parser.add_argument("--no-harm", action="store_true", help="skip the do-no-harm runs")
     parser.add_argument("--texture", choices=("procedural", "flyem"), default="procedural")
     parser.add_argument("--out", default=str(RESULTS / "scale.md"))
     args = parser.parse_args()
@@ -287,6 +333,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown stacks {sorted(unknown)}; choose from {list(everything)}")
     wanted = set(args.misalignments.split(","))
+    methods = set(args.methods.split(",")) if args.methods else None
     tables = [(title, [(s, m) for s, m in cases if s in chosen and m in wanted]) for title, cases in axes(plan)]
     todo: dict[str, list[str]] = {}
     for _, cases in tables:
@@ -294,13 +341,13 @@ def main() -> None:
             todo.setdefault(name, [])
             if misalignment not in todo[name]:
                 todo[name].append(misalignment)
-    print(f"{megapixels(everything, todo, seeds):.0f} MPx of input per method", flush=True)
+    print(f"{megapixels(everything, todo, seeds, not args.no_harm):.0f} MPx of input per method", flush=True)
     start = time.perf_counter()
     done = {}
     for name, misalignments in todo.items():
         stack = everything[name]
-        done[name] = run(stack, misalignments, seeds)
-        for key in [*misalignments, "harm"]:
+        done[name] = run(stack, misalignments, seeds, methods, not args.no_harm)
+        for key in [key for key in [*misalignments, "harm"] if key in done[name]]:
             print("\n".join(rows(stack, label(key, stack.pixel_nm), done[name][key])), flush=True)
     parts = [
         f"`python benchmarks/scale.py{' --quick' if args.quick else ''}`, {time.strftime('%Y-%m-%d')}: {seeds} "
@@ -314,7 +361,7 @@ def main() -> None:
         for name, misalignment in cases:
             stack = everything[name]
             lines += rows(stack, label(misalignment, stack.pixel_nm), done[name][misalignment])
-        for name in dict.fromkeys(name for name, _ in cases):
+        for name in [name for name in dict.fromkeys(name for name, _ in cases) if "harm" in done[name]]:
             lines += rows(everything[name], label("harm", everything[name].pixel_nm), done[name]["harm"])
         parts.append("\n".join(lines))
     text = "\n\n".join(parts) + "\n"

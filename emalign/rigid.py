@@ -37,6 +37,7 @@ __all__ = [
     "phase_correlation",
     "rigid_chain",
     "rigid_matrix",
+    "misaligned_slope",
     "soft_mask",
     "solve_rigid",
     "whitened_spectra",
@@ -55,6 +56,9 @@ SECOND_OPINION_MARGIN = 1.25
 """In :func:`pairwise_rigid`, a pair whose peak is under this multiple of the stack's unrelated-pair peak is
 matched again at 2x coarser block means."""
 _MIN_SECOND_OPINION_SIDE = 16  # px of the coarser images: below this no second opinion is asked
+SLOPE_TOLERANCE = 2.0
+"""In :func:`misaligned_slope`, a trajectory's slope along z is taken for misalignment up to this many standard
+deviations of the slope that its per-section jitter alone would give."""
 _CROP = 4  # the sub-pixel peak interpolates the correlation on +-_CROP px around the integer peak
 
 
@@ -897,6 +901,43 @@ def solve_translations(
     return np.transpose(solution, (1, 0, 2))
 
 
+def misaligned_slope(
+    values: np.ndarray, trend: np.ndarray, weights: np.ndarray | None = None, tolerance: float = SLOPE_TOLERANCE
+) -> np.ndarray:
+    """The part of a trajectory's linear trend along z that its own per-section misalignment explains.
+
+    A Whittaker trend (:func:`emalign.consensus.smooth_trend`) passes a straight line unchanged, so it keeps the
+    linear component of independent per-section misalignment too: over ``Z`` sections of jitter variance ``s^2``
+    the fitted slope has variance ``s^2 / S``, ``S = sum_z (z - zbar)^2`` (about 8 % of ``s`` per section at
+    ``Z = 12``). Per column, the slope ``b`` of ``values`` (weighted least squares) is that of the trend, and the
+    part of it attributed to the misalignment is ``g b``, ``g = min(1, tolerance^2 s^2 / (S b^2))``: all of a
+    slope within ``tolerance`` of what the jitter explains, and no more than ``tolerance s / sqrt(S)`` of a
+    steeper one (content that runs obliquely through the stack, a stage drift). An aligned stack's jitter is
+    its pairwise noise, so the slope taken from it is within that noise.
+
+    Args:
+        values: ``(Z, k)`` per-section parameters (e.g. the centre shifts, px).
+        trend: ``(Z, k)`` their smooth trend (``values - trend`` is the jitter).
+        weights: ``(Z,)`` weight of each section (0: ignore); default all 1.
+        tolerance: see :data:`SLOPE_TOLERANCE`.
+
+    Returns:
+        ``(Z, k)`` the linear trend ``g b (z - zbar)`` to correct together with the jitter.
+    """
+    values = np.asarray(values, np.float64).reshape(len(values), -1)
+    w = np.ones(len(values)) if weights is None else np.asarray(weights, np.float64)
+    if w.sum() <= 0 or np.count_nonzero(w) < 3:
+        return np.zeros_like(values)
+    z = np.arange(len(values), dtype=np.float64)
+    zc = z - np.average(z, weights=w)
+    spread = float(w @ zc**2)
+    slope = (w * zc) @ (values - np.average(values, axis=0, weights=w)) / spread
+    jitter = np.average((values - np.asarray(trend, np.float64).reshape(values.shape)) ** 2, axis=0, weights=w)
+    explained = tolerance**2 * jitter / spread
+    gain = np.where(slope**2 > explained, explained / np.maximum(slope**2, 1e-300), 1.0)
+    return zc[:, None] * (gain * slope)[None]
+
+
 def detrend_rigid(
     matrices: np.ndarray,
     shape: Sequence[int],
@@ -909,7 +950,10 @@ def detrend_rigid(
     Each transform's angle and centre shift are a trajectory along z; its Whittaker-smooth
     trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is
     content that moves slowly through the stack (oblique structures, a stage drift) and is
-    kept; what is left, the per-section jitter, is the misalignment to correct.
+    kept; what is left, the per-section jitter, is the misalignment to correct, together with
+    the part of the shifts' slope that the jitter explains (:func:`misaligned_slope`): with large
+    offsets a few sections' misalignment has a slope of its own, which would leave neighbours
+    several pixels apart for the network.
 
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
@@ -927,5 +971,6 @@ def detrend_rigid(
     trend = np.empty_like(params)
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
+    trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

@@ -325,3 +325,38 @@ def test_detrend_rigid_keeps_a_slow_angle_wander_under_a_soft_angle_trend():
     stiff = corrected_angles(stiffness=1e4)
     assert np.sqrt(np.mean((soft - jitter) ** 2)) < 0.45  # the wander stays as content, the jitter is corrected
     assert np.sqrt(np.mean((stiff - jitter) ** 2)) > 0.7  # one stiffness for all: the wander is "corrected" too
+
+
+def test_misaligned_slope_takes_the_slope_that_a_short_stack_jitter_explains():
+    rng = np.random.default_rng(3)
+    depth = 12
+    jitter = rng.normal(0, 50.0, (depth, 2))  # large offsets over few sections: their fitted slope is several px
+    trend = np.repeat(jitter.mean(0, keepdims=True), depth, 0)
+    slope = rigid.misaligned_slope(jitter, trend)
+    z = np.arange(depth) - (depth - 1) / 2
+    fitted = np.array([np.polyfit(z, jitter[:, k], 1)[0] for k in range(2)])
+    np.testing.assert_allclose(slope, z[:, None] * fitted[None], atol=1e-9)
+
+
+def test_misaligned_slope_leaves_an_oblique_trend_far_steeper_than_the_jitter():
+    rng = np.random.default_rng(4)
+    depth = 32
+    z = np.arange(depth, dtype=float)
+    values = 3.0 * z[:, None] + rng.normal(0, 0.5, (depth, 2))  # content running 3 px per section, 0.5 px noise
+    trend = 3.0 * z[:, None] + (values - 3.0 * z[:, None]).mean(0)
+    taken = rigid.misaligned_slope(values, trend)
+    limit = rigid.SLOPE_TOLERANCE * 0.6 / np.sqrt(np.sum((z - z.mean()) ** 2))
+    assert np.all(np.abs(np.diff(taken, axis=0)) < limit)  # at most what the noise could explain
+    assert np.all(np.abs(np.diff(taken, axis=0)) < 0.01)
+
+
+def test_detrend_rigid_corrects_the_slope_of_large_offsets_in_a_short_stack():
+    rng = np.random.default_rng(5)
+    shape, depth = (200, 200), 12
+    offsets = rng.normal(0, 50.0, (depth, 2))
+    matrices = np.stack([rigid.rigid_matrix(0.0, o, shape) for o in offsets])
+    shifts = np.array([rigid._angle_and_shift(m, shape)[1] for m in rigid.detrend_rigid(matrices, shape, 1e4)])
+    z = np.arange(depth) - (depth - 1) / 2
+    line = np.stack([np.polyval(np.polyfit(z, offsets[:, k], 1), z) for k in range(2)], 1)
+    kept = offsets - shifts  # what the prealignment leaves in place
+    assert np.sqrt(np.mean((kept - kept.mean(0)) ** 2)) < 0.1 * np.sqrt(np.mean((line - line.mean(0)) ** 2))
