@@ -99,6 +99,13 @@ def check_pixel_size(pixel_nm: float, where: str) -> float:
     return pixel_nm
 
 
+def check_spacings(voxel_size: tuple[float, ...], unit: str, where: str) -> None:
+    """A one-line error naming ``where`` unless every spacing of ``voxel_size`` (z, y, x) is a positive number."""
+    if not all(math.isfinite(v) and v > 0 for v in voxel_size):
+        text = ",".join(f"{v:g}" for v in voxel_size)
+        raise EmalignError(f"{where}: voxel size {text} {unit}: every spacing must be a positive number")
+
+
 def working_resolution(pixel_nm: float, source: str) -> Resolution:
     """The :class:`Resolution` of a stack with ``pixel_nm`` pixels: the integer factor nearest to the
     training pixel size (never upsampling), and the ratio it leaves. An estimated size sets the factor

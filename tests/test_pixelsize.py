@@ -115,6 +115,21 @@ def test_an_absurd_voxel_size_in_the_metadata_is_a_one_line_error_naming_the_fil
     assert not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.parametrize("voxel_size", [(-40.0, 10.0, 10.0), (0.0, 10.0, 10.0), (40.0, 10.0, float("nan"))])
+def test_a_spacing_that_is_not_positive_is_a_one_line_error_from_the_user_or_the_metadata(tmp_path, voxel_size):
+    stack = demo_stack((4, 64, 64), seed=0)[1].stack
+    tifffile.imwrite(tmp_path / "bare.tif", stack)
+    with pytest.raises(EmalignError, match="every spacing must be a positive number"):
+        stack_resolution(open_stack(tmp_path / "bare.tif"), AlignParams(voxel_size=voxel_size))
+    import_stack(tmp_path / "bare.tif", tmp_path / "s.zarr", voxel_size=(40, 10, 10), levels=1, progress=False)
+    attrs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    ome = dict(attrs.attrs["ome"])
+    ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = list(voxel_size)
+    attrs.attrs["ome"] = ome
+    with pytest.raises(EmalignError, match="s.zarr: metadata: .*every spacing must be a positive number"):
+        stack_resolution(open_stack(tmp_path / "s.zarr"), AlignParams())
+
+
 @pytest.mark.e2e
 def test_a_5_nm_stack_is_aligned_at_2x_block_means_and_rendered_at_full_resolution(tmp_path):
     _, misaligned = demo_stack((8, 96, 96), seed=1)

@@ -61,6 +61,7 @@ from emalign.pixelsize import (
     PLACEHOLDER,
     Resolution,
     check_pixel_size,
+    check_spacings,
     estimate_pixel_size,
     to_nanometres,
     working_resolution,
@@ -106,9 +107,11 @@ def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tup
     texture), and the voxel size and unit the aligned output carries (the input's unless the user gave one)."""
     if params.voxel_size:
         where = f"{stack.path}: --voxel-size {','.join(f'{v:g}' for v in params.voxel_size)} {params.unit}"
+        check_spacings(params.voxel_size, params.unit, where)
         pixel = check_pixel_size(to_nanometres(params.voxel_size[1], params.unit), where)
         return working_resolution(pixel, "user"), tuple(params.voxel_size), params.unit
     if stack.voxel_known and stack.voxel_size[1] != PLACEHOLDER:
+        check_spacings(stack.voxel_size, stack.unit, f"{stack.path}: metadata")
         try:
             pixel = to_nanometres(stack.voxel_size[1], stack.unit)
         except EmalignError as err:
