@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 import emalign.pipeline.estimate as estimate
+from emalign.errors import EmalignError
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Plan, Workspace, run_stage
 from emalign.pipeline.estimate import task_region
@@ -175,3 +176,16 @@ def test_a_section_read_in_parts_gives_the_whole_sections_block_means_and_statis
     values = grid[grid != 0].astype(np.float64)
     assert fraction == pytest.approx((grid != 0).mean(), rel=1e-12)
     assert contrast == pytest.approx(values.std() / values.max(), rel=1e-9)
+
+
+def test_the_memory_per_task_sets_the_task_tiles_and_the_prealignments_resolution_of_large_sections():
+    plans = {gib: Plan((6, 8192, 8192), AlignParams(memory_per_task=gib)) for gib in (1.0, 2.0, 4.0)}
+    tiles = [plans[gib].task_tile for gib in (1.0, 2.0, 4.0)]
+    factors = [plans[gib].coarse_factor for gib in (1.0, 2.0, 4.0)]
+    assert tiles == sorted(tiles) and tiles[0] < tiles[-1] and factors == sorted(factors, reverse=True)
+    assert all(min(t[2] for t in plan.tiles()) > plan.task_tile / 2 for plan in plans.values())  # no sliver at the edge
+    small = Plan((6, 448, 448), AlignParams(memory_per_task=1.0))
+    assert small.coarse_factor == AlignParams().coarse_downsample and len(small.tiles()) == 1
+    assert Plan((6, 8192, 8192), AlignParams(task_tile=4096)).task_tile == 4096  # an explicit tile wins
+    with pytest.raises(EmalignError, match="memory-per-task"):
+        AlignParams(memory_per_task=0).validate()
