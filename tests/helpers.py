@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import tifffile
+from click.testing import CliRunner, Result
 
+from emalign.cli import main
 from emalign.errors import EmalignError
 from emalign.synth import demo_stack
 
@@ -21,6 +26,37 @@ def entry_point() -> str:
     found = shutil.which("emalign", path=str(Path(sys.executable).parent)) or shutil.which("emalign")
     assert found, "the `emalign` entry point is not installed"
     return found
+
+
+def invoke(*args: object) -> Result:
+    """``emalign ARGS`` run in this process."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args: object) -> Result:
+    """``emalign ARGS`` run in this process; fails the test unless it exits 0."""
+    result = invoke(*args)
+    assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}\n{result.stderr}"
+    return result
+
+
+def kill_when(
+    command: list[str], ready: Callable[[], bool], after: float = 0.0, env: dict | None = None, poll: float = 0.005
+) -> str:
+    """Start ``command``, SIGKILL it ``after`` s once ``ready()`` holds (or after 120 s); fails the test if it ended
+    by itself; returns its stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(poll)
+        time.sleep(after)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended by itself ({process.returncode}): {stderr}"
+    return stderr
 
 
 def write_stack(folder: Path, shape: tuple[int, int, int], seed: int) -> Path:

@@ -9,19 +9,14 @@ from __future__ import annotations
 import csv
 import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
-from click.testing import CliRunner
-from helpers import entry_point, write_stack
+from helpers import entry_point, invoke, kill_when, ok, write_stack
 
-from emalign.cli import main
 from emalign.io import is_complete, open_stack
 from emalign.pipeline import AlignParams
 from emalign.synth import DEMO_VOXEL_NM, demo_stack
@@ -45,16 +40,6 @@ COMMANDS = (
     "view",
     "volume",
 )
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args: object):
-    result = invoke(*args)
-    assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}\n{result.stderr}"
-    return result
 
 
 def error_line(result) -> str:
@@ -431,18 +416,7 @@ def test_a_killed_align_resumes_to_the_uninterrupted_result(stack, reference, tm
     # threads:2: blocks run in pairs, so the kill lands inside estimate (and on 2 cores each gets one torch thread)
     command = [entry_point(), "align", str(stack), str(out), *BLOCK, "--scheduler", "threads:2"]
     markers = out / "stages" / "estimate"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
-            if markers.is_dir() and any(p.name.isdigit() for p in markers.iterdir()):
-                break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended by itself ({process.returncode}): {stderr}"
+    kill_when(command, lambda: markers.is_dir() and any(p.name.isdigit() for p in markers.iterdir()))
 
     assert not is_complete(out)
     done = np.asarray(zarr.open_group(str(out), mode="r")["stages/estimate"][:], bool)

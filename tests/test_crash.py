@@ -12,17 +12,14 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from helpers import mounted, write_stack
+from helpers import kill_when, mounted, write_stack
 
 from emalign.cli import main
 from emalign.io import is_complete
@@ -102,18 +99,7 @@ def kill_inside(stage: str, stack: Path, out: Path, seed: int, args: list[str] =
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = SLOW_ALIGN.format(delay=WRITE_DELAY, prelude=prelude)
     command = [sys.executable, "-c", script, "align", str(stack), str(out), *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline and not begun(out, stage):
-            time.sleep(0.005)
-        time.sleep(random.Random(seed).uniform(0.0, 0.15))
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended by itself ({process.returncode}): {stderr}"
-    return stderr
+    return kill_when(command, lambda: begun(out, stage), after=random.Random(seed).uniform(0.0, 0.15), env=env)
 
 
 def finished_work(out: Path) -> dict[str, list[Path]]:

@@ -23,13 +23,11 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from click.testing import CliRunner
-from helpers import mounted, one_line_error
+from helpers import invoke, mounted, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import emalign
-from emalign.cli import main
 from emalign.errors import EmalignError, IncompleteOutputWarning
 from emalign.io import MAX_ABS_VALUE, check_array, check_chunk, import_stack, is_complete, open_stack
 from emalign.pipeline import AlignParams, align
@@ -70,10 +68,6 @@ def error_line(result, *named: str) -> str:
     for text in named:
         assert str(text) in lines[0], lines[0]
     return lines[0]
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def digest(path: Path) -> str:

@@ -7,11 +7,8 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
+from helpers import invoke, kill_when, ok
 
 from emalign import stores
-from emalign.cli import main
 from emalign.evaluate import write_tiff
 from emalign.io import import_stack, is_complete, open_stack
 from emalign.pipeline import Workspace
@@ -32,16 +28,6 @@ SHAPE = (8, 96, 96)
 VOXEL = (40.0, 8.0, 8.0)
 ALIGN = ["--block", "2", "--polish", "off", "--tile", "64", "--halo", "16", "--device", "cpu", "--quiet"]
 BUCKET = "emalign-test"
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args: object):
-    result = invoke(*args)
-    assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}\n{result.stderr}"
-    return result
 
 
 def error_line(*args: object) -> str:
@@ -166,19 +152,12 @@ def test_a_killed_align_on_s3_resumes_to_the_uninterrupted_result(s3, s3_input, 
     out = f"s3://{BUCKET}/killed.zarr"
     command = [sys.executable, "-m", "emalign.cli", "align", s3_input, out, *ALIGN, "--scheduler", "threads:2"]
     markers = f"{BUCKET}/killed.zarr/stages/estimate"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
-            fs.invalidate_cache()
-            if fs.exists(markers) and any(key.rsplit("/", 1)[-1].isdigit() for key in fs.ls(markers)):
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended by itself ({process.returncode}): {stderr}"
+
+    def an_estimate_block_done() -> bool:
+        fs.invalidate_cache()
+        return fs.exists(markers) and any(key.rsplit("/", 1)[-1].isdigit() for key in fs.ls(markers))
+
+    kill_when(command, an_estimate_block_done, poll=0.05)
     assert not is_complete(out)
     ok("align", s3_input, out, *ALIGN)
     assert is_complete(out)
