@@ -169,7 +169,8 @@ def test_a_section_read_in_parts_gives_the_whole_sections_block_means_and_statis
     zarr.open_array(str(tmp_path / "s.zarr"), mode="w", shape=data.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = data
     stack = open_stack(tmp_path / "s.zarr")
     monkeypatch.setattr(estimate, "COARSE_TILE", 60)  # parts of 64 or 96 px
-    coarse, _, (fraction, contrast) = estimate.coarse_section(stack, 0, factor)
+    typical, (fraction, contrast) = estimate.section_contrast(stack, 0, factor)
+    coarse = estimate.coarse_section(stack, 0, factor, typical)
     raw, whole = estimate.read_masked(stack, 0)
     np.testing.assert_array_equal(coarse, block_mean(whole, factor))
     grid = raw[::factor, ::factor]

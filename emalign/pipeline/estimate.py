@@ -70,8 +70,8 @@ class CoarseSections:
 
     def __getitem__(self, z: int) -> np.ndarray:
         z = self.start + z
-        section, self.contrast[z], self.stats[z] = coarse_section(self.stack, z, self.factor, self.mask)
-        return section
+        self.contrast[z], self.stats[z] = section_contrast(self.stack, z, self.factor)
+        return coarse_section(self.stack, z, self.factor, self.contrast[z], self.mask)
 
 
 def user_mask(ws: Workspace, stack: Stack) -> Stack | None:
@@ -182,23 +182,21 @@ def section_contrast(stack: Stack, z: int, factor: int = 1) -> tuple[np.floating
     return typical, (valid / size, spread / max(largest, 1e-12))
 
 
-def coarse_section(
-    stack: Stack, z: int, factor: int, mask: Stack | None = None
-) -> tuple[np.ndarray, np.floating, tuple[float, float]]:
+def coarse_section(stack: Stack, z: int, factor: int, typical: np.floating, mask: Stack | None = None) -> np.ndarray:
     """``(Y // factor, X // factor)`` float32: :func:`emalign.rigid.block_mean` of section ``z`` as
-    :func:`read_masked` gives it; the section's median block contrast and statistics (:func:`section_contrast`).
+    :func:`read_masked` gives it, given ``typical``, its median block contrast (:func:`section_contrast`, or
+    ``sections/contrast``).
 
-    Read in two passes, part by part (:func:`_tiles`): the section's contrast first (:func:`section_contrast`),
-    then each part masked against it and block-averaged; the full-resolution section is never held.
+    Read part by part (:func:`_tiles`), each part masked against ``typical`` and block-averaged; the
+    full-resolution section is never held.
     """
-    typical, stats = section_contrast(stack, z, factor)
     height, width = (n // factor for n in stack.shape[1:])
     out = np.zeros((height, width), np.float32)
     for region in _tiles(stack.shape[1:], factor):
         coarse = rigid.block_mean(read_masked_region(stack, z, region, mask, typical), factor)
         y0, x0 = region[0].start // factor, region[1].start // factor
         out[y0 : y0 + coarse.shape[0], x0 : x0 + coarse.shape[1]] = coarse[: height - y0, : width - x0]
-    return out, typical, stats
+    return out
 
 
 def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:

@@ -60,9 +60,9 @@ def fine_spacing(ws: Workspace) -> bool:
 
 class WarpedSections:
     """Sections ``start..stop`` as ``factor``-block means warped by their fields in the workspace array
-    ``fields`` (invalid pixels and excluded sections at 0): block mean first (read part by part:
-    :func:`emalign.pipeline.estimate.coarse_section`), then the warp on the coarse grid, a ``factor^2`` cheaper
-    warp than at full resolution."""
+    ``fields`` (invalid pixels and excluded sections at 0): block mean first (read part by part and masked
+    against the section's stored contrast: :func:`emalign.pipeline.estimate.coarse_section`), then the warp on
+    the coarse grid, a ``factor^2`` cheaper warp than at full resolution."""
 
     def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int, fields: str):
         self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
@@ -84,7 +84,7 @@ class WarpedSections:
         z = self.start + index
         if self.excluded[z]:
             return np.zeros(self.shape[1:], np.float32)
-        coarse = coarse_section(self.stack, z, self.factor, self.mask)[0]
+        coarse = coarse_section(self.stack, z, self.factor, self.contrast[z], self.mask)
         # coarse pixel i sits at full-resolution factor * i + (factor - 1) / 2; fields are in full-resolution px
         centre = ((self.factor - 1) / 2,) * 2
         field = resample(np.asarray(self.fields[z]), self.ws.params.stride, self.factor, coarse.shape, centre)
