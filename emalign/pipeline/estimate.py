@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from emalign import affine, consensus, models, rigid
 from emalign.device import resolve_device
+from emalign.downsample import block_mean
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
 from emalign.inference import predict_windows, tile_span
@@ -185,7 +186,7 @@ def section_contrast(stack: Stack, z: int, factor: int = 1) -> tuple[np.floating
 def coarse_section(
     stack: Stack, z: int, factor: int, mask: Stack | None = None
 ) -> tuple[np.ndarray, np.floating, tuple[float, float]]:
-    """``(Y // factor, X // factor)`` float32: :func:`emalign.rigid.block_mean` of section ``z`` as
+    """``(Y // factor, X // factor)`` float32: ``nodata`` :func:`emalign.downsample.block_mean` of section ``z`` as
     :func:`read_masked` gives it; the section's median block contrast and statistics (:func:`section_contrast`).
 
     Read in two passes, part by part (:func:`_tiles`): the section's contrast first (:func:`section_contrast`),
@@ -195,7 +196,7 @@ def coarse_section(
     height, width = (n // factor for n in stack.shape[1:])
     out = np.zeros((height, width), np.float32)
     for region in _tiles(stack.shape[1:], factor):
-        coarse = rigid.block_mean(read_masked_region(stack, z, region, mask, typical), factor)
+        coarse = block_mean(read_masked_region(stack, z, region, mask, typical), factor, nodata=True)
         y0, x0 = region[0].start // factor, region[1].start // factor
         out[y0 : y0 + coarse.shape[0], x0 : x0 + coarse.shape[1]] = coarse[: height - y0, : width - x0]
     return out, typical, stats
