@@ -120,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         aligners = {
             "none": ("no alignment", evaluate.no_alignment),
-            "chain": ("pairwise-rigid chain", evaluate.rigid_chain),
+            "chain": ("pairwise-rigid chain", evaluate.rigid_chain_fields),
             "tvl1": ("rigid chain + TV-L1 flow chain (scikit-image)", evaluate.tvl1_chain),
             "elastix": ("rigid chain + elastix B-spline chain (itk-elastix)", evaluate.elastix_chain),
             "sequential": (

@@ -130,7 +130,7 @@ def main() -> None:
         emalign = evaluate.pipeline_aligner(tmp)
         for title, stack, offsets in references():
             chain, solve, ours = (
-                wander(f) for f in (evaluate.rigid_chain(stack), robust_solve(stack, offsets), emalign(stack))
+                wander(f) for f in (evaluate.rigid_chain_fields(stack), robust_solve(stack, offsets), emalign(stack))
             )
             similar = [correlation(ours, chain), correlation(ours, solve)]
             cells = [f"{c:.2f}" for c in (rms(chain), rms(solve), rms(ours), *similar)]

@@ -253,7 +253,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         methods = {
             "no alignment": evaluate.no_alignment,
-            "pairwise-rigid chain": evaluate.rigid_chain,
+            "pairwise-rigid chain": evaluate.rigid_chain_fields,
             "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
         }
         methods = {m: f for m, f in methods.items() if chosen is None or m in chosen}

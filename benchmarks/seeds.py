@@ -38,7 +38,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {"pairwise-rigid chain": evaluate.rigid_chain, "emalign align": evaluate.pipeline_aligner(tmp)}
+        methods = {"pairwise-rigid chain": evaluate.rigid_chain_fields, "emalign align": evaluate.pipeline_aligner(tmp)}
         for step in (int(s) for s in args.spacings.split(",")):
             stacks = [evaluate.shared_stack(name, step, 63 if step == 4 else 62) for name in evaluate.FLYEM]
             lines += summary_rows(f"FlyEM {10 * step} nm", stacks, methods, args.seeds)

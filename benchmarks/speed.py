@@ -16,7 +16,7 @@ random rigid map per section (15 px, 1 deg, its linear trend along z removed: :f
 tile by tile; those rows also report the output's files per
 section at level 0 and the adjacent-section correlation of the output against the truth's (the tiled volume
 itself). ``--schedulers`` runs every row under each scheduler. Every row also times the pairwise-rigid chain
-(:func:`emalign.evaluate.rigid_chain`, in this process, on the same sections read into memory; skipped for the
+(:func:`emalign.evaluate.rigid_chain_fields`, in this process, on the same sections read into memory; skipped for the
 ``--sizes`` rows, whose sections do not fit comfortably) and gives emalign's time as a multiple of it.
 Writes a Markdown table to benchmarks/results/speed.md.
 """
@@ -134,7 +134,7 @@ def time_rigid_chain(src: Path) -> float:
     """Seconds of the pairwise-rigid chain baseline on the stack at ``src`` (read into memory first)."""
     stack = np.asarray(zarr.open_array(str(src), mode="r")[:])
     start = time.perf_counter()
-    evaluate.rigid_chain(stack)
+    evaluate.rigid_chain_fields(stack)
     return time.perf_counter() - start
 
 

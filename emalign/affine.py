@@ -23,6 +23,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
 from emalign import rigid
+from emalign.downsample import block_mean
 from emalign.patches import PatchGrid
 
 __all__ = [
@@ -187,7 +188,7 @@ def pairwise_affine(
             continue
         for index in (j, z):
             if index not in images:
-                images[index] = rigid.block_mean(np.asarray(stack[index]), downsample)
+                images[index] = block_mean(np.asarray(stack[index]), downsample, nodata=True)
         if j not in spectra:
             spectra[j] = grid.spectra(images[j])
         coarse = rigid.upscale_matrix(matrix, 1 / downsample)  # the inverse of upscale_matrix(., downsample)

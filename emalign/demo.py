@@ -30,7 +30,7 @@ def run_demo(
     params = AlignParams(model=model)
     aligners = {
         "no alignment": evaluate.no_alignment,
-        "pairwise-rigid chain": evaluate.rigid_chain,
+        "pairwise-rigid chain": evaluate.rigid_chain_fields,
         "emalign": evaluate.pipeline_aligner(out, params, device=device, voxel_size=synth.DEMO_VOXEL_NM),
     }
     results = evaluate.evaluate(true, aligners, seed=seed)

@@ -88,8 +88,8 @@ def no_alignment(stack: np.ndarray) -> np.ndarray:
     return np.zeros((stack.shape[0], 2, *stack.shape[1:]), np.float32)
 
 
-def rigid_chain(stack: np.ndarray) -> np.ndarray:
-    """The classic baseline: pairwise-rigid phase correlation, chained."""
+def rigid_chain_fields(stack: np.ndarray) -> np.ndarray:
+    """The classic baseline as ``(Z, 2, Y, X)`` pull fields: :func:`emalign.rigid.rigid_chain`'s affines, sampled."""
     return rigid.affine_fields(rigid.rigid_chain(stack), stack.shape[1:])
 
 
@@ -98,7 +98,7 @@ def _elastic_chain(stack: np.ndarray, register: Callable[[np.ndarray, np.ndarray
     ``register(fixed, moving) -> (2, Y, X)`` pull field (intensities scaled to [0, 1]), chained."""
     from emalign.fields import compose, warp
 
-    coarse = rigid_chain(stack)
+    coarse = rigid_chain_fields(stack)
     unit = np.float32(1.0 / max(float(np.max(stack)), 1e-12))
     fields = np.zeros_like(coarse)
     fields[0] = coarse[0]
@@ -276,7 +276,7 @@ __all__ = [
     "pipeline_aligner",
     "print_and_save",
     "remove_section_offsets",
-    "rigid_chain",
+    "rigid_chain_fields",
     "torn_section_error",
     "tvl1_chain",
     "write_tiff",

@@ -15,6 +15,7 @@ import torch
 
 from emalign.device import autocast, reuse_freed_memory
 from emalign.models.faemreg import FAEMReg, normalize_sections
+from emalign.tiling import taper, tile_starts
 
 
 class WindowSource(Protocol):
@@ -23,25 +24,6 @@ class WindowSource(Protocol):
     shape: tuple[int, ...]
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray: ...
-
-
-def _tile_starts(length: int, tile: int, halo: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    step = tile - 2 * halo
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    return sorted(set(starts))
-
-
-def _taper(length: int, halo: int, at_start: bool, at_end: bool) -> np.ndarray:
-    """1D blending weight: ramps over ``halo`` pixels at inner tile borders, 1 elsewhere."""
-    weight = np.ones(length, np.float32)
-    ramp = (np.arange(halo, dtype=np.float32) + 0.5) / halo if halo else np.zeros(0, np.float32)
-    if not at_start and halo:
-        weight[:halo] = ramp
-    if not at_end and halo:
-        weight[-halo:] = ramp[::-1]
-    return weight
 
 
 def _inside(inner: slice, outer: slice) -> bool:
@@ -53,22 +35,20 @@ def tiles(
 ) -> Iterator[tuple[slice, slice, np.ndarray]]:
     """Overlapping xy tiles covering ``shape`` with their blending weights ``(ty, tx)``; only those inside
     ``within`` (rows, cols) if given."""
-    ys, xs = _tile_starts(shape[0], tile, halo), _tile_starts(shape[1], tile, halo)
+    ys, xs = tile_starts(shape[0], tile, 2 * halo), tile_starts(shape[1], tile, 2 * halo)
     for y0 in ys:
         for x0 in xs:
             sy = slice(y0, min(y0 + tile, shape[0]))
             sx = slice(x0, min(x0 + tile, shape[1]))
             if within and not (_inside(sy, within[0]) and _inside(sx, within[1])):
                 continue
-            wy = _taper(sy.stop - sy.start, halo, y0 == ys[0], y0 == ys[-1])
-            wx = _taper(sx.stop - sx.start, halo, x0 == xs[0], x0 == xs[-1])
-            yield sy, sx, np.outer(wy, wx)
+            yield sy, sx, np.outer(taper(sy.start, sy.stop, shape[0], halo), taper(sx.start, sx.stop, shape[1], halo))
 
 
 def tile_span(length: int, tile: int, halo: int, lo: int, hi: int) -> tuple[int, int]:
     """``[start, stop)`` covered by the tiles of an axis of ``length`` (as :func:`tiles` cuts it) that overlap
     ``[lo, hi)``: a region holding every tile that contributes to a pixel of ``[lo, hi)``."""
-    starts = [a for a in _tile_starts(length, tile, halo) if a < hi and a + tile > lo]
+    starts = [a for a in tile_starts(length, tile, 2 * halo) if a < hi and a + tile > lo]
     return starts[0], min(starts[-1] + tile, length)
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from emalign import stores
+from emalign.downsample import block_mean
 from emalign.errors import EmalignError, IncompleteOutputWarning
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
 from emalign.ngff import AXES, image_attrs
@@ -539,9 +540,7 @@ def cast_to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _block_means(block: np.ndarray, factor: int, dtype: np.dtype) -> np.ndarray:
-    z, h, w = block.shape
-    means = block.reshape(z, h // factor, factor, w // factor, factor).mean((2, 4), dtype=np.float64)
-    return cast_to_dtype(means, dtype)
+    return cast_to_dtype(block_mean(block, factor), dtype)
 
 
 def downsampled(stack: Stack, factor: int) -> Stack:
@@ -570,16 +569,7 @@ def downsample2(section: np.ndarray) -> np.ndarray:
     """2x2 mean in (y, x), odd sides padded by repeating the edge; integer results rounded, dtype preserved.
 
     Output pixel i covers input pixels 2i and 2i+1, so its centre sits at input coordinate 2i + 0.5."""
-    h, w = section.shape
-    if h % 2 or w % 2:
-        section = np.pad(section, ((0, h % 2), (0, w % 2)), mode="edge")
-    acc = np.float32 if section.dtype.itemsize <= 2 else np.float64  # exact sums of four 8/16-bit values
-    mean = section[0::2, 0::2].astype(acc)
-    mean += section[1::2, 0::2]
-    mean += section[0::2, 1::2]
-    mean += section[1::2, 1::2]
-    mean *= 0.25
-    return cast_to_dtype(mean, section.dtype)
+    return cast_to_dtype(block_mean(section, 2, edges="pad"), section.dtype)
 
 
 def _z_order(rows: int, cols: int, side: int) -> list[tuple[int, int]]:

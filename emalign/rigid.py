@@ -25,6 +25,7 @@ from scipy.linalg import solveh_banded
 from scipy.sparse.linalg import spsolve
 
 from emalign import fields
+from emalign.downsample import block_mean
 
 __all__ = [
     "SECOND_OPINION_MARGIN",
@@ -149,19 +150,6 @@ def _lowpass_weight(shape: tuple[int, int], lowpass: float) -> np.ndarray:
     mean = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2).mean()
     w = np.exp(-0.5 * (ky[:, None] ** 2 + np.fft.rfftfreq(shape[1])[None] ** 2) / lowpass**2)
     return np.sqrt(w / mean).astype(np.float32)
-
-
-def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Downsample ``(..., Y, X)`` by block means of valid (non-zero) pixels; mostly empty blocks become 0."""
-    if factor == 1:
-        return np.asarray(image, dtype=np.float32)
-    *lead, ny, nx = image.shape
-    ny, nx = ny // factor, nx // factor
-    blocks = np.asarray(image[..., : ny * factor, : nx * factor], dtype=np.float32)
-    blocks = blocks.reshape(*lead, ny, factor, nx, factor)
-    total = blocks.sum(axis=(-3, -1))
-    count = (blocks != 0).sum(axis=(-3, -1))
-    return np.where(count * 2 > factor * factor, total / np.maximum(count, 1), 0).astype(np.float32)
 
 
 def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
@@ -550,7 +538,7 @@ def estimate_rigid(
     """
     if np.shape(fixed) != np.shape(moving) or np.ndim(fixed) != 2:
         raise ValueError(f"need two (Y, X) images of one shape; got {np.shape(fixed)} and {np.shape(moving)}")
-    sections = [_Section(block_mean(image, downsample), lowpass) for image in (fixed, moving)]
+    sections = [_Section(block_mean(image, downsample, nodata=True), lowpass) for image in (fixed, moving)]
     return _to_full_resolution(_estimate(*sections, max_rotation_deg, upsample), downsample, np.shape(fixed))
 
 
@@ -626,12 +614,12 @@ def pairwise_rigid(
 
     def coarser_section(z: int) -> _Section:
         if z not in coarser:
-            coarser[z] = _Section(block_mean(sections[z].image, 2), lowpass)
+            coarser[z] = _Section(block_mean(sections[z].image, 2, nodata=True), lowpass)
         return coarser[z]
 
     pairs = []
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
-        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample), lowpass)
+        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample, nodata=True), lowpass)
         sections.pop(z - max(offsets) - 1, None)
         coarser.pop(z - max(offsets) - 1, None)
         if z - 1 in sections and (unrelated is not None or second_opinion):

@@ -17,7 +17,7 @@ def stack():
 @pytest.mark.e2e
 def test_baselines_reduce_the_misalignment_and_no_alignment_does_not(stack):
     pytest.importorskip("skimage", reason="scikit-image (the `bench` extra) gives the TV-L1 baseline")
-    aligners = {"none": evaluate.no_alignment, "rigid": evaluate.rigid_chain, "tvl1": evaluate.tvl1_chain}
+    aligners = {"none": evaluate.no_alignment, "rigid": evaluate.rigid_chain_fields, "tvl1": evaluate.tvl1_chain}
     results = evaluate.evaluate(stack, aligners, seed=2)
     assert results["rigid"]["rms"] < 0.5 * results["none"]["rms"]
     assert results["tvl1"]["adj"] < 0.5 * results["none"]["adj"]
@@ -37,7 +37,7 @@ def test_an_aligned_stack_is_left_as_it_is_by_no_alignment(stack):
 
 
 def test_markdown_table_has_a_row_per_method(stack):
-    results = evaluate.evaluate(stack, {"none": evaluate.no_alignment, "rigid": evaluate.rigid_chain})
+    results = evaluate.evaluate(stack, {"none": evaluate.no_alignment, "rigid": evaluate.rigid_chain_fields})
     table = evaluate.markdown_table(results, "title")
     assert table.startswith("**title**") and "| none |" in table and "| rigid |" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3

@@ -15,7 +15,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "emalign"
 HEAVY = ("torch", "dask", "zarr")
-MATH_CORE = ("fields", "rigid", "affine", "consensus", "masks", "patches", "metrics", "pixelsize", "synth")
+MATH_CORE = (
+    "fields",
+    "rigid",
+    "affine",
+    "consensus",
+    "masks",
+    "patches",
+    "tiling",
+    "downsample",
+    "metrics",
+    "pixelsize",
+    "synth",
+)
 NETWORKS = ("models", "inference", "train", "volumetric")
 FRONT_ENDS = ("pipeline", "register", "evaluate", "demo", "cli", "cli_volume", "napari")
 

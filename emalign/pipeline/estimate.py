@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from emalign import affine, consensus, models, rigid
 from emalign.device import resolve_device
+from emalign.downsample import block_mean
 from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose, warp
 from emalign.inference import predict_windows, tile_span
@@ -183,7 +184,7 @@ def section_contrast(stack: Stack, z: int, factor: int = 1) -> tuple[np.floating
 
 
 def coarse_section(stack: Stack, z: int, factor: int, typical: np.floating, mask: Stack | None = None) -> np.ndarray:
-    """``(Y // factor, X // factor)`` float32: :func:`emalign.rigid.block_mean` of section ``z`` as
+    """``(Y // factor, X // factor)`` float32: ``nodata`` :func:`emalign.downsample.block_mean` of section ``z`` as
     :func:`read_masked` gives it, given ``typical``, its median block contrast (:func:`section_contrast`, or
     ``sections/contrast``).
 
@@ -193,7 +194,7 @@ def coarse_section(stack: Stack, z: int, factor: int, typical: np.floating, mask
     height, width = (n // factor for n in stack.shape[1:])
     out = np.zeros((height, width), np.float32)
     for region in _tiles(stack.shape[1:], factor):
-        coarse = rigid.block_mean(read_masked_region(stack, z, region, mask, typical), factor)
+        coarse = block_mean(read_masked_region(stack, z, region, mask, typical), factor, nodata=True)
         y0, x0 = region[0].start // factor, region[1].start // factor
         out[y0 : y0 + coarse.shape[0], x0 : x0 + coarse.shape[1]] = coarse[: height - y0, : width - x0]
     return out

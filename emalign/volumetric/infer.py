@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from emalign import fields, volumetric
 from emalign.device import autocast, resolve_device
 from emalign.errors import EmalignError
+from emalign.tiling import taper, tile_starts
 from emalign.volumetric.affine import affine_register
 from emalign.volumetric.common import VolumeNet
 from emalign.volumetric.data import intensity_stats, normalise
@@ -37,26 +38,6 @@ from emalign.volumetric.data import intensity_stats, normalise
 PATCH = 96
 OVERLAP = 32
 CHUNK = 64
-
-
-def tile_starts(n: int, patch: int, overlap: int) -> list[int]:
-    """Start positions of patches of length ``patch`` covering ``[0, n)`` with at least ``overlap`` shared."""
-    if n <= patch:
-        return [0]
-    step = max(1, patch - overlap)
-    starts = list(range(0, n - patch, step))
-    return [*starts, n - patch]
-
-
-def _ramp(length: int, start: int, n: int, overlap: int) -> np.ndarray:
-    """1D blending weights of a patch ``[start, start + length)`` in ``[0, n)``: linear ramps on inner faces."""
-    w = np.ones(length, np.float32)
-    ramp = (np.arange(min(overlap, length), dtype=np.float32) + 0.5) / max(overlap, 1)
-    if start > 0:
-        w[: ramp.size] = np.minimum(w[: ramp.size], ramp)
-    if start + length < n:
-        w[length - ramp.size :] = np.minimum(w[length - ramp.size :], ramp[::-1])
-    return w
 
 
 def tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: int) -> Iterator[tuple[slice, ...]]:
@@ -195,7 +176,7 @@ def predict_field(
             u = affine.compose_after(u, box)
         w = np.einsum(
             "i,j,k->ijk",
-            *[_ramp(s.stop - s.start, s.start, n, overlap) for s, n in zip(box, shape, strict=True)],
+            *[taper(s.start, s.stop, n, overlap) for s, n in zip(box, shape, strict=True)],
         )
         total[(slice(None), *box)] += u * w
         weight[box] += w
