@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import Field, fields
+from collections.abc import Iterable
+from dataclasses import Field
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -20,31 +21,35 @@ from emalign.cli_errors import friendly
 from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
+from emalign.options import DEFAULT_MODEL, option_fields
 from emalign.pipeline.plan import AlignParams
 from emalign.pipeline.stages import TABLE
+from emalign.train_config import TrainConfig
 
-FIELDS = {spec.name: spec for spec in fields(AlignParams)}
+FIELDS = option_fields(AlignParams)
+TRAIN_FIELDS = option_fields(TrainConfig)
 MODEL_HELP = FIELDS["model"].metadata["help"]
 
 
 def _flag(spec: Field) -> str:
-    """The option of an :class:`emalign.pipeline.AlignParams` field: ``--field-name`` unless its metadata names one."""
+    """The option of a field: ``--field-name`` unless its metadata names one."""
     return spec.metadata.get("flag", f"--{spec.name.replace('_', '-')}")
 
 
-def _field_options(func, layout: bool):
-    """The options of the :class:`emalign.pipeline.AlignParams` fields, made from the fields (default, type) and
-    their metadata (help, flag, choices): the output layout's (``layout``) or the others'."""
-    for spec in reversed(FIELDS.values()):
+def _field_options(func, specs: Iterable[Field]):
+    """The options of the dataclass fields ``specs`` (see :func:`emalign.options.param`), made from the fields
+    (default, type) and their metadata (help, flag, choices, multiple); a tuple's default is shown comma-separated."""
+    for spec in reversed(list(specs)):
         meta = spec.metadata
-        if meta.get("layout", False) != layout:
+        if meta.get("multiple"):
+            func = click.option(_flag(spec), spec.name, multiple=True, help=meta["help"])(func)
             continue
-        empty = spec.default in ("", ())
+        default = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
         option = click.option(
             _flag(spec),
             spec.name,
-            default="" if empty else spec.default,
-            show_default=not empty,
+            default=default,
+            show_default=default != "",
             type=click.Choice(meta["choices"]) if "choices" in meta else None,
             help=meta["help"],
         )
@@ -54,12 +59,12 @@ def _field_options(func, layout: bool):
 
 def _layout_options(func):
     """The output layout: NGFF version and shard size (align, every stage, import)."""
-    return _field_options(func, layout=True)
+    return _field_options(func, (spec for spec in FIELDS.values() if spec.metadata.get("layout")))
 
 
 def _plan_options(func):
     """The options that define an alignment (recorded in the output)."""
-    return _layout_options(_field_options(func, layout=False))
+    return _layout_options(_field_options(func, (spec for spec in FIELDS.values() if not spec.metadata.get("layout"))))
 
 
 def _run_options(func):
@@ -120,22 +125,30 @@ def _jobqueue(opts: dict) -> dict:
     return slurm_options(**{key.removeprefix("slurm_"): value for key, value in opts.items() if key[:6] == "slurm_"})
 
 
-def _params(opts: dict):
+def _params(opts: dict) -> AlignParams:
     """The :class:`emalign.pipeline.AlignParams` of the options (as :func:`_field_options` made them)."""
-    return AlignParams(**{name: _field_value(spec, opts[name]) for name, spec in FIELDS.items()})
+    return _config(AlignParams, opts)
 
 
-def _field_value(spec: Field, text: object) -> object:
-    """A field's value from its option: comma-separated numbers for a tuple, a resolved path for a path."""
+def _config(config: type, opts: dict):
+    """The dataclass ``config`` of the options made from its fields (the fields that are no option at their
+    defaults)."""
+    return config(**{name: _field_value(config, spec, opts[name]) for name, spec in option_fields(config).items()})
+
+
+def _field_value(config: type, spec: Field, text: object) -> object:
+    """A field of ``config`` from its option: comma-separated numbers for a tuple, a resolved path for a path."""
     meta = spec.metadata
     if meta.get("path"):
         return _local_path(str(text))
+    if meta.get("multiple"):
+        return tuple(text)
     if not isinstance(spec.default, tuple):
         return text
     if not text:
         return ()
     flag = _flag(spec)
-    number = get_args(get_type_hints(AlignParams)[spec.name])[0]
+    number = get_args(get_type_hints(config)[spec.name])[0]
     try:
         values = tuple(number(v) for v in str(text).split(",") if v.strip())
     except ValueError:
@@ -242,7 +255,7 @@ def import_command(
     """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
     from emalign.io import import_stack
 
-    voxel = list(_field_value(FIELDS["voxel_size"], voxel_size)) or None
+    voxel = list(_field_value(AlignParams, FIELDS["voxel_size"], voxel_size)) or None
     import_stack(
         input_path,
         output_path,
@@ -261,7 +274,7 @@ def import_command(
 @click.option("--sections", default=48, show_default=True)
 @click.option("--size", default=256, show_default=True, help="section size, px")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--model", default="faemreg-small", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--device", default="auto", show_default=True)
 @friendly
 def demo(output_path: str, sections: int, size: int, seed: int, model: str, device: str) -> None:
@@ -271,52 +284,21 @@ def demo(output_path: str, sections: int, size: int, seed: int, model: str, devi
     click.echo(run_demo(output_path, sections, size, seed, model, device))
 
 
+def _train_options(func):
+    """The options of ``emalign train``: the :class:`emalign.train_config.TrainConfig` fields that are options."""
+    return _field_options(func, TRAIN_FIELDS.values())
+
+
 @main.command()
 @click.option("--out", "out_dir", required=True, help="folder for checkpoints (last.pt, best.pt)")
-@click.option("--data", multiple=True, help="aligned stack(s) to train on (TIFF/Zarr); repeatable")
-@click.option("--val-data", multiple=True, help="aligned stack(s) for validation (default: procedural)")
-@click.option("--model", default="faemreg-small", show_default=True, help="architecture, or a .pt to fine-tune")
-@click.option("--procedural", default=2, show_default=True, help="procedural EM-like volumes to add")
-@click.option("--steps", default=1000, show_default=True)
-@click.option("--batch", default=6, show_default=True)
-@click.option("--crop", default=144, show_default=True, help="training crop, px")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--z-steps", default="1,2,3,4,5,6", show_default=True, help="section spacings to sample")
-@click.option("--supervised-weight", default=1.0, show_default=True, help="weight of the exact synthetic target")
-@click.option("--similarity-weight", default=0.0, show_default=True, help="weight of the local-NCC loss")
-@click.option("--smooth-weight", default=0.05, show_default=True)
-@click.option("--teacher", default="", help="a trained model (name or .pt) to distil from (fields and features)")
-@click.option("--distill-weight", default=1.0, show_default=True, help="weight of the distillation loss")
-@click.option("--val-every", default=100, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_train_options
 @click.option("--no-resume", is_flag=True, help="start over even if OUT has a checkpoint")
 @friendly
-def train(out_dir: str, no_resume: bool, z_steps: str, **opts) -> None:
+def train(out_dir: str, no_resume: bool, **opts) -> None:
     """Train a serial network without labels (synthetic misalignment of aligned stacks)."""
-    from emalign.train import TrainConfig
     from emalign.train import train as run_train
 
-    steps = tuple(int(s) for s in z_steps.split(","))
-    cfg = TrainConfig(
-        model=opts["model"],
-        data=tuple(opts["data"]),
-        val_data=tuple(opts["val_data"]),
-        procedural=opts["procedural"],
-        z_steps=steps,
-        steps=opts["steps"],
-        batch=opts["batch"],
-        crop=opts["crop"],
-        lr=opts["lr"],
-        supervised_weight=opts["supervised_weight"],
-        similarity_weight=opts["similarity_weight"],
-        smooth_weight=opts["smooth_weight"],
-        teacher=opts["teacher"],
-        distill_weight=opts["distill_weight"],
-        val_every=opts["val_every"],
-        seed=opts["seed"],
-        device=opts["device"],
-    )
+    cfg = _config(TrainConfig, opts)
     history = run_train(cfg, out_dir, resume=not no_resume)
     click.echo(
         f"validation end-point error: {history['val_epe'][0]:.3f} -> {history['val_epe'][-1]:.3f} px "

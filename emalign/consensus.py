@@ -180,14 +180,21 @@ def block_plan(length: int, block: int, overlap: int) -> list[tuple[int, int]]:
 
 
 def blend_weights(start: int, stop: int, length: int, overlap: int) -> np.ndarray:
-    """Linear ramps over the ``overlap`` sections a block shares with its neighbours."""
-    weights = np.ones(stop - start)
-    ramp = np.linspace(0.0, 1.0, overlap + 2)[1:-1]
-    if start > 0:
-        weights[:overlap] = ramp
-    if stop < length:
-        weights[-overlap:] = ramp[::-1]
-    return weights
+    """``(stop - start,)`` blending weights of the z-block ``[start, stop)`` of :func:`block_plan` (``length``,
+    ``overlap``); over the blocks they sum to 1 at every section.
+
+    A block's ``step = stop - start - overlap`` own sections (an inner block's; the first block owns everything
+    before, the last everything after) spread their weight evenly over themselves and the ``overlap`` sections
+    after, so a block's weight at its section ``j`` is the number of its own sections in ``[j - overlap, j]``
+    over ``overlap + 1``: linear ramps ``(i + 1) / (overlap + 1)`` on inner faces (``i`` counted from the face)
+    around a plateau of 1, or of ``step / (overlap + 1)`` where a block is shorter than ``2 * overlap + 1``
+    (a section then lies in more than two blocks). With no overlap every weight is 1.
+    """
+    size, j = stop - start, np.arange(stop - start)
+    first = 0 if start > 0 else -overlap
+    last = size - overlap - 1 if stop < length else size - 1
+    own = np.minimum(j, last) - np.maximum(j - overlap, first) + 1
+    return np.where(own > overlap, 1.0, own * (1.0 / (overlap + 1)))
 
 
 __all__ = [

@@ -28,7 +28,6 @@ import json
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,46 +42,7 @@ from emalign.errors import EmalignError
 from emalign.fields import affine_field, compose_torch, invert_torch, warp_torch
 from emalign.models.faemreg import FAEMReg, normalize_sections
 from emalign.models.losses import endpoint_error, reference_similarity, smoothness
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in every checkpoint)."""
-
-    model: str = models.DEFAULT_MODEL
-    data: tuple[str, ...] = ()
-    val_data: tuple[str, ...] = ()
-    procedural: int = 2
-    procedural_shape: tuple[int, int, int] = (40, 256, 256)
-    z_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-    same_section_start: float = 0.5
-    same_section_end: float = 0.05
-    symmetric_fraction: float = 0.5
-    steps: int = 1000
-    batch: int = 8
-    crop: int = 160
-    lr: float = 2e-3
-    supervised_weight: float = 1.0
-    similarity_weight: float = 0.0
-    smooth_weight: float = 0.05
-    shift: float = 3.0
-    rotation_deg: float = 0.7
-    scale: float = 0.005
-    elastic: float = 2.0
-    elastic_length: tuple[float, float] = (40.0, 160.0)
-    reference_jitter: float = 0.4
-    blank_reference: float = 0.1
-    val_every: int = 100
-    val_windows: int = 32
-    val_z_step: int = 4
-    seed: int = 0
-    device: str = "auto"
-    teacher: str = ""
-    distill_weight: float = 1.0
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from emalign.train_config import TrainConfig
 
 
 def load_volume(path: str) -> np.ndarray:

@@ -228,6 +228,35 @@ def test_blend_weights_sum_to_one_when_the_last_block_is_shifted_back(length, bl
     np.testing.assert_allclose(_summed_blend(length, block, overlap), 1.0, atol=1e-12)
 
 
+BLOCKINGS = [(40, 10, 0), (45, 10, 0), (40, 10, 6), (43, 10, 8), (40, 10, 9), (25, 6, 5), (100, 30, 20), (31, 30, 29)]
+"""``(length, block, overlap)``: no overlap, or overlaps of more than half a block (a section in 3+ blocks)."""
+
+
+@pytest.mark.parametrize(("length", "block", "overlap"), BLOCKINGS)
+def test_blend_weights_sum_to_one_across_blocks_for_any_overlap(length, block, overlap):
+    np.testing.assert_allclose(_summed_blend(length, block, overlap), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("length", "block", "overlap"), BLOCKINGS)
+def test_blend_weights_change_by_at_most_one_ramp_step_from_section_to_section(length, block, overlap):
+    for start, stop in consensus.block_plan(length, block, overlap):
+        weights = consensus.blend_weights(start, stop, length, overlap)
+        assert np.abs(np.diff(weights)).max(initial=0.0) <= 1 / (overlap + 1) + 1e-12, (start, stop)
+
+
+def test_blend_weights_without_overlap_are_one_in_every_block():
+    for start, stop in consensus.block_plan(40, 10, 0):
+        np.testing.assert_array_equal(consensus.blend_weights(start, stop, 40, 0), np.ones(stop - start))
+
+
+def test_blend_weights_of_a_block_at_least_twice_the_overlap_are_linear_ramps_on_inner_faces():
+    ramp = np.arange(1, 11) / 11
+    inner = consensus.blend_weights(20, 50, 100, 10)
+    np.testing.assert_allclose(inner, np.concatenate([ramp, np.ones(10), ramp[::-1]]), rtol=1e-15)
+    np.testing.assert_array_equal(consensus.blend_weights(0, 30, 100, 10)[:20], 1.0)
+    np.testing.assert_array_equal(consensus.blend_weights(80, 100, 100, 10)[10:], 1.0)
+
+
 # --- smoothing along z -------------------------------------------------------------------------------------
 
 

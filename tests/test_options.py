@@ -1,4 +1,5 @@
-"""The options of ``emalign align`` and of every stage are made from the AlignParams fields (one definition each)."""
+"""The options of ``emalign align`` and of every stage are made from the AlignParams fields, those of ``emalign train``
+from the TrainConfig fields (one definition each: emalign/options.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from dataclasses import fields
 
 import click
 import pytest
+from helpers import invoke, ok
 
 from emalign.cli import _params, main
 from emalign.errors import EmalignError
+from emalign.options import option_fields
 from emalign.pipeline import AlignParams
 from emalign.pipeline.stages import STAGES
+from emalign.train_config import TrainConfig
 
 
 def options(command: str) -> dict[str, click.Option]:
@@ -42,3 +46,64 @@ def test_tuple_fields_are_read_as_comma_separated_numbers():
         _params({**defaults, "skip": "one"})
     with pytest.raises(EmalignError, match=r"--voxel-size '40,4': expected three numbers z,y,x"):
         _params({**defaults, "voxel_size": "40,4"})
+
+
+# --- emalign train -------------------------------------------------------------------------------------------
+
+
+def test_every_train_config_field_that_is_an_option_has_the_fields_default_and_help():
+    made = options("train")
+    for name, spec in option_fields(TrainConfig).items():
+        option = made[name]
+        assert option.help == spec.metadata["help"]
+        if spec.metadata.get("multiple"):
+            assert option.multiple and spec.default == ()
+        elif isinstance(spec.default, tuple):
+            assert option.default == ",".join(map(str, spec.default))
+        else:
+            assert option.default == spec.default and option.show_default == (spec.default != "")
+
+
+def test_the_train_command_has_no_option_but_the_config_fields_and_where_to_write():
+    assert set(options("train")) == {*option_fields(TrainConfig), "out_dir", "no_resume"}
+
+
+@pytest.fixture
+def trained_with(monkeypatch):
+    """The :class:`TrainConfig` that ``emalign train`` handed to the training (which does not run)."""
+    given: list[TrainConfig] = []
+
+    def record(cfg, out, resume):
+        given.append(cfg)
+        return {"val_epe": [1.0], "val_epe_identity": [1.0]}
+
+    monkeypatch.setattr("emalign.train.train", record)
+    return given
+
+
+def test_the_train_command_at_its_defaults_trains_the_default_config(trained_with, tmp_path):
+    ok("train", "--out", tmp_path)
+    assert trained_with == [TrainConfig()]
+
+
+def test_the_train_command_reads_repeatable_stacks_and_comma_separated_z_steps(trained_with, tmp_path):
+    args = ["--data", "a.tif", "--data", "b.zarr", "--z-steps", "1, 4", "--lr", "5e-4", "--teacher", "faemreg-small"]
+    ok("train", "--out", tmp_path, *args)
+    expected = TrainConfig(data=("a.tif", "b.zarr"), z_steps=(1, 4), lr=5e-4, teacher="faemreg-small")
+    assert trained_with == [expected]
+
+
+def test_z_steps_that_are_not_numbers_are_a_one_line_error(trained_with, tmp_path):
+    result = invoke("train", "--out", tmp_path, "--z-steps", "1,two")
+    assert result.exit_code == 2 and not trained_with
+    assert result.stderr.strip() == "error: --z-steps '1,two': expected comma-separated section spacings, e.g. 1,2,4"
+
+
+@pytest.mark.parametrize("name", ["faemreg-small", "faemreg-fast"])
+def test_the_shipped_checkpoints_training_settings_load_into_the_config(name):
+    import torch
+
+    from emalign.models import WEIGHTS_DIR
+
+    record = torch.load(WEIGHTS_DIR / f"{name}.pt", map_location="cpu", weights_only=False)["train"]
+    assert TrainConfig(**record).to_dict() == record

@@ -9,9 +9,9 @@ import torch
 from emalign.checkpoints import file_checksum, find_checkpoint, read_checkpoint
 from emalign.errors import EmalignError
 from emalign.models.faemreg import CONFIGS, FAEMReg, FAEMRegConfig
+from emalign.options import DEFAULT_MODEL
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "faemreg-small"
 
 
 def available() -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from emalign.errors import EmalignError
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
+from emalign.options import DEFAULT_MODEL, param
 
 POLISH_MODES = ("auto", "on", "off")
 ESTIMATE_BYTES_PER_PX = 80
@@ -30,15 +31,6 @@ BASE_BYTES = 0.4 * 2**30
 def _budget(params: AlignParams) -> float:
     """Bytes a task's arrays may take: ``params.memory_per_task`` less :data:`BASE_BYTES`."""
     return max(params.memory_per_task * 2**30 - BASE_BYTES, 2**28)
-
-
-def _param(default: object, help: str, **cli: object) -> object:
-    """A field of :class:`AlignParams` with what the ``emalign`` commands make its option from, in its metadata:
-    ``help`` (the option's help line) and, where it applies, ``flag`` (other than ``--field-name``), ``choices``,
-    ``expect``/``length`` (a tuple given as comma-separated numbers: what the error says is expected, and how
-    many), ``path`` (a path or URL, recorded resolved) and ``layout`` (the output layout, which ``emalign import``
-    takes too)."""
-    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -82,46 +74,46 @@ class AlignParams:
             (``task_tile`` 0) and the block-mean factor of the prealignment's and the refine stage's matching,
             ``coarse_downsample`` or larger where a section at that factor would not fit (:meth:`Plan.coarse_factor`).
 
-    Each field's metadata holds its command-line option (see :func:`_param`).
+    Each field's metadata holds its command-line option (see :func:`emalign.options.param`).
 
     Lengths in px (``stride``, ``smoothing``, ``tile``, ``halo``, ``polish_patch``) are pixels of the working
     resolution (:class:`emalign.pixelsize.Resolution`: 10 nm where the input's pixels are 10 nm or finer);
     :meth:`working` scales them for what the integer working factor leaves.
     """
 
-    model: str = _param("faemreg-small", "shipped model name or .pt checkpoint")
-    stride: int = _param(8, "field grid spacing, px")
-    block: int = _param(16, "sections per task")
-    stitch_block: int = _param(128, "sections per stitch solve")
-    stitch_overlap: int = _param(32, "overlap of stitch solves")
-    spring: float = _param(0.2, "stitch pull towards the prealignment")
-    smoothing: float = _param(16.0, "Gaussian sigma of the network fields, px")
-    tile: int = _param(512, "xy tile of the network, px")
-    halo: int = _param(64, "xy tile overlap, px")
-    coarse_downsample: int = _param(2, "prealignment resolution factor")
-    trend_stiffness: float = _param(1e4, "prealignment trend along z")
-    max_rotation_deg: float = _param(10.0, "prealignment rotation search, deg", flag="--max-rotation")
-    skip: tuple[int, ...] = _param((), "bad sections to bridge, e.g. 12,40", expect="comma-separated section numbers")
-    level: int = _param(0, "input OME-Zarr level")
-    adapt: int = _param(0, "fine-tune the model on this stack for N steps first (0: off)")
-    polish: str = _param(
+    model: str = param(DEFAULT_MODEL, "shipped model name or .pt checkpoint")
+    stride: int = param(8, "field grid spacing, px")
+    block: int = param(16, "sections per task")
+    stitch_block: int = param(128, "sections per stitch solve")
+    stitch_overlap: int = param(32, "overlap of stitch solves")
+    spring: float = param(0.2, "stitch pull towards the prealignment")
+    smoothing: float = param(16.0, "Gaussian sigma of the network fields, px")
+    tile: int = param(512, "xy tile of the network, px")
+    halo: int = param(64, "xy tile overlap, px")
+    coarse_downsample: int = param(2, "prealignment resolution factor")
+    trend_stiffness: float = param(1e4, "prealignment trend along z")
+    max_rotation_deg: float = param(10.0, "prealignment rotation search, deg", flag="--max-rotation")
+    skip: tuple[int, ...] = param((), "bad sections to bridge, e.g. 12,40", expect="comma-separated section numbers")
+    level: int = param(0, "input OME-Zarr level")
+    adapt: int = param(0, "fine-tune the model on this stack for N steps first (0: off)")
+    polish: str = param(
         "auto", "patch-wise translations after refine (auto: at fine z-spacing only)", choices=POLISH_MODES
     )
-    polish_patch: int = _param(96, "polish patch side, px")
-    mask: str = _param("", "mask stack (TIFF/Zarr, IN's shape), non-zero = invalid pixels", path=True)
-    voxel_size: tuple[float, ...] = _param(
+    polish_patch: int = param(96, "polish patch side, px")
+    mask: str = param("", "mask stack (TIFF/Zarr, IN's shape), non-zero = invalid pixels", path=True)
+    voxel_size: tuple[float, ...] = param(
         (), "z,y,x of IN in --unit (default: IN's metadata, else estimated)", expect="three numbers z,y,x", length=3
     )
-    unit: str = _param("nanometer", "unit of --voxel-size")
-    ngff: str = _param(
+    unit: str = param("nanometer", "unit of --voxel-size")
+    ngff: str = param(
         NGFF_VERSIONS[0],
         "output layout: 0.5 (Zarr v3, sharded) or 0.4 (Zarr v2, for older readers)",
         choices=NGFF_VERSIONS,
         layout=True,
     )
-    shard: int = _param(SHARD_XY, "y/x side of a shard (file) of the 0.5 output, px; 0: none", layout=True)
-    task_tile: int = _param(0, "xy tile of the estimate and stitch tasks, px (0: from --memory-per-task)")
-    memory_per_task: float = _param(
+    shard: int = param(SHARD_XY, "y/x side of a shard (file) of the 0.5 output, px; 0: none", layout=True)
+    task_tile: int = param(0, "xy tile of the estimate and stitch tasks, px (0: from --memory-per-task)")
+    memory_per_task: float = param(
         2.0,
         "GiB a task may hold, about: sets --task-tile 0 and the prealignment's resolution on large sections",
     )
