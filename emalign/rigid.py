@@ -33,6 +33,7 @@ __all__ = [
     "affine_fields",
     "correlation_peaks",
     "estimate_rigid",
+    "jitter_and_wander",
     "pairwise_rigid",
     "patch_spectra",
     "phase_correlation",
@@ -889,8 +890,29 @@ def solve_translations(
     return np.transpose(solution, (1, 0, 2))
 
 
+def jitter_and_wander(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of a trajectory ``values (Z, k)``, the variance ``s^2`` of independent per-section jitter and the
+    step variance ``q`` of a random-walk wander (accumulated pairwise noise) that explain its differences.
+
+    Over the sections that count (``weights > 0``, in order), lag-1 and lag-2 differences have mean squares
+    ``D1 = 2 s^2 + q`` and ``D2 = 2 s^2 + 2 q``: ``q = D2 - D1``, ``s^2 = (2 D1 - D2) / 2``, each at least 0
+    (both 0 with fewer than 4 such sections).
+    """
+    values = np.asarray(values, np.float64).reshape(len(values), -1)
+    kept = values if weights is None else values[np.asarray(weights) > 0]
+    if len(kept) < 4:
+        return np.zeros(values.shape[1]), np.zeros(values.shape[1])
+    lag1 = np.mean((kept[1:] - kept[:-1]) ** 2, axis=0)
+    lag2 = np.mean((kept[2:] - kept[:-2]) ** 2, axis=0)
+    return np.maximum(2 * lag1 - lag2, 0.0) / 2, np.maximum(lag2 - lag1, 0.0)
+
+
 def misaligned_slope(
-    values: np.ndarray, trend: np.ndarray, weights: np.ndarray | None = None, tolerance: float = SLOPE_TOLERANCE
+    values: np.ndarray,
+    trend: np.ndarray,
+    weights: np.ndarray | None = None,
+    tolerance: float = SLOPE_TOLERANCE,
+    wander: bool = False,
 ) -> np.ndarray:
     """The part of a trajectory's linear trend along z that its own per-section misalignment explains.
 
@@ -903,11 +925,17 @@ def misaligned_slope(
     steeper one (content that runs obliquely through the stack, a stage drift). An aligned stack's jitter is
     its pairwise noise, so the slope taken from it is within that noise.
 
+    With ``wander`` (trajectories solved from noisy pairs, such as the angles, that wander by their accumulated
+    noise), ``s^2`` and the wander's step come from :func:`jitter_and_wander`, not from ``values - trend``, and
+    ``g`` is scaled by the share of the slope's variance that the jitter explains against the wander's
+    (``s^2 / S`` against that of a random walk's slope): a wander's slope is noise, not misalignment.
+
     Args:
         values: ``(Z, k)`` per-section parameters (e.g. the centre shifts, px).
-        trend: ``(Z, k)`` their smooth trend (``values - trend`` is the jitter).
+        trend: ``(Z, k)`` their smooth trend (``values - trend`` is the jitter; unused with ``wander``).
         weights: ``(Z,)`` weight of each section (0: ignore); default all 1.
         tolerance: see :data:`SLOPE_TOLERANCE`.
+        wander: see above.
 
     Returns:
         ``(Z, k)`` the linear trend ``g b (z - zbar)`` to correct together with the jitter.
@@ -920,9 +948,16 @@ def misaligned_slope(
     zc = z - np.average(z, weights=w)
     spread = float(w @ zc**2)
     slope = (w * zc) @ (values - np.average(values, axis=0, weights=w)) / spread
-    jitter = np.average((values - np.asarray(trend, np.float64).reshape(values.shape)) ** 2, axis=0, weights=w)
+    share = 1.0
+    if wander:
+        jitter, step = jitter_and_wander(values, w)
+        lever = np.cumsum((w * zc)[::-1])[::-1][1:]  # a walk's step at z moves every later section
+        walk = step * float(lever @ lever) / spread**2
+        share = jitter / spread / np.maximum(jitter / spread + walk, 1e-300)
+    else:
+        jitter = np.average((values - np.asarray(trend, np.float64).reshape(values.shape)) ** 2, axis=0, weights=w)
     explained = tolerance**2 * jitter / spread
-    gain = np.where(slope**2 > explained, explained / np.maximum(slope**2, 1e-300), 1.0)
+    gain = np.where(slope**2 > explained, explained / np.maximum(slope**2, 1e-300), 1.0) * share
     return zc[:, None] * (gain * slope)[None]
 
 
@@ -939,9 +974,10 @@ def detrend_rigid(
     trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is
     content that moves slowly through the stack (oblique structures, a stage drift) and is
     kept; what is left, the per-section jitter, is the misalignment to correct, together with
-    the part of the shifts' slope that the jitter explains (:func:`misaligned_slope`): with large
-    offsets a few sections' misalignment has a slope of its own, which would leave neighbours
-    several pixels apart for the network.
+    the part of the shifts' and the angles' slope that the jitter explains (:func:`misaligned_slope`;
+    for the angles, against the wander of their accumulated pairwise noise): with large offsets or
+    rotations a few sections' misalignment has a slope of its own, which the network cannot see
+    (the stitch is blind to what grows linearly along z) and would leave in the output.
 
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
@@ -960,5 +996,6 @@ def detrend_rigid(
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
     trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
+    trend[:, :1] -= misaligned_slope(params[:, :1], trend[:, :1], weights, wander=True)
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

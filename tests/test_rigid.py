@@ -350,6 +350,44 @@ def test_misaligned_slope_leaves_an_oblique_trend_far_steeper_than_the_jitter():
     assert np.all(np.abs(np.diff(taken, axis=0)) < 0.01)
 
 
+def test_jitter_and_wander_separate_independent_jitter_from_a_random_walk():
+    rng = np.random.default_rng(6)
+    depth, columns = 4000, 2
+    walk = np.cumsum(rng.normal(0, 0.5, (depth, columns)), axis=0)
+    values = walk + rng.normal(0, 1.0, (depth, columns))
+    jitter, step = rigid.jitter_and_wander(values)
+    np.testing.assert_allclose(np.sqrt(jitter), 1.0, rtol=0.1)
+    np.testing.assert_allclose(np.sqrt(step), 0.5, rtol=0.2)
+
+
+def _wander_slopes(jitter_sd: float, step_sd: float, draws: int = 400, depth: int = 12) -> tuple[float, float]:
+    """Mean |taken slope - jitter's own slope| with and without the slope correction (``wander``), px per section."""
+    rng = np.random.default_rng(7)
+    z = np.arange(depth) - (depth - 1) / 2
+    errors = np.zeros((draws, 2))
+    for draw in range(draws):
+        jitter = rng.normal(0, jitter_sd, (depth, 1))
+        values = jitter + np.cumsum(rng.normal(0, step_sd, (depth, 1)), axis=0)
+        taken = rigid.misaligned_slope(values, values, wander=True)
+        own = np.polyfit(z, jitter[:, 0], 1)[0]
+        errors[draw] = abs(np.polyfit(z, taken[:, 0], 1)[0] - own), abs(own)
+    return tuple(errors.mean(0))
+
+
+def test_misaligned_slope_with_wander_takes_the_jitters_slope_when_jitter_dominates():
+    corrected, left = _wander_slopes(jitter_sd=3.0, step_sd=0.2)
+    assert corrected < 0.7 * left  # twelve sections estimate the jitter and the wander only roughly
+
+
+def test_misaligned_slope_with_wander_leaves_the_slope_of_a_wander_alone():
+    rng = np.random.default_rng(8)
+    walks = np.cumsum(rng.normal(0, 0.3, (400, 12)), axis=1)
+    taken = [rigid.misaligned_slope(walk[:, None], walk[:, None], wander=True) for walk in walks]
+    fitted = [abs(np.polyfit(np.arange(12), walk, 1)[0]) for walk in walks]
+    slopes = [abs(t[1, 0] - t[0, 0]) for t in taken]
+    assert np.mean(slopes) < 0.35 * np.mean(fitted)  # an aligned stack's angles are not rotated by their wander
+
+
 def test_detrend_rigid_corrects_the_slope_of_large_offsets_in_a_short_stack():
     rng = np.random.default_rng(5)
     shape, depth = (200, 200), 12
