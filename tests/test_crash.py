@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,19 +232,21 @@ SMALL_CHUNKS = (1, 16, 16)
 
 
 @pytest.mark.e2e
-def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_threads_and_processes(
-    stack, reference, tmp_path
-):
-    killed = tmp_path / "killed.zarr"
+def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_threads_and_processes(stack, tmp_path):
+    killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
     args = [*ARGS, "--shard", "32"]
     prelude = f"import emalign.io; emalign.io.SECTION_CHUNKS = {SMALL_CHUNKS}"
+    uninterrupted = SLOW_ALIGN.format(delay=0, prelude=prelude)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the uninterrupted run in the same layout (its sections rendered in the same shard-sized tiles)
+    subprocess.run([sys.executable, "-c", uninterrupted, "align", str(stack), str(whole), *args], env=env, check=True)
     kill_inside("render", stack, killed, seed=3, args=args, prelude=prelude)
     level = zarr.open_array(str(killed / "0"), mode="r")
     assert (level.chunks, level.shards) == (SMALL_CHUNKS, (1, 32, 32))
     done = array(killed, "done")
     assert not done.all() and not is_complete(killed)
     for z in np.flatnonzero(done):  # a section marked done is whole: every shard of it written
-        np.testing.assert_array_equal(level[z], level0(reference)[z])
+        np.testing.assert_array_equal(level[z], level0(whole)[z])
         assert len(chunk_files(killed / "0" / "c" / str(z))) == 4
     for scheduler in ("threads:2", "processes:2"):
         out = tmp_path / f"{scheduler.replace(':', '')}.zarr"
@@ -251,7 +254,7 @@ def test_a_render_killed_with_sharded_sections_resumes_to_the_same_output_on_thr
         result = CliRunner().invoke(main, ["render", str(stack), str(out), *args, "--scheduler", scheduler])
         assert result.exit_code == 0, result.output
         assert "output complete" in result.output and is_complete(out)
-        np.testing.assert_array_equal(level0(out), level0(reference))
+        np.testing.assert_array_equal(level0(out), level0(whole))
         assert sorted(len(chunk_files(out / "0" / "c" / str(z))) for z in range(SHAPE[0])) == [4] * SHAPE[0]
         assert not list(out.rglob("*.partial"))  # a shard is replaced whole, through a temporary file
 
