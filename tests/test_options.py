@@ -70,17 +70,22 @@ def test_the_train_command_has_no_option_but_the_config_fields_and_where_to_writ
     assert set(options("train")) == {*option_fields(TrainConfig), "out_dir", "no_resume"}
 
 
-@pytest.fixture
-def trained_with(monkeypatch):
-    """The :class:`TrainConfig` that ``emalign train`` handed to the training (which does not run)."""
-    given: list[TrainConfig] = []
+def recorded_configs(monkeypatch, training: str) -> list:
+    """The configs that a command hands to the training function ``training`` (replaced: nothing is trained)."""
+    given = []
 
-    def record(cfg, out, resume):
+    def record(cfg, out, **run):
         given.append(cfg)
         return {"val_epe": [1.0], "val_epe_identity": [1.0]}
 
-    monkeypatch.setattr("emalign.train.train", record)
+    monkeypatch.setattr(training, record)
     return given
+
+
+@pytest.fixture
+def trained_with(monkeypatch) -> list[TrainConfig]:
+    """The :class:`TrainConfig` that ``emalign train`` handed to the training."""
+    return recorded_configs(monkeypatch, "emalign.train.train")
 
 
 def test_the_train_command_at_its_defaults_trains_the_default_config(trained_with, tmp_path):
@@ -129,16 +134,9 @@ def test_every_volume_train_config_field_is_an_option_with_the_fields_default_an
 
 
 @pytest.fixture
-def volume_trained_with(monkeypatch):
-    """The :class:`VolumeTrainConfig` that ``emalign volume train`` handed to the training (which does not run)."""
-    given: list[VolumeTrainConfig] = []
-
-    def record(cfg, out, progress):
-        given.append(cfg)
-        return {"val_epe": [1.0], "val_epe_identity": [1.0]}
-
-    monkeypatch.setattr("emalign.volumetric.train.train", record)
-    return given
+def volume_trained_with(monkeypatch) -> list[VolumeTrainConfig]:
+    """The :class:`VolumeTrainConfig` that ``emalign volume train`` handed to the training."""
+    return recorded_configs(monkeypatch, "emalign.volumetric.train.train")
 
 
 def test_the_volume_train_command_at_its_defaults_trains_the_default_config(volume_trained_with, tmp_path):
