@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import Field
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import click
 
 from emalign import stores
 from emalign.cli_errors import friendly
+from emalign.cli_options import config_from_options, field_options, field_value
 from emalign.cli_volume import volume
 from emalign.device import reuse_freed_memory
 from emalign.errors import EmalignError
@@ -31,40 +29,14 @@ TRAIN_FIELDS = option_fields(TrainConfig)
 MODEL_HELP = FIELDS["model"].metadata["help"]
 
 
-def _flag(spec: Field) -> str:
-    """The option of a field: ``--field-name`` unless its metadata names one."""
-    return spec.metadata.get("flag", f"--{spec.name.replace('_', '-')}")
-
-
-def _field_options(func, specs: Iterable[Field]):
-    """The options of the dataclass fields ``specs`` (see :func:`emalign.options.param`), made from the fields
-    (default, type) and their metadata (help, flag, choices, multiple); a tuple's default is shown comma-separated."""
-    for spec in reversed(list(specs)):
-        meta = spec.metadata
-        if meta.get("multiple"):
-            func = click.option(_flag(spec), spec.name, multiple=True, help=meta["help"])(func)
-            continue
-        default = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
-        option = click.option(
-            _flag(spec),
-            spec.name,
-            default=default,
-            show_default=default != "",
-            type=click.Choice(meta["choices"]) if "choices" in meta else None,
-            help=meta["help"],
-        )
-        func = option(func)
-    return func
-
-
 def _layout_options(func):
     """The output layout: NGFF version and shard size (align, every stage, import)."""
-    return _field_options(func, (spec for spec in FIELDS.values() if spec.metadata.get("layout")))
+    return field_options(func, (spec for spec in FIELDS.values() if spec.metadata.get("layout")))
 
 
 def _plan_options(func):
     """The options that define an alignment (recorded in the output)."""
-    return _layout_options(_field_options(func, (spec for spec in FIELDS.values() if not spec.metadata.get("layout"))))
+    return _layout_options(field_options(func, (spec for spec in FIELDS.values() if not spec.metadata.get("layout"))))
 
 
 def _run_options(func):
@@ -126,44 +98,9 @@ def _jobqueue(opts: dict) -> dict:
 
 
 def _params(opts: dict) -> AlignParams:
-    """The :class:`emalign.pipeline.AlignParams` of the options (as :func:`_field_options` made them)."""
-    return _config(AlignParams, opts)
-
-
-def _config(config: type, opts: dict):
-    """The dataclass ``config`` of the options made from its fields (the fields that are no option at their
-    defaults)."""
-    return config(**{name: _field_value(config, spec, opts[name]) for name, spec in option_fields(config).items()})
-
-
-def _field_value(config: type, spec: Field, text: object) -> object:
-    """A field of ``config`` from its option: comma-separated numbers for a tuple, a resolved path for a path."""
-    meta = spec.metadata
-    if meta.get("path"):
-        return _local_path(str(text))
-    if meta.get("multiple"):
-        return tuple(text)
-    if not isinstance(spec.default, tuple):
-        return text
-    if not text:
-        return ()
-    flag = _flag(spec)
-    number = get_args(get_type_hints(config)[spec.name])[0]
-    try:
-        values = tuple(number(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise EmalignError(f"{flag} {text!r}: expected {meta['expect']}") from None
-    if "length" in meta and len(values) != meta["length"]:
-        raise EmalignError(f"{flag} {text!r}: expected {meta['expect']}")
-    return values
-
-
-def _local_path(path: str) -> str:
-    """What the parameters record of a path option (``--mask``): the URL as given, or the resolved local path ('' for
-    none)."""
-    if not path or stores.is_url(path):
-        return path
-    return str(Path(stores.local(path)).resolve())
+    """The :class:`emalign.pipeline.AlignParams` of the options (as :func:`~emalign.cli_options.field_options` made
+    them)."""
+    return config_from_options(AlignParams, opts)
 
 
 @click.group()
@@ -255,7 +192,7 @@ def import_command(
     """Convert a TIFF stack, TIFF folder or Zarr array into a chunked, compressed OME-Zarr."""
     from emalign.io import import_stack
 
-    voxel = list(_field_value(AlignParams, FIELDS["voxel_size"], voxel_size)) or None
+    voxel = list(field_value(AlignParams, FIELDS["voxel_size"], voxel_size)) or None
     import_stack(
         input_path,
         output_path,
@@ -286,7 +223,7 @@ def demo(output_path: str, sections: int, size: int, seed: int, model: str, devi
 
 def _train_options(func):
     """The options of ``emalign train``: the :class:`emalign.train_config.TrainConfig` fields that are options."""
-    return _field_options(func, TRAIN_FIELDS.values())
+    return field_options(func, TRAIN_FIELDS.values())
 
 
 @main.command()
@@ -298,7 +235,7 @@ def train(out_dir: str, no_resume: bool, **opts) -> None:
     """Train a serial network without labels (synthetic misalignment of aligned stacks)."""
     from emalign.train import train as run_train
 
-    cfg = _config(TrainConfig, opts)
+    cfg = config_from_options(TrainConfig, opts)
     history = run_train(cfg, out_dir, resume=not no_resume)
     click.echo(
         f"validation end-point error: {history['val_epe'][0]:.3f} -> {history['val_epe'][-1]:.3f} px "

@@ -13,7 +13,10 @@ from pathlib import Path
 import click
 
 from emalign.cli_errors import friendly
+from emalign.cli_options import config_from_options, field_options
 from emalign.errors import EmalignError
+from emalign.options import DEFAULT_VOLUME_MODEL, option_fields
+from emalign.volume_train_config import VolumeTrainConfig
 
 
 @click.group(name="volume")
@@ -26,7 +29,7 @@ def volume() -> None:
 @click.option("--moving", "moving_path", required=True, help="moving volume, registered onto the fixed one")
 @click.option("--out", "out_path", required=True, help="output OME-Zarr (the moving volume on the fixed grid)")
 @click.option("--field", "field_path", default=None, help="where to write the pull field (default: OUT/field)")
-@click.option("--model", default="sdhnet-small", show_default=True, help="shipped name or .pt checkpoint")
+@click.option("--model", default=DEFAULT_VOLUME_MODEL, show_default=True, help="shipped name or .pt checkpoint")
 @click.option("--patch", default=96, show_default=True, help="patch side for inference, voxels")
 @click.option("--overlap", default=32, show_default=True, help="overlap of neighbouring patches, voxels")
 @click.option("--affine/--no-affine", default=True, show_default=True, help="classical affine pre-alignment first")
@@ -84,36 +87,14 @@ def register(
     click.echo(f"warped OME-Zarr: {out_path}; field: {summary['field']}")
 
 
+def _train_options(func):
+    """The options of ``emalign volume train``: the :class:`emalign.volume_train_config.VolumeTrainConfig` fields."""
+    return field_options(func, option_fields(VolumeTrainConfig).values())
+
+
 @volume.command()
 @click.option("--out", "out_dir", required=True, help="folder for checkpoints (best.pt, last.pt, history.json)")
-@click.option("--model", default="sdhnet-small", show_default=True, help="architecture name, or a .pt to fine-tune")
-@click.option("--data", multiple=True, help="aligned volume(s) to cut training pairs from (TIFF/Zarr); repeatable")
-@click.option("--labels", multiple=True, help="label volume(s) matching --data (enables the Dice term)")
-@click.option("--val-data", multiple=True, help="aligned volume(s) for validation (default: procedural)")
-@click.option("--procedural", default=2, show_default=True, help="procedural EM-like volumes (with labels) to add")
-@click.option("--procedural-size", default=96, show_default=True, help="side of the procedural volumes, voxels")
-@click.option("--steps", default=300, show_default=True, help="steps (per CRD stage)")
-@click.option("--distill-steps", default=None, type=int, help="CRD: steps of the distillation stage (default --steps)")
-@click.option("--teacher", default=None, help="CRD: a trained feature-shifted teacher (.pt) to distil from")
-@click.option("--student-init", default=None, help="CRD: a pre-trained low-resolution model (.pt) to start from")
-@click.option("--batch", default=2, show_default=True)
-@click.option("--crop", default=48, show_default=True, help="training pair side, voxels")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--similarity", type=click.Choice(["lncc", "pearson"]), default="lncc", show_default=True)
-@click.option("--smooth-weight", default=0.5, show_default=True)
-@click.option("--supervised-weight", default=0.0, show_default=True, help="weight of the known-field end-point error")
-@click.option("--dice-weight", default=0.0, show_default=True, help="weight of the soft label Dice (needs labels)")
-@click.option("--distill-weight", default=0.1, show_default=True, help="SDHNet: self-distillation weight")
-@click.option("--shift", default=2.0, show_default=True, help="std of the random translation, voxels")
-@click.option("--rotation", default=2.0, show_default=True, help="std of the random rotation per axis, degrees")
-@click.option("--scale", default=0.02, show_default=True, help="std of the random scale change")
-@click.option("--elastic", default=2.0, show_default=True, help="RMS of the elastic deformation, voxels")
-@click.option("--correlation", default=14.0, show_default=True, help="correlation length of the elastic part, voxels")
-@click.option("--noise", default=0.1, show_default=True, help="noise added to each volume, in its standard deviations")
-@click.option("--val-pairs", default=6, show_default=True)
-@click.option("--val-every", default=50, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_train_options
 @click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch's default)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
@@ -121,14 +102,11 @@ def train(out_dir: str, quiet: bool, threads: int, **opts) -> None:
     """Train a volumetric network on pairs made by known smooth deformations (unsupervised loss by default)."""
     import torch
 
-    from emalign.volumetric.train import VolumeTrainConfig
     from emalign.volumetric.train import train as run_train
 
     if threads:
         torch.set_num_threads(threads)
-    for key in ("data", "labels", "val_data"):
-        opts[key] = tuple(opts[key])
-    history = run_train(VolumeTrainConfig(**opts), out_dir, progress=not quiet)
+    history = run_train(config_from_options(VolumeTrainConfig, opts), out_dir, progress=not quiet)
     click.echo(
         f"validation end-point error: {history['val_epe'][0]:.3f} -> {min(history['val_epe']):.3f} voxels "
         f"(no registration: {history['val_epe_identity'][-1]:.3f}); best checkpoint: {Path(out_dir) / 'best.pt'}"

@@ -28,8 +28,8 @@ MATH_CORE = (
     "pixelsize",
     "synth",
 )
-NETWORKS = ("models", "inference", "train", "train_config", "volumetric")
-FRONT_ENDS = ("pipeline", "register", "evaluate", "demo", "cli", "cli_volume", "napari")
+NETWORKS = ("models", "inference", "train", "train_config", "volume_train_config", "volumetric")
+FRONT_ENDS = ("pipeline", "register", "evaluate", "demo", "cli", "cli_options", "cli_volume", "napari")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -103,10 +103,11 @@ def test_importing_the_command_line_loads_neither_torch_nor_dask_nor_zarr():
     assert loaded_after("import emalign.cli") == []
 
 
-def test_help_of_the_command_of_a_stage_and_of_train_loads_neither_torch_nor_dask_nor_zarr():
+def test_help_of_the_command_of_a_stage_and_of_both_trainings_loads_neither_torch_nor_dask_nor_zarr():
     code = (
         "from click.testing import CliRunner\nfrom emalign.cli import main\n"
-        "for args in (['--help'], ['align', '--help'], ['train', '--help'], ['volume', '--help']):\n"
+        "for args in (['--help'], ['align', '--help'], ['train', '--help'], ['volume', '--help'],\n"
+        "             ['volume', 'train', '--help']):\n"
         "    assert CliRunner().invoke(main, args).exit_code == 0, args"
     )
     assert loaded_after(code) == []

@@ -1,5 +1,6 @@
 """The options of ``emalign align`` and of every stage are made from the AlignParams fields, those of ``emalign train``
-from the TrainConfig fields (one definition each: emalign/options.py)."""
+from the TrainConfig fields, those of ``emalign volume train`` from the VolumeTrainConfig fields (one definition each:
+emalign/options.py, one builder: emalign/cli_options.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from emalign.options import option_fields
 from emalign.pipeline import AlignParams
 from emalign.pipeline.stages import STAGES
 from emalign.train_config import TrainConfig
+from emalign.volume_train_config import VolumeTrainConfig
 
 
-def options(command: str) -> dict[str, click.Option]:
-    return {param.name: param for param in main.commands[command].params if isinstance(param, click.Option)}
+def options(command: str, group: click.Group = main) -> dict[str, click.Option]:
+    return {param.name: param for param in group.commands[command].params if isinstance(param, click.Option)}
 
 
 @pytest.mark.parametrize("command", ["align", *STAGES])
@@ -68,17 +70,22 @@ def test_the_train_command_has_no_option_but_the_config_fields_and_where_to_writ
     assert set(options("train")) == {*option_fields(TrainConfig), "out_dir", "no_resume"}
 
 
-@pytest.fixture
-def trained_with(monkeypatch):
-    """The :class:`TrainConfig` that ``emalign train`` handed to the training (which does not run)."""
-    given: list[TrainConfig] = []
+def recorded_configs(monkeypatch, training: str) -> list:
+    """The configs that a command hands to the training function ``training`` (replaced: nothing is trained)."""
+    given = []
 
-    def record(cfg, out, resume):
+    def record(cfg, out, **run):
         given.append(cfg)
         return {"val_epe": [1.0], "val_epe_identity": [1.0]}
 
-    monkeypatch.setattr("emalign.train.train", record)
+    monkeypatch.setattr(training, record)
     return given
+
+
+@pytest.fixture
+def trained_with(monkeypatch) -> list[TrainConfig]:
+    """The :class:`TrainConfig` that ``emalign train`` handed to the training."""
+    return recorded_configs(monkeypatch, "emalign.train.train")
 
 
 def test_the_train_command_at_its_defaults_trains_the_default_config(trained_with, tmp_path):
@@ -107,3 +114,63 @@ def test_the_shipped_checkpoints_training_settings_load_into_the_config(name):
 
     record = torch.load(WEIGHTS_DIR / f"{name}.pt", map_location="cpu", weights_only=False)["train"]
     assert TrainConfig(**record).to_dict() == record
+
+
+# --- emalign volume train ------------------------------------------------------------------------------------
+
+
+def test_every_volume_train_config_field_is_an_option_with_the_fields_default_and_help():
+    made = options("train", main.commands["volume"])
+    assert set(made) == {*(spec.name for spec in fields(VolumeTrainConfig)), "out_dir", "threads", "quiet"}
+    for name, spec in option_fields(VolumeTrainConfig).items():
+        option = made[name]
+        assert option.help == spec.metadata["help"]
+        if spec.metadata.get("multiple"):
+            assert option.multiple and spec.default == ()
+        else:
+            assert option.default == spec.default and option.show_default == (spec.default is not None)
+    assert tuple(made["similarity"].type.choices) == ("lncc", "pearson")
+    assert made["distill_steps"].type is click.INT and made["lr"].type is click.FLOAT
+
+
+@pytest.fixture
+def volume_trained_with(monkeypatch) -> list[VolumeTrainConfig]:
+    """The :class:`VolumeTrainConfig` that ``emalign volume train`` handed to the training."""
+    return recorded_configs(monkeypatch, "emalign.volumetric.train.train")
+
+
+def test_the_volume_train_command_at_its_defaults_trains_the_default_config(volume_trained_with, tmp_path):
+    ok("volume", "train", "--out", tmp_path)
+    assert volume_trained_with == [VolumeTrainConfig()]
+
+
+def test_the_volume_train_command_reads_repeatable_volumes_and_optional_crd_settings(volume_trained_with, tmp_path):
+    args = ["--data", "a.tif", "--data", "b.zarr", "--labels", "a_labels.tif", "--labels", "b_labels.zarr"]
+    args += ["--val-data", "c.tif", "--distill-steps", "40", "--teacher", "t.pt", "--similarity", "pearson"]
+    ok("volume", "train", "--out", tmp_path, *args, "--lr", "3e-4")
+    expected = VolumeTrainConfig(
+        data=("a.tif", "b.zarr"),
+        labels=("a_labels.tif", "b_labels.zarr"),
+        val_data=("c.tif",),
+        distill_steps=40,
+        teacher="t.pt",
+        similarity="pearson",
+        lr=3e-4,
+    )
+    assert volume_trained_with == [expected]
+
+
+def test_a_volume_train_option_of_the_wrong_type_is_refused_before_training(volume_trained_with, tmp_path):
+    for bad in (["--distill-steps", "many"], ["--similarity", "mse"]):
+        assert invoke("volume", "train", "--out", tmp_path, *bad).exit_code == 2
+    assert not volume_trained_with
+
+
+@pytest.mark.parametrize("name", ["sdhnet-small", "rdn-small", "crd-small", "crd-teacher-small"])
+def test_the_shipped_volumetric_checkpoints_training_settings_load_into_the_config(name):
+    import torch
+
+    from emalign.volumetric import WEIGHTS_DIR
+
+    record = torch.load(WEIGHTS_DIR / f"{name}.pt", map_location="cpu", weights_only=False)["train"]
+    assert VolumeTrainConfig(**record).to_dict() == record

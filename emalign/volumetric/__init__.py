@@ -16,11 +16,12 @@ import torch
 
 from emalign.checkpoints import file_checksum, find_checkpoint, read_checkpoint
 from emalign.errors import EmalignError
+from emalign.options import DEFAULT_VOLUME_MODEL
 from emalign.volumetric import crd, rdn, sdhnet
 from emalign.volumetric.common import NetConfig, VolumeNet, VolumeOutput
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "sdhnet-small"
+DEFAULT_MODEL = DEFAULT_VOLUME_MODEL
 
 FAMILIES: dict[str, tuple[type[VolumeNet], type[NetConfig]]] = {
     "sdhnet": (sdhnet.SDHNet, sdhnet.SDHNetConfig),

@@ -21,7 +21,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from emalign import volumetric
 from emalign.device import autocast, resolve_device
 from emalign.errors import EmalignError
 from emalign.fields import warp_torch
+from emalign.volume_train_config import VolumeTrainConfig
 from emalign.volumetric.common import VolumeNet, VolumeOutput
 from emalign.volumetric.crd import distillation_loss
 from emalign.volumetric.data import DeformationSpec, Pair, cells_volume, make_pair, make_pairs, normalise
@@ -49,45 +49,9 @@ VAL_MARGIN = 4
 """Voxels at each face left out of the validation end-point error (content from outside the block)."""
 
 
-@dataclass
-class VolumeTrainConfig:
-    """Everything that defines a training run (saved in every checkpoint)."""
-
-    model: str = volumetric.DEFAULT_MODEL
-    data: tuple[str, ...] = ()
-    labels: tuple[str, ...] = ()
-    val_data: tuple[str, ...] = ()
-    procedural: int = 2
-    procedural_size: int = 96
-    steps: int = 300
-    distill_steps: int | None = None
-    teacher: str | None = None
-    student_init: str | None = None
-    batch: int = 2
-    crop: int = 48
-    lr: float = 1e-3
-    similarity: str = "lncc"
-    smooth_weight: float = 0.5
-    supervised_weight: float = 0.0
-    dice_weight: float = 0.0
-    distill_weight: float = 0.1
-    shift: float = 2.0
-    rotation: float = 2.0
-    scale: float = 0.02
-    elastic: float = 2.0
-    correlation: float = 14.0
-    noise: float = 0.1
-    val_pairs: int = 6
-    val_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-
-    @property
-    def spec(self) -> DeformationSpec:
-        return DeformationSpec(self.shift, self.rotation, self.scale, self.elastic, self.correlation)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def deformation(cfg: VolumeTrainConfig) -> DeformationSpec:
+    """The random deformation of the training and validation pairs that ``cfg`` asks for."""
+    return DeformationSpec(cfg.shift, cfg.rotation, cfg.scale, cfg.elastic, cfg.correlation)
 
 
 Source = tuple[np.ndarray, np.ndarray | None]
@@ -205,7 +169,7 @@ def _sources(cfg: VolumeTrainConfig) -> tuple[list[Source], list[Pair]]:
     per = max(1, math.ceil(cfg.val_pairs / len(val_sources)))
     val = []
     for i, (volume, labels) in enumerate(val_sources):
-        val += make_pairs(volume, per, cfg.crop, 500 + i, cfg.spec, labels=labels, noise=cfg.noise)
+        val += make_pairs(volume, per, cfg.crop, 500 + i, deformation(cfg), labels=labels, noise=cfg.noise)
     return train_sources, val[: cfg.val_pairs]
 
 
@@ -263,7 +227,7 @@ def fit(
         pairs = []
         for _ in range(cfg.batch):
             volume, labels = sources[int(rng.integers(len(sources)))]
-            pairs.append(make_pair(volume, cfg.crop, rng, cfg.spec, labels=labels, noise=cfg.noise))
+            pairs.append(make_pair(volume, cfg.crop, rng, deformation(cfg), labels=labels, noise=cfg.noise))
         batch = to_batch(pairs, device)
         optimizer.zero_grad(set_to_none=True)
         loss, _ = loss_fn(model, batch)
