@@ -108,4 +108,4 @@ class PatchGrid:
         cy, cx = self.centres()
         along_y = _interpolation_matrix(np.arange(grid_shape[0]) * stride, cy)
         along_x = _interpolation_matrix(np.arange(grid_shape[1]) * stride, cx)
-        return np.einsum("yi,cij,xj->cyx", along_y, np.asarray(values, np.float64), along_x).astype(np.float32)
+        return (along_y @ np.asarray(values, np.float64) @ along_x.T).astype(np.float32)
