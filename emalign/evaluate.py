@@ -203,21 +203,23 @@ def evaluate(
 ) -> dict[str, dict]:
     """Misalign ``aligned_stack`` with known fields, run each aligner, return its metrics.
 
-    Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``; sections blanked by artifacts
-    are left out of the metrics, and ``fail`` counts residuals above ``fail_px``. ``"torn_adj"`` is
+    Returns ``{name: metrics dict + {"seconds": ..., "mpx_per_s": ...}}``, measured where each raw section imaged the
+    frame (:func:`emalign.metrics.imaged`); sections blanked by artifacts are left out of the metrics, and ``fail``
+    counts residuals above ``fail_px``. ``"torn_adj"`` is
     :func:`torn_section_error` of the ``watch`` sections (default: those torn by ``"crack"`` artifacts),
     listed in ``"torn_sections"``, when there are any.
     """
     case = synth.misalign(aligned_stack, seed=seed, artifacts=artifacts, **(misalignment or {}))
     excluded = [z for z, flag in enumerate(case.flags) if flag == "blank"]
     torn = [z for z, flag in enumerate(case.flags) if flag == "crack"] if watch is None else list(watch)
+    seen = metrics.imaged(case.fields)
     results = {}
     for name, align in aligners.items():
         start = time.perf_counter()
         fields = align(case.stack)
         seconds = time.perf_counter() - start
         residual = metrics.residual_fields(case.fields, fields)
-        result = metrics.alignment_metrics(residual, fail_px=fail_px, estimate=fields, exclude=excluded)
+        result = metrics.alignment_metrics(residual, fail_px=fail_px, estimate=fields, exclude=excluded, seen=seen)
         if torn:
             result["torn_adj"] = torn_section_error(residual, torn)
             result["torn_sections"] = tuple(torn)

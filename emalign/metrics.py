@@ -55,20 +55,38 @@ def interior(array: np.ndarray, margin: float = 0.1) -> np.ndarray:
     return array[..., my : ny - my, mx : nx - mx]
 
 
+def imaged(truth: np.ndarray) -> np.ndarray:
+    """Where each section was imaged: ``(Z, Y, X)`` bool over the true frame, True where the true section's pixel
+    lies inside its raw section (``truth``: ``(Z, 2, Y, X)`` misalignment ``a_z``, see :func:`residual_fields`).
+
+    A raw section shifted or turned against the frame leaves part of the frame without data; no aligner can place
+    content that was never imaged, so :func:`alignment_metrics` can leave those pixels out.
+    """
+    _check_stack("truth", np.asarray(truth))
+    out = np.empty((len(truth), *np.shape(truth)[2:]), bool)
+    for z, a in enumerate(truth):
+        inverse = fields.invert(np.asarray(a, dtype=np.float32))  # q = p + w(p) has q + a(q) = p
+        out[z] = fields.warp(np.ones(a.shape[1:], np.float32), inverse) > 0.5
+    return out
+
+
 def alignment_metrics(
     residuals: np.ndarray,
     margin: float = 0.1,
     fail_px: float = 25.0,
     estimate: np.ndarray | None = None,
     exclude: Sequence[int] = (),
+    seen: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Accuracy of an alignment from its residual fields (see :func:`residual_fields`).
 
     Sections in ``exclude`` (e.g. blank ones) are left out; neighbours across them count as
     adjacent. The interior (``margin`` of Y and X cut on each side) of the kept sections is
-    measured. Harmless parts are removed first: the field shared by all sections (per-pixel mean
-    over z) and a whole-stack shear (per channel, the least-squares line ``a + b z`` through the
-    per-section mean residual: after removing the shared field ``a`` is 0, and ``b z`` is removed).
+    measured, where given only on the pixels each section imaged (``seen``, e.g. :func:`imaged`; ``adj`` on
+    those both sections of a pair imaged). Harmless parts are removed first: the field shared by all
+    sections (per-pixel mean over z of the sections that imaged it) and a whole-stack shear (per channel,
+    the least-squares line ``a + b z`` through the per-section mean residual: after removing the shared
+    field ``a`` is 0, and ``b z`` is removed).
 
     Args:
         residuals: ``(Z, 2, Y, X)`` px.
@@ -76,10 +94,11 @@ def alignment_metrics(
         fail_px: a pixel fails where its residual (after the removals) exceeds this, px.
         estimate: ``(Z, 2, Y, X)`` the aligner's fields, for ``fold``; None gives fold 0.
         exclude: section indices left out.
+        seen: ``(Z, Y, X)`` bool, the pixels measured; None: all.
 
     Returns:
         ``rms`` px, RMS of the rest; ``adj`` px, RMS of ``R_z - R_{z-1}``; ``drift`` px, RMS over z of
-        the per-section mean residual; ``fail`` fraction (0-1) of interior pixels with ``|R| >
+        the per-section mean residual; ``fail`` fraction (0-1) of measured interior pixels with ``|R| >
         fail_px``; ``fold`` mean % over kept sections of the estimate's grid points with Jacobian
         determinant <= 0; ``slope`` px per section, slope of a line fitted to the per-section RMS
         residual against z (near 0 when the error does not grow with z).
@@ -89,24 +108,33 @@ def alignment_metrics(
     nz = len(residuals)
     if estimate is not None and np.shape(estimate) != residuals.shape:
         raise EmalignError(f"estimate shape {np.shape(estimate)} != residuals shape {residuals.shape}")
+    if seen is not None and np.shape(seen) != (nz, *residuals.shape[2:]):
+        raise EmalignError(f"seen shape {np.shape(seen)} != the residuals' sections {(nz, *residuals.shape[2:])}")
     keep = np.setdiff1d(np.arange(nz), np.asarray(exclude, dtype=np.int64))
     if len(keep) == 0:
         raise EmalignError(f"all {nz} sections are excluded")
     rest = interior(residuals, margin)[keep].astype(np.float32)
-    rest -= rest.mean(axis=0, dtype=np.float64).astype(np.float32)
+    measured = np.ones((nz, *residuals.shape[2:]), bool) if seen is None else np.asarray(seen, bool)
+    mask = interior(measured, margin)[keep]
+    if not mask.any():
+        raise EmalignError("no pixel of the interior was imaged: nothing to measure")
+    weight = mask.astype(np.float64)[:, None]
+    rest -= (np.sum(rest * weight, axis=0) / np.maximum(weight.sum(axis=0), 1)).astype(np.float32)
     z = keep.astype(np.float64)
     zc = z - z.mean()
-    means = rest.mean(axis=(2, 3), dtype=np.float64)  # (K, 2), zero on average over z
+    means = np.sum(rest * weight, axis=(2, 3)) / np.maximum(weight.sum(axis=(2, 3)), 1)  # (K, 2)
     slope_yx = zc @ means / (zc @ zc) if len(keep) > 1 else np.zeros(2)
     rest -= (zc[:, None] * slope_yx).astype(np.float32)[:, :, None, None]
+    means -= zc[:, None] * slope_yx
     squared = np.sum(rest**2, axis=1)  # (K, y, x)
-    per_section = np.sqrt(squared.mean(axis=(1, 2), dtype=np.float64))
-    adjacent = np.sum((rest[1:] - rest[:-1]) ** 2, axis=1).mean(dtype=np.float64) if len(keep) > 1 else 0.0
+    per_section = np.sqrt(np.sum(squared * mask, axis=(1, 2)) / np.maximum(mask.sum(axis=(1, 2)), 1))
+    both = mask[1:] & mask[:-1]
+    adjacent = np.sum((rest[1:] - rest[:-1]) ** 2, axis=1)[both].mean(dtype=np.float64) if both.any() else 0.0
     return {
-        "rms": float(np.sqrt(squared.mean(dtype=np.float64))),
+        "rms": float(np.sqrt(squared[mask].mean(dtype=np.float64))),
         "adj": float(np.sqrt(adjacent)),
-        "drift": float(np.sqrt(np.mean(np.sum(rest.mean(axis=(2, 3), dtype=np.float64) ** 2, axis=1)))),
-        "fail": float(np.mean(squared > fail_px**2)),
+        "drift": float(np.sqrt(np.mean(np.sum(means**2, axis=1)))),
+        "fail": float(np.mean(squared[mask] > fail_px**2)),
         "fold": float(np.mean([fields.folding_percent(estimate[z]) for z in keep])) if estimate is not None else 0.0,
         "slope": float(np.polyfit(z, per_section, 1)[0]) if len(keep) > 1 else 0.0,
     }

@@ -7,6 +7,7 @@ from emalign.metrics import (
     adjacent_correlation,
     alignment_metrics,
     format_metrics,
+    imaged,
     residual_fields,
     residual_parts,
 )
@@ -163,3 +164,37 @@ def test_residual_parts_split_translation_linear_and_non_affine_exactly():
     assert parts["non-affine"] == pytest.approx(rms(non_affine), rel=1e-4)
     shared = residual_parts(np.broadcast_to(non_affine[1:2] + translation[:1], (5, 2, *shape)), margin=0.0)
     assert max(shared.values()) < 1e-5  # a field every section has is not a residual
+
+
+def test_imaged_is_false_where_a_shift_moved_the_section_out_of_the_frame():
+    truth = np.zeros((2, 2, 30, 40), np.float32)
+    truth[1, 1] = 10.0  # raw_1(q) = true_1(q + 10 in x): true pixels x < 10 were never imaged
+    seen = imaged(truth)
+    assert seen.shape == (2, 30, 40) and seen[0].all()
+    assert not seen[1, :, :9].any() and seen[1, :, 11:].all()
+
+
+def test_metrics_measure_only_the_pixels_that_were_imaged():
+    residuals = np.zeros((4, 2, 40, 50), np.float32)
+    residuals[2, :, :, :20] = 30.0  # section 2 is wrong only where it has no data
+    seen = np.ones((4, 40, 50), bool)
+    seen[2, :, :20] = False
+    everywhere = alignment_metrics(residuals, fail_px=5.0)
+    measured = alignment_metrics(residuals, fail_px=5.0, seen=seen)
+    assert everywhere["rms"] > 5 and everywhere["adj"] > 5 and everywhere["fail"] > 0
+    assert measured["rms"] < 1e-6 and measured["adj"] < 1e-6 and measured["drift"] < 1e-6 and measured["fail"] == 0
+
+
+def test_metrics_with_every_pixel_seen_equal_those_without_a_mask(misaligned):
+    residual = residual_fields(misaligned.fields, np.zeros_like(misaligned.fields))
+    plain = alignment_metrics(residual, exclude=[2])
+    masked = alignment_metrics(residual, exclude=[2], seen=np.ones((6, 64, 64), bool))
+    assert masked == pytest.approx(plain, rel=1e-5)
+
+
+def test_metrics_reject_a_mask_of_the_wrong_shape_or_one_with_nothing_seen():
+    residuals = np.zeros((3, 2, 20, 20), np.float32)
+    with pytest.raises(EmalignError, match="seen shape"):
+        alignment_metrics(residuals, seen=np.ones((3, 10, 20), bool))
+    with pytest.raises(EmalignError, match="nothing to measure"):
+        alignment_metrics(residuals, seen=np.zeros((3, 20, 20), bool))
