@@ -72,7 +72,7 @@ def predict_windows(
     windows: np.ndarray | WindowSource,
     device: torch.device,
     tile: int = 512,
-    halo: int = 64,
+    halo: int = 32,
     batch: int = 2,
     frame: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> np.ndarray:

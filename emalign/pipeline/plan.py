@@ -45,7 +45,9 @@ class AlignParams:
         spring: pull of the stitch towards the prealigned geometry.
         smoothing: Gaussian sigma (full-resolution px) applied to each network field
             before the stitch (misalignment is smooth; this removes estimation noise).
-        tile, halo: xy tile size and overlap (px) of the network's estimate.
+        tile, halo: xy tile size and overlap (px) of the network's estimate (neighbouring tiles share
+            ``2 * halo``); 32 is as accurate as 64 and leaves less of the network's work on large sections
+            computed twice (figures: benchmarks/results/design_choices.md).
         coarse_downsample: block-mean factor of the rigid prealignment.
         trend_stiffness: curvature weight (sections^4) of the prealignment's and the refine stage's
             trend along z: what follows the trend is kept as content drift, the rest corrected
@@ -89,7 +91,7 @@ class AlignParams:
     spring: float = param(0.2, "stitch pull towards the prealignment")
     smoothing: float = param(16.0, "Gaussian sigma of the network fields, px")
     tile: int = param(512, "xy tile of the network, px")
-    halo: int = param(64, "xy tile overlap, px")
+    halo: int = param(32, "xy tile overlap, px")
     coarse_downsample: int = param(2, "prealignment resolution factor")
     trend_stiffness: float = param(1e4, "prealignment trend along z")
     max_rotation_deg: float = param(10.0, "prealignment rotation search, deg", flag="--max-rotation")
