@@ -118,11 +118,11 @@ def alignment_metrics(
     mask = interior(measured, margin)[keep]
     if not mask.any():
         raise EmalignError("no pixel of the interior was imaged: nothing to measure")
-    weight = mask.astype(np.float64)[:, None]
-    rest -= (np.sum(rest * weight, axis=0) / np.maximum(weight.sum(axis=0), 1)).astype(np.float32)
+    weight = mask[:, None]  # bool: products stay float32, sums are float64
+    rest -= (np.sum(rest * weight, axis=0, dtype=np.float64) / np.maximum(weight.sum(axis=0), 1)).astype(np.float32)
     z = keep.astype(np.float64)
     zc = z - z.mean()
-    means = np.sum(rest * weight, axis=(2, 3)) / np.maximum(weight.sum(axis=(2, 3)), 1)  # (K, 2)
+    means = np.sum(rest * weight, axis=(2, 3), dtype=np.float64) / np.maximum(weight.sum(axis=(2, 3)), 1)  # (K, 2)
     slope_yx = zc @ means / (zc @ zc) if len(keep) > 1 else np.zeros(2)
     rest -= (zc[:, None] * slope_yx).astype(np.float32)[:, :, None, None]
     means -= zc[:, None] * slope_yx
