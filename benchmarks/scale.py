@@ -35,9 +35,9 @@ and in nm (mean); fail % counts residuals above 250 nm (25 px at 10 nm); s/MPx i
 megapixel of input (the small stacks of --quick pay mostly the pipeline's fixed start-up). Writes
 benchmarks/results/scale.md; prints each row as it comes and the tables at the end. Needs ../shared/data.
 
-Cost: each method aligns 607 MPx over the default matrix (13 MPx with --quick; printed at the start). At
+Cost: each method aligns 887 MPx over the default matrix (13 MPx with --quick; printed at the start). At
 the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
-(benchmarks/results/speed_epyc.md) that is about 36 min, plus misalignment and metrics: about 45-50 min
+(benchmarks/results/speed_epyc.md) that is about 53 min, plus misalignment and metrics: about 60-70 min
 (--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
 memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2 (the rigid chain's full-resolution phase correlation
 and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2.
