@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from emalign import evaluate, models, synth
 from emalign.consensus import reference_weights
-from emalign.fields import invert, warp
+from emalign.fields import affine_field, invert, warp
 from emalign.inference import predict_windows
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,11 +39,9 @@ def section_field(shape: tuple[int, int], kind: str, args: argparse.Namespace, r
     """A known ``(2, Y, X)`` pull field of one section: smooth random (``"elastic"``) or linear about the centre."""
     if kind == "elastic":
         return synth.random_smooth_field(shape, args.elastic, args.length, rng)
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
-    yy -= (shape[0] - 1) / 2
-    xx -= (shape[1] - 1) / 2
     jac = rng.normal(0.0, args.linear, (2, 2))
-    return np.stack([jac[0, 0] * yy + jac[0, 1] * xx, jac[1, 0] * yy + jac[1, 1] * xx]).astype(np.float32)
+    centre = (np.asarray(shape) - 1) / 2
+    return affine_field(np.hstack([np.eye(2) + jac, (-jac @ centre)[:, None]]), shape)
 
 
 def window_samples(
@@ -99,10 +97,11 @@ def main() -> None:
         "| model | spacing | field | gain | frame, distance 1 / 2 / 3 | misfit px: fitted / stitch's | signal px |",
         "|---|---|---|---|---|---|---|",
     ]
+    steps = [int(s) for s in args.spacings.split(",")]
+    stacks = {step: evaluate.shared_stack(evaluate.FLYEM[1], step).astype(np.float32) for step in steps}
     for name in args.models.split(","):
         model = models.load(name)
-        for step in (int(s) for s in args.spacings.split(",")):
-            stack = evaluate.shared_stack(evaluate.FLYEM[1], step).astype(np.float32)
+        for step, stack in stacks.items():
             for kind in ("elastic", "linear"):
                 rng = np.random.default_rng(step)
                 row = response_row(*window_samples(model, stack, kind, args, rng), model.config.references)
