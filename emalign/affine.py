@@ -43,9 +43,11 @@ __all__ = [
     "uncentred",
 ]
 
-PATCHES_PER_SIDE = 4
+PATCHES_PER_SIDE = 6
 """A pair's patches are about ``1 / PATCHES_PER_SIDE`` of the section's side (half overlapping: ``2 n - 1`` per
-axis), at least :data:`MIN_PATCH` px of the matched (block-mean) images."""
+axis), at least :data:`MIN_PATCH` px of the matched (block-mean) images. More, smaller patches sample a
+section's own elastic deformation more evenly, so the fitted affine is nearer its section-wide linear part
+(4 per side: benchmarks/results/scale.md, 2026-12-06, third session)."""
 MIN_PATCH = 48
 """Smallest patch side, px of the matched images (smaller patches of 40 nm sections match mostly noise)."""
 MIN_PATCHES = 6
@@ -82,9 +84,10 @@ def patch_grid(shape: Sequence[int]) -> PatchGrid:
 def fit_affine(centres: np.ndarray, shifts: np.ndarray, scores: np.ndarray, centre: np.ndarray) -> np.ndarray | None:
     """The pull affine ``p -> p + L (p - centre) + t`` best explaining local pull shifts at ``centres``.
 
-    Weighted least squares (weight ``s^2 / (1 - s^2)`` of a match's correlation peak ``s``; a peak of 0 is
-    no data), refitted up to 4 times without patches whose residual exceeds 3 robust sigmas (and 0.5 px):
-    :func:`emalign.rigid.robust_fit`.
+    Least squares with every matched patch counted the same (a correlation peak of 0 is no data), refitted up
+    to 4 times without patches whose residual exceeds 3 robust sigmas (and 0.5 px):
+    :func:`emalign.rigid.robust_fit`. The affine is the section-wide linear map: weighted by their peaks, a few
+    richly textured patches would decide it, with their local deformation.
 
     Args:
         centres: ``(N, 2)`` patch centres ``(y, x)``, px.
@@ -99,7 +102,7 @@ def fit_affine(centres: np.ndarray, shifts: np.ndarray, scores: np.ndarray, cent
     design = np.zeros((2 * len(rel), 6))  # params: L_yy, L_yx, L_xy, L_xx, t_y, t_x
     design[0::2, 0:2] = design[1::2, 2:4] = rel
     design[0::2, 4] = design[1::2, 5] = 1.0
-    weights = rigid._match_weights(np.asarray(scores, np.float64))[0]
+    weights = (np.asarray(scores, np.float64) > 0).astype(np.float64)
     params = rigid.robust_fit(design, np.asarray(shifts, np.float64).reshape(-1), weights, MIN_PATCHES, 5)
     if params is None:
         return None

@@ -42,6 +42,7 @@ __all__ = [
     "misaligned_slope",
     "soft_mask",
     "solve_rigid",
+    "toward",
     "whitened_spectra",
 ]
 
@@ -108,6 +109,13 @@ def _angle_and_shift(matrix: np.ndarray, shape: Sequence[int]) -> tuple[float, n
     angle = np.rad2deg(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
     centre = _centre(shape)
     return float(angle), m[:, 2] - centre + m[:, :2] @ centre
+
+
+def toward(first: np.ndarray, second: np.ndarray, weight: float, shape: Sequence[int]) -> np.ndarray:
+    """The rigid pull affine whose angle and centre shift lie ``weight`` (0-1) of the way from those of ``first`` to
+    those of ``second`` (``(2, 3)`` pull affines; linear parts projected on rotations, :func:`rigid_matrix`)."""
+    (a, d), (b, e) = _angle_and_shift(first, shape), _angle_and_shift(second, shape)
+    return rigid_matrix(a + weight * (b - a), d + weight * (e - d), shape)
 
 
 def _homogeneous(matrix: np.ndarray) -> np.ndarray:

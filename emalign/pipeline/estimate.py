@@ -4,7 +4,8 @@ prealign
     per z-block: section statistics (blank detection) and rigid pairwise estimates of each
     section against the 3 before it, at low resolution, each also refined to an affine from a
     grid of patch matches (:func:`emalign.affine.pairwise_affine`); then, once every block is done,
-    one global solve (:func:`emalign.rigid.solve_rigid`) whose smooth trend along z is
+    one global solve (:func:`emalign.rigid.solve_rigid`, from the affine pairs' angles and shifts as far as
+    they agree on a strain: :func:`solve_pairs`) whose smooth trend along z is
     removed (:func:`emalign.rigid.detrend_rigid`; the angles' trend is softer:
     :data:`ANGLE_TREND_FACTOR`), and a strain (scale and shear) correction applied before it, as far
     as the affine pairs agree on it (:func:`solve_strain`); damaged sections are flagged, and breaks
@@ -351,6 +352,11 @@ def solve_pairs(
     """Per-section transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by segment: rigid, and
     with ``strain_table`` a strain correction applied before each (:func:`solve_strain`).
 
+    Where the affine pairs agree that the sections differ in strain (the strain's gain), a rigid fit to the
+    patch matches is biased by it: the rigid solve then takes each pair's angle and centre shift that share of
+    the way from the rigid estimate to the affine one. Where they do not agree (aligned stacks, wide spacing,
+    small sections), the rigid pairs stand: their three parameters are the less noisy fit.
+
     Args:
         table: ``(Z, len(OFFSETS), 7)``: ``[z, i]`` the pull matrix (6) and score of the pair
             ``(z, z - OFFSETS[i])``, NaN where there is no pair.
@@ -365,13 +371,19 @@ def solve_pairs(
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
     for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
         if stop - start > 1:
-            solved = rigid.solve_rigid(stop - start, segment_pairs(table, bad, start, stop), shape)
             weights = (~bad[start:stop]).astype(float)
+            pairs = segment_pairs(table, bad, start, stop)
+            if strain_table is not None:
+                affine_pairs = segment_pairs(strain_table, bad, start, stop)
+                strain, gain = solve_strain(affine_pairs, stop - start, shape, trend_stiffness, weights)
+                pairs = [
+                    (z, j, rigid.toward(matrix, refined, gain, shape), score)
+                    for (z, j, matrix, score), (_, _, refined, _) in zip(pairs, affine_pairs, strict=True)
+                ]
+            solved = rigid.solve_rigid(stop - start, pairs, shape)
             angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
             matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
             if strain_table is not None:
-                pairs = segment_pairs(strain_table, bad, start, stop)
-                strain = solve_strain(pairs, stop - start, shape, trend_stiffness, weights)
                 matrices[start:stop] = affine.apply_strain(matrices[start:stop], strain, shape)
     matrices[bad] = np.eye(2, 3)
     return matrices
@@ -383,10 +395,11 @@ def solve_strain(
     shape: tuple[int, int],
     trend_stiffness: float,
     weights: np.ndarray,
-) -> np.ndarray:
-    """``(depth, 2, 2)`` strain corrections of one segment: the jitter of the solved affines' strain about its
-    z-trend (:func:`emalign.affine.strain_jitter`, stiffness :data:`STRAIN_TREND_FACTOR` times
-    ``trend_stiffness``), scaled by :func:`emalign.affine.strain_gain` (0 where the pairs do not agree on it).
+) -> tuple[np.ndarray, float]:
+    """``(depth, 2, 2)`` strain corrections of one segment and the gain that scaled them: the jitter of the
+    solved affines' strain about its z-trend (:func:`emalign.affine.strain_jitter`, stiffness
+    :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``), scaled by :func:`emalign.affine.strain_gain` (0 where
+    the pairs do not agree on it).
 
     Args:
         pairs: ``(z, j, affine matrix, score)`` in the segment's indices; score 0 for pairs that do not count.
@@ -396,7 +409,7 @@ def solve_strain(
     jitter = affine.strain_jitter(solved, trend_stiffness * STRAIN_TREND_FACTOR, weights)
     scored = [p for p in pairs if p[3] > 0]
     gain = affine.strain_gain(jitter[weights > 0], affine.strain_residuals(solved, scored, shape), shape)
-    return np.eye(2) + gain * (jitter - np.eye(2))
+    return np.eye(2) + gain * (jitter - np.eye(2)), gain
 
 
 def smooth_field(field: np.ndarray, sigma: float) -> np.ndarray:
