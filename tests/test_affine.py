@@ -164,19 +164,18 @@ def test_prealignment_applies_the_strain_jitter_from_the_affine_table_and_nothin
     assert np.sqrt(np.mean(np.sum((moved - still) ** 2, axis=1))) < 0.1  # px
 
 
-def angles(matrices: np.ndarray) -> np.ndarray:
+def angles(matrices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Rotation angle (degrees) of each ``(2, 3)`` affine's linear part."""
-    a = np.asarray(matrices)[:, :, :2]
-    return np.rad2deg(np.arctan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]))
+    return np.array([rigid._angle_and_shift(m, shape)[0] for m in matrices])
 
 
-def turned(table: np.ndarray, sigma_deg: float, seed: int) -> np.ndarray:
-    """A pair table whose pairs are each turned about the centre by ``N(0, sigma_deg)`` degrees."""
+def turned(table: np.ndarray, sigma_deg: float, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A pair table whose pairs are each turned about the centre of ``shape`` by ``N(0, sigma_deg)`` degrees."""
     rng = np.random.default_rng(seed)
     out = table.copy()
     for z, i in zip(*np.nonzero(np.isfinite(table[..., 6])), strict=True):
-        turn = np.vstack([rigid.rigid_matrix(rng.normal(0, sigma_deg), (0, 0), (1024, 1024)), [0, 0, 1]])
-        out[z, i, :6] = (turn @ np.vstack([table[z, i, :6].reshape(2, 3), [0, 0, 1]]))[:2].ravel()
+        turn = rigid.rigid_matrix(rng.normal(0, sigma_deg), (0, 0), shape)
+        out[z, i, :6] = rigid._compose(turn, table[z, i, :6].reshape(2, 3)).ravel()
     return out
 
 
@@ -186,14 +185,16 @@ def test_rigid_solve_takes_the_affine_pairs_angles_where_the_strain_is_measured(
     shape, depth = (1024, 1024), 24
     bad = np.zeros(depth, bool)
     strained = pair_table(pairs_of(random_affines(depth, shape, seed=14), 1e-4, seed=15), 0, 0, depth)
-    biased = turned(strained, 0.2, seed=16)  # rigid pairs whose angles the strain has pulled
-    unbiased = angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained))
-    assert np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained)) - unbiased).max() < 0.01
-    assert np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4)) - unbiased).max() > 0.1
+    biased = turned(strained, 0.2, shape, seed=16)  # rigid pairs whose angles the strain has pulled
+    unbiased = angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained), shape)
+    assert (
+        np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained), shape) - unbiased).max() < 0.01
+    )
+    assert np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4), shape) - unbiased).max() > 0.1
     # an aligned stack: its affine pairs only disagree about the strain, and the rigid pairs' angles stand
     noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=17), 0, 0, depth)
-    rigid_pairs = turned(noise, 0.05, seed=18)
-    rigid_only = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4))
-    affine_only = angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise))
-    both = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise))
+    rigid_pairs = turned(noise, 0.05, shape, seed=18)
+    rigid_only = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4), shape)
+    affine_only = angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise), shape)
+    both = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise), shape)
     assert np.abs(both - rigid_only).max() < 0.3 * np.abs(affine_only - rigid_only).max()
