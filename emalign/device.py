@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import re
 from typing import TYPE_CHECKING
 
 from emalign.errors import EmalignError
@@ -27,6 +28,33 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise EmalignError(f"--device {device}: expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def worker_device(device: str, worker: str | int | None, gpus: int) -> str:
+    """The device of one dask worker process: where a machine shows it several GPUs and ``device`` names none
+    (``auto`` or ``cuda``), the worker whose name ends in the number ``n`` takes ``cuda:{n % gpus}``, so that a
+    ``processes:N`` cluster with N the number of GPUs runs one process per GPU; otherwise ``device`` as given."""
+    number = re.search(r"(\d+)$", str(worker)) if worker is not None else None
+    if gpus < 2 or device not in ("auto", "cuda") or number is None:
+        return device
+    return f"cuda:{int(number.group(1)) % gpus}"
+
+
+def task_device(device: str) -> str:
+    """:func:`worker_device` of the dask worker running this task (``device`` itself outside a worker, or with one
+    GPU or none)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    if gpus < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return worker_device(device, worker, gpus)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

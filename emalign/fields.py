@@ -124,8 +124,10 @@ def rescale_torch(field: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return out * torch.tensor(factors, dtype=out.dtype, device=out.device).view(1, -1, *([1] * len(size)))
 
 
-def _as_batched(array: np.ndarray, channels: bool) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+def _as_batched(array: np.ndarray, channels: bool, device: torch.device | None = None) -> torch.Tensor:
+    """``array`` as a float32 tensor with a batch axis (and a channel axis unless it has ``channels``), on ``device``
+    (default: the CPU)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device or "cpu")
     return tensor.unsqueeze(0) if channels else tensor.unsqueeze(0).unsqueeze(0)
 
 
@@ -193,8 +195,9 @@ def resample(
     stride_out: float,
     shape_out: tuple[int, ...],
     origin: tuple[float, ...] | None = None,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Re-sample a field in full-resolution pixels from one grid stride to another.
+    """Re-sample a field in full-resolution pixels from one grid stride to another (computed on ``device``).
 
     Grid sample ``i`` of a field with stride ``s`` sits at full-resolution coordinate
     ``i * s`` (corner-aligned). Values are full-resolution pixels and are not scaled.
@@ -208,22 +211,29 @@ def resample(
             window of a larger grid.
     """
     _check_field(field)
-    positions = _identity(tuple(shape_out), torch.device("cpu"), torch.float32) * stride_out
+    device = torch.device(device)
+    positions = _identity(tuple(shape_out), device, torch.float32) * stride_out
     if origin is not None:
-        positions = positions + torch.tensor(origin, dtype=torch.float32).view(-1, *([1] * len(shape_out)))
-    return _sample(_as_batched(field, True), (positions / stride_in).unsqueeze(0))[0].numpy()
+        shift = torch.tensor(origin, dtype=torch.float32, device=device)
+        positions = positions + shift.view(-1, *([1] * len(shape_out)))
+    out = _sample(_as_batched(field, True, device), (positions / stride_in).unsqueeze(0))
+    return out[0].cpu().numpy()
 
 
-def sample(image: np.ndarray, coords: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """Values of ``image (Y, X)`` at pixel coordinates ``coords (2, h, w)`` (bilinear or nearest).
+def sample(
+    image: np.ndarray, coords: np.ndarray, order: int = 1, cval: float = 0.0, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Values of ``image (Y, X)`` at pixel coordinates ``coords (2, h, w)`` (bilinear or nearest), computed on
+    ``device``.
 
     Also 3D: ``image (Z, Y, X)``, ``coords (3, d, h, w)`` (trilinear or nearest). Outside the image
     gives ``cval``. Returns float32 ``coords.shape[1:]``.
     """
-    img = _as_batched(np.asarray(image, dtype=np.float32) - cval, channels=False)
+    device = torch.device(device)
+    img = _as_batched(np.asarray(image, dtype=np.float32) - cval, False, device)
     mode = "nearest" if order == 0 else "bilinear"
-    out = _sample(img, _as_batched(coords, channels=True), mode=mode, padding_mode="zeros")
-    return out[0, 0].numpy() + np.float32(cval)
+    out = _sample(img, _as_batched(coords, True, device), mode=mode, padding_mode="zeros")
+    return out[0, 0].cpu().numpy() + np.float32(cval)
 
 
 def affine_field(

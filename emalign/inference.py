@@ -7,8 +7,11 @@ blended with weights that fall to zero at tile borders, so tiles leave no seams.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -16,6 +19,8 @@ import torch
 from emalign.device import autocast, reuse_freed_memory
 from emalign.models.faemreg import FAEMReg, normalize_sections
 from emalign.tiling import taper, tile_starts
+
+T = TypeVar("T")
 
 
 class WindowSource(Protocol):
@@ -66,6 +71,25 @@ def _region_tiles(
         yield slice(sy.start - y0, sy.stop - y0), slice(sx.start - x0, sx.stop - x0), weight
 
 
+_GPU = threading.Lock()
+"""Held by a network pass on the GPU: the threads of a process (one GPU each) take turns on it, so its memory holds
+one pass's activations, while the other threads read and warp their next windows on the CPU."""
+
+
+def _ahead(load: Callable[[T], torch.Tensor], items: list[T], prefetch: bool) -> Iterator[tuple[T, torch.Tensor]]:
+    """``(item, load(item))`` for each item; with ``prefetch`` the next item is loaded in a thread meanwhile."""
+    if not prefetch:
+        yield from ((item, load(item)) for item in items)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        for position, item in enumerate(items):
+            loaded = pending.result()
+            if position + 1 < len(items):
+                pending = pool.submit(load, items[position + 1])
+            yield item, loaded
+
+
 @torch.inference_mode()
 def predict_windows(
     model: FAEMReg,
@@ -75,6 +99,7 @@ def predict_windows(
     halo: int = 32,
     batch: int = 2,
     frame: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    prefetch: bool | None = None,
 ) -> np.ndarray:
     """Fields of the moving sections of ``windows (B, D, Y, X)`` -> ``(B, 2, Y, X)`` float32.
 
@@ -86,19 +111,29 @@ def predict_windows(
     ``frame = ((y0, x0), (height, width))``: the windows are the region at ``(y0, x0)`` of sections of that
     shape, tiled as the whole sections are; where every tile covering a pixel lies inside the region
     (:func:`tile_span`), its field equals the whole sections' (the region must be covered by such tiles).
+
+    On a GPU (``prefetch`` None: there, not on the CPU) the next batch of windows is read while the network runs,
+    into pinned memory that is copied to the GPU without blocking; passes on the GPU take turns (:data:`_GPU`).
     """
-    if device.type == "cpu":
+    gpu = device.type == "cuda"
+    if not gpu:
         reuse_freed_memory()
     count, _, height, width = windows.shape
     out = np.zeros((count, 2, height, width), np.float32)
     norm = np.zeros((height, width), np.float32)
+    steps = []
     for sy, sx, weight in _region_tiles((height, width), tile, halo, frame):
         norm[sy, sx] += weight
-        for b0 in range(0, count, batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + batch, :, sy, sx], np.float32))
-            with autocast(device):
-                field = model(normalize_sections(chunk.to(device))).float().cpu().numpy()
-            out[b0 : b0 + batch, :, sy, sx] += field * weight
+        steps += [(slice(b0, b0 + batch), sy, sx, weight) for b0 in range(0, count, batch)]
+
+    def load(step: tuple[slice, slice, slice, np.ndarray]) -> torch.Tensor:
+        chunk = torch.from_numpy(np.ascontiguousarray(windows[step[0], :, step[1], step[2]], np.float32))
+        return chunk.pin_memory() if gpu else chunk
+
+    for (rows, sy, sx, weight), chunk in _ahead(load, steps, gpu if prefetch is None else prefetch):
+        with _GPU if gpu else contextlib.nullcontext(), autocast(device):
+            field = model(normalize_sections(chunk.to(device, non_blocking=gpu))).float().cpu().numpy()
+        out[rows, :, sy, sx] += field * weight
     return np.divide(out, norm, out=out, where=norm > 0)  # 0 where no tile lies (a region's edge)
 
 

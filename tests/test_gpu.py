@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from emalign import register_sections
+from emalign.fields import resample, sample
 from emalign.synth import demo_stack
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
@@ -39,11 +40,22 @@ def test_the_gpus_output_matches_the_cpus_within_one_grey_level_on_999_per_mille
     assert np.mean(difference <= 1) >= 0.999
 
 
+@needs_cuda
+def test_a_field_upsampled_and_an_image_warped_on_the_gpu_equal_the_cpus():
+    rng = np.random.default_rng(0)
+    field = rng.normal(0, 3, (2, 20, 24)).astype(np.float32)
+    image = rng.uniform(0, 255, (150, 180)).astype(np.float32)
+    on = {device: resample(field, 8, 1, (150, 180), origin=(4, 8), device=device) for device in ("cpu", "cuda")}
+    np.testing.assert_allclose(on["cuda"], on["cpu"], atol=1e-4)
+    coords = on["cpu"] + np.indices((150, 180), dtype=np.float32)
+    np.testing.assert_allclose(sample(image, coords, device="cuda"), sample(image, coords), atol=1e-2)
+
+
 @pytest.mark.e2e
 def test_the_gpu_benchmark_script_runs_through_and_writes_its_table_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "96:4", "--compare", "4x96"]
-    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, text=True)
+    subprocess.run([*command, "--accuracy", "6x96:1", "--out", str(out)], check=True, capture_output=True, text=True)
     table = out.read_text()
-    assert "| 4 x 96 x 96 |" in table and "torch" in table
+    assert "| 4 x 96 x 96 |" in table and "torch" in table and "| emalign align --device cpu |" in table
     assert "global fields differ by 0.000 px RMS; 100.00 % of output pixels within 1 grey level" in table

@@ -41,7 +41,9 @@ from emalign.pipeline.render import render_region
 from emalign.pipeline.store import FLAG_BLANK, FLAG_BREAK, FLAG_DAMAGED, FLAG_SKIPPED, OFFSETS, Workspace
 
 BATCH = 2
-"""Windows per network call (keeps the largest temporaries of a 512 px tile under 64 MB)."""
+"""Windows per network call on the CPU (keeps the largest temporaries of a 512 px tile under 64 MB)."""
+GPU_BATCH = 8
+"""Windows per network call on a GPU (one pass at a time: :data:`emalign.inference._GPU`)."""
 AFFINE_STRIDE = 256
 """Grid spacing (px) of the prealignment's affine field when a region is pulled (exact: the field is linear)."""
 ANGLE_TREND_FACTOR = 0.01
@@ -201,7 +203,7 @@ def coarse_section(stack: Stack, z: int, factor: int, typical: np.floating, mask
     return out
 
 
-def prealign_block(ws: Workspace, stack: Stack, index: int) -> None:
+def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Statistics and pairwise estimates of the sections of block ``index``: rigid (``coarse/pairs``), and the
     same pairs refined to affines (``coarse/affine``)."""
     start, stop = ws.plan.blocks()[index]
@@ -464,10 +466,17 @@ class PrealignedRegions:
     """One xy region of sections warped by their prealignment (``coarse/matrices``), invalid pixels 0 (judged
     against each section's contrast: ``sections/contrast``, so a region's pixels equal the whole section's),
     excluded sections all 0; each is read once, a part of :data:`COARSE_TILE` px at a time (only the part of the
-    raw section that part pulls from), and kept until :meth:`keep_only` drops it."""
+    raw section that part pulls from, warped on ``device``), and kept until :meth:`keep_only` drops it."""
 
-    def __init__(self, ws: Workspace, stack: Stack, origin: tuple[int, int], shape: tuple[int, int]):
-        self.stack, self.origin, self.shape = stack, origin, shape
+    def __init__(
+        self,
+        ws: Workspace,
+        stack: Stack,
+        origin: tuple[int, int],
+        shape: tuple[int, int],
+        device: torch.device | str = "cpu",
+    ):
+        self.stack, self.origin, self.shape, self.device = stack, origin, shape, device
         self.matrices = np.asarray(ws.array("coarse/matrices")[:])
         self.contrast = np.asarray(ws.array("sections/contrast")[:])
         self.excluded = ws.excluded()
@@ -485,7 +494,9 @@ class PrealignedRegions:
                 for rows, cols in _tiles(self.shape, 1):
                     origin = (self.origin[0] + rows.start, self.origin[1] + cols.start)
                     shape = (rows.stop - rows.start, cols.stop - cols.start)
-                    section[rows, cols] = render_region(self.stack, z, field, AFFINE_STRIDE, origin, shape, read=read)
+                    section[rows, cols] = render_region(
+                        self.stack, z, field, AFFINE_STRIDE, origin, shape, read=read, device=self.device
+                    )
             self.sections[z] = section
         return self.sections[z]
 
@@ -555,8 +566,8 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, tile: int = 0, devic
 
     Works on the tile and its context (:func:`task_region`): the network's field there, subsampled onto the
     stride grid and smoothed, is written for the tile's grid points only. Holds the region of ``2K + 1 + BATCH``
-    sections at most, whatever the block and section size. A section cut into pieces (:func:`emalign.masks.pieces`)
-    is judged, and estimated piece by piece, within the region.
+    (:data:`GPU_BATCH` on a GPU) sections at most, whatever the block and section size. A section cut into pieces
+    (:func:`emalign.masks.pieces`) is judged, and estimated piece by piece, within the region.
     """
     start, stop = ws.plan.blocks()[index]
     params, plan = ws.params, ws.plan
@@ -565,20 +576,21 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, tile: int = 0, devic
     excluded, breaks = ws.excluded(), ws.breaks()
     region = task_region(plan, plan.tiles()[tile])
     out_rows, out_cols = plan.grid_slices(plan.tiles()[tile])
-    sections = PrealignedRegions(ws, stack, region.origin, region.shape)
+    dev = resolve_device(device)
+    sections = PrealignedRegions(ws, stack, region.origin, region.shape, dev)
     frame = (region.origin, plan.shape[1:])
     todo = [z for z in range(start, stop) if not excluded[z]]
     windows_of = {z: consensus.neighbour_indices(z, plan.shape[0], k, breaks) for z in todo}
     relative = ws.array("fields/relative")
     s, sigma = params.stride, params.smoothing
-    dev = resolve_device(device)
+    size = GPU_BATCH if dev.type == "cuda" else BATCH
 
     def write(z: int, field: np.ndarray) -> None:
         relative[z, :, out_rows, out_cols] = field[:, region.rows, region.cols]
 
     def run(batch: list[int]) -> None:
         windows = sections.windows([windows_of[z] for z in batch])
-        fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=BATCH, frame=frame)
+        fields = predict_windows(model, windows, dev, tile=params.tile, halo=params.halo, batch=size, frame=frame)
         for z, field in zip(batch, fields, strict=True):
             write(z, smooth_field(field[:, ::s, ::s], sigma / s))
 
@@ -588,7 +600,7 @@ def estimate_block(ws: Workspace, stack: Stack, index: int, tile: int = 0, devic
         labels, count = pieces(sections[z] != 0)
         if count < 2:
             batch.append(z)
-            if len(batch) == BATCH:
+            if len(batch) == size:
                 run(batch)
                 batch = []
             continue

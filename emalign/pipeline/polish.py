@@ -66,7 +66,7 @@ def _band_region(
     return (lo[0], lo[1]), (hi[0] - lo[0], hi[1] - lo[1])
 
 
-def polish_block(ws: Workspace, stack: Stack, index: int) -> None:
+def polish_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Patch shifts of the refined sections of block ``index`` against the 3 before each, a band of
     :data:`POLISH_NODES` x :data:`POLISH_NODES` nodes at a time: each section's region under the band's patches (and
     the margin its no-data weights reach) is warped and matched, never the whole section."""

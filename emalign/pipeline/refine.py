@@ -91,7 +91,7 @@ class WarpedSections:
         return warp(coarse, field / self.factor)
 
 
-def refine_block(ws: Workspace, stack: Stack, index: int) -> None:
+def refine_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each)."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)

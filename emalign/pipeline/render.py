@@ -11,7 +11,9 @@ import functools
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
+from emalign.device import resolve_device
 from emalign.fields import resample, sample
 from emalign.io import Stack, check_chunk
 from emalign.pipeline.store import Workspace
@@ -33,14 +35,16 @@ def render_region(
     origin: tuple[int, int],
     shape: tuple[int, int],
     read: RegionReader = read_region,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """The ``shape`` region at ``origin`` (y0, x0) of section ``z`` pulled by ``field (2, gy, gx)``, float32.
+    """The ``shape`` region at ``origin`` (y0, x0) of section ``z`` pulled by ``field (2, gy, gx)``, float32;
+    the field's upsampling and the warp run on ``device``.
 
     Only the part of the raw section the region pulls from is read (by ``read``); pixels pulled from outside are 0.
     """
     height, width = stack.shape[1:]
     y0, x0 = origin
-    coords = resample(field, stride, 1, shape, origin=origin)
+    coords = resample(field, stride, 1, shape, origin=origin, device=device)
     coords[0] += np.arange(y0, y0 + shape[0], dtype=np.float32)[:, None]
     coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
     lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
@@ -51,13 +55,14 @@ def render_region(
     region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
     source = read(stack, z, region)
     coords -= lo.reshape(2, 1, 1).astype(np.float32)
-    return sample(source, coords)
+    return sample(source, coords, device=device)
 
 
-def render_block(ws: Workspace, stack: Stack, index: int) -> None:
+def render_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Render and write the sections of block ``index`` of the full-resolution ``stack`` not yet written (fields
     scaled from the working resolution), tile by tile (:meth:`emalign.io.OmeZarrWriter.write_tiled`: one shard
-    per tile, so no two tasks write the same file); flagged ones pass through unchanged."""
+    per tile, so no two tasks write the same file), warped on ``device``; flagged ones pass through unchanged."""
+    dev = resolve_device(device)
     start, stop = ws.plan.blocks()[index]
     excluded = ws.excluded()
     done = np.asarray(ws.writer.done[start:stop], bool)  # this block's markers only: one small read per section
@@ -68,8 +73,8 @@ def render_block(ws: Workspace, stack: Stack, index: int) -> None:
         if excluded[z]:
             ws.writer.write_tiled(z, functools.partial(_raw_tile, stack, z))
         else:
-            field = factor * np.asarray(fields[z])
-            ws.writer.write_tiled(z, functools.partial(render_region, stack, z, field, factor * ws.params.stride))
+            field, stride = factor * np.asarray(fields[z]), factor * ws.params.stride
+            ws.writer.write_tiled(z, functools.partial(render_region, stack, z, field, stride, device=dev))
 
 
 def _raw_tile(stack: Stack, z: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:

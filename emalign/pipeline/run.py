@@ -19,7 +19,7 @@ import torch
 
 from emalign import models, stores
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
-from emalign.device import resolve_device, reuse_freed_memory
+from emalign.device import resolve_device, reuse_freed_memory, task_device
 from emalign.fields import resample, warp
 from emalign.io import Stack, cast_to_dtype, create_array, open_stack
 from emalign.models.faemreg import FAEMReg
@@ -54,6 +54,7 @@ def _task(out: str, stage: str, index: int, tile: int, device: str, threads: int
     """One task of ``stage`` (:data:`emalign.pipeline.stages.TABLE`): z-block ``index`` and/or xy task tile
     ``tile`` as its unit says, z-block tasks on ``threads`` CPU threads; a task with its marker is not redone."""
     spec = stages.stage(stage)
+    device = task_device(device)
     if spec.unit in BLOCK_UNITS:
         reuse_freed_memory()
         torch.set_num_threads(threads)
@@ -67,7 +68,7 @@ def _task(out: str, stage: str, index: int, tile: int, device: str, threads: int
         return
     stack = ws.input_stack() if spec.reads == "input" else ws.working_stack()
     if spec.unit == BLOCK:
-        task(ws, stack, index)
+        task(ws, stack, index, device=device)
     elif spec.unit == BLOCK_TILE:
         task(ws, stack, index, tile, device=device)
     else:

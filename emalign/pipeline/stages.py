@@ -8,7 +8,7 @@ neither torch nor the pipeline.
 
 Units of work (:attr:`Stage.unit`) and how the runner calls a stage's ``task`` for each:
 
-* :data:`BLOCK`: one task per z-block of the plan, ``task(ws, stack, block)``.
+* :data:`BLOCK`: one task per z-block of the plan, ``task(ws, stack, block, device=device)``.
 * :data:`BLOCK_TILE`: one per (z-block, xy task tile), ``task(ws, stack, block, tile, device=device)``.
 * :data:`TILE`: one per xy task tile through the whole stack, ``task(ws, tile)`` (``--z-range`` does not apply).
 * :data:`ONE`: a single task, ``task(ws, stack, device, progress)``.
