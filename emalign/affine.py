@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
@@ -115,9 +116,10 @@ def match_affine(
     moving: np.ndarray,
     matrix: np.ndarray,
     grid: PatchGrid | None = None,
-    fixed_spectra: np.ndarray | None = None,
+    fixed_spectra: torch.Tensor | None = None,
     upsample: int = 10,
     steps: int = 1,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Refine a pull affine ``matrix`` (``moving(matrix @ [p, 1]) ~ fixed(p)``, e.g. a rigid estimate) to the
     affine that best explains the phase-correlation shifts of a grid of patches.
@@ -129,22 +131,23 @@ def match_affine(
         fixed, moving: ``(Y, X)`` images of one shape (e.g. block means); zeros are no data.
         matrix: ``(2, 3)`` pull affine in the images' pixels.
         grid: the patches (default :func:`patch_grid`).
-        fixed_spectra: ``grid.spectra(fixed)``, if already computed.
+        fixed_spectra: ``grid.spectra(fixed, device=device)``, if already computed.
         upsample: sub-pixel resolution of the matches, ``1 / upsample`` px.
         steps: match-and-fit rounds.
+        device: where the patches' spectra are computed and matched (the warps stay on the CPU).
 
     Returns:
         ``(2, 3)`` pull affine in the images' pixels; ``matrix`` unchanged when too few patches match.
     """
     grid = grid or patch_grid(fixed.shape)
-    fixed_spectra = grid.spectra(fixed) if fixed_spectra is None else fixed_spectra
+    fixed_spectra = grid.spectra(fixed, device=device) if fixed_spectra is None else fixed_spectra
     cy, cx = grid.centres()
     centres = np.stack(np.meshgrid(cy, cx, indexing="ij"), axis=-1).reshape(-1, 2)
     centre = (np.asarray(fixed.shape, np.float64) - 1) / 2
     matrix = np.asarray(matrix, np.float64)
     for _ in range(steps):
         warped = rigid._warp_affine(moving, matrix)
-        shifts, peaks = grid.match(fixed_spectra, grid.spectra(warped), upsample)
+        shifts, peaks = grid.match(fixed_spectra, grid.spectra(warped, device=device), upsample)
         correction = fit_affine(centres, shifts.reshape(-1, 2), peaks.reshape(-1), centre)
         if correction is None:
             break
@@ -158,6 +161,7 @@ def pairwise_affine(
     downsample: int,
     upsample: int = 10,
     steps: int = 1,
+    device: torch.device | str = "cpu",
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Pairwise rigid estimates refined to affines (:func:`match_affine`) on ``downsample``-block means.
 
@@ -169,13 +173,13 @@ def pairwise_affine(
         pairs: ``(z, j, matrix, score)`` as from :func:`emalign.rigid.pairwise_rigid` (``j < z``; full-resolution
             pull affines with ``raw_j(p) ~ raw_z(matrix @ [p, 1])``); pairs with score 0 are kept as they are.
         downsample: block-mean factor of the matching.
-        upsample, steps: see :func:`match_affine`.
+        upsample, steps, device: see :func:`match_affine`.
 
     Returns:
         The pairs, their matrices full-resolution pull affines, in the input's order; scores unchanged.
     """
     images: dict[int, np.ndarray] = {}
-    spectra: dict[int, np.ndarray] = {}
+    spectra: dict[int, torch.Tensor] = {}
     grid = patch_grid([n // downsample for n in stack.shape[-2:]])
     last_use: dict[int, int] = {}
     for z, j, _, _ in pairs:
@@ -193,9 +197,9 @@ def pairwise_affine(
             if index not in images:
                 images[index] = block_mean(np.asarray(stack[index]), downsample, nodata=True)
         if j not in spectra:
-            spectra[j] = grid.spectra(images[j])
+            spectra[j] = grid.spectra(images[j], device=device)
         coarse = rigid.upscale_matrix(matrix, 1 / downsample)  # the inverse of upscale_matrix(., downsample)
-        coarse = match_affine(images[j], images[z], coarse, grid, spectra[j], upsample, steps)
+        coarse = match_affine(images[j], images[z], coarse, grid, spectra[j], upsample, steps, device)
         refined[i] = (z, j, rigid.upscale_matrix(coarse, downsample), score)
     return refined
 

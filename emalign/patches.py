@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from emalign.rigid import LOWPASS, correlation_peaks, patch_spectra, soft_mask
+from emalign.rigid import LOWPASS, _to_device, correlation_peaks, patch_spectra, soft_mask
 
 __all__ = ["MIN_DATA", "PatchGrid", "patch_starts"]
 
@@ -71,29 +72,30 @@ class PatchGrid:
         """Node positions along y and along x, full-resolution px."""
         return self.ys + (self.size[0] - 1) / 2, self.xs + (self.size[1] - 1) / 2
 
-    def spectra(self, image: np.ndarray, ramp: float | None = None) -> np.ndarray:
+    def spectra(self, image: np.ndarray, ramp: float | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Whitened spectra of the patches of a ``(Y, X)`` image (zeros are no data), ready for :meth:`match`.
 
-        ``ramp``: of the no-data edges' weights (:func:`emalign.rigid.soft_mask`; default: the image's own).
+        ``ramp``: of the no-data edges' weights (:func:`emalign.rigid.soft_mask`, on the CPU; default: the
+        image's own). The image and its weights are moved to ``device``, where the spectra are computed.
 
-        Returns ``(ny * nx, py, px // 2 + 1)`` complex; all zero for a patch with data on less than
-        :data:`MIN_DATA` of its pixels (its matches, half in the void, would be unreliable).
+        Returns ``(ny * nx, py, px // 2 + 1)`` complex64 on ``device``; all zero for a patch with data on less
+        than :data:`MIN_DATA` of its pixels (its matches, half in the void, would be unreliable).
         """
         weights = soft_mask(image, ramp=ramp)
         cut = [(slice(y, y + self.size[0]), slice(x, x + self.size[1])) for y in self.ys for x in self.xs]
-        spectra = patch_spectra(image, weights, cut, LOWPASS)
-        spectra[np.array([(weights[s] > 0).mean() for s in cut]) < MIN_DATA] = 0
+        spectra = patch_spectra(_to_device(image, device), _to_device(weights, device), cut, LOWPASS)
+        spectra[torch.as_tensor([(weights[s] > 0).mean() < MIN_DATA for s in cut], device=device)] = 0
         return spectra
 
     def match(self, fixed: np.ndarray, moving: np.ndarray, upsample: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Per node, the pull shift of ``moving`` onto ``fixed`` and its correlation peak.
 
         Args:
-            fixed, moving: :meth:`spectra` of two sections.
+            fixed, moving: :meth:`spectra` of two sections, on one device.
             upsample: sub-pixel resolution ``1 / upsample`` px.
 
         Returns:
-            ``(shifts (ny, nx, 2) px (dy, dx), peaks (ny, nx))``; a patch without data has peak 0.
+            ``(shifts (ny, nx, 2) px (dy, dx), peaks (ny, nx))`` numpy; a patch without data has peak 0.
         """
         shifts, peaks = correlation_peaks(fixed, moving, self.size, upsample)
         return shifts.reshape(*self.shape, 2), peaks.reshape(self.shape)

@@ -10,6 +10,10 @@ about the image centre ``c = ((Y - 1) / 2, (X - 1) / 2)`` has ``A = [[cos a, -si
 Matching uses phase correlation with a Gaussian low-pass weight on the whitened cross-power
 spectrum: sections 40-50 nm apart share only their coarse structure, and pure (flat) phase
 correlation then locks onto noise.
+
+Device rule: spectra are torch complex64 tensors on a ``device`` (the CPU by default; a CUDA GPU
+with ``device="cuda"``), where the FFTs and the whitening run; images, no-data weights and warps stay
+numpy on the CPU and are moved there, and small results (shifts, peaks, angles) come back as numpy.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft
+import torch
 from scipy import ndimage, sparse
 from scipy.linalg import solveh_banded
 from scipy.sparse.linalg import spsolve
@@ -145,20 +149,25 @@ def _tukey(n: int) -> np.ndarray:
     return np.where(np.minimum(x, 1 - x) < edge, ramp, 1.0)
 
 
-@functools.lru_cache(maxsize=16)
-def _window(shape: tuple[int, int]) -> np.ndarray:
-    """2D Tukey window, float32."""
-    return np.outer(_tukey(shape[0]), _tukey(shape[1])).astype(np.float32)
+def _to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A numpy array as a float32 tensor on ``device`` (shares the memory on the CPU when it can)."""
+    return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)
 
 
 @functools.lru_cache(maxsize=16)
-def _lowpass_weight(shape: tuple[int, int], lowpass: float) -> np.ndarray:
+def _window(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """2D Tukey window, float32 on ``device``."""
+    return _to_device(np.outer(_tukey(shape[0]), _tukey(shape[1])), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowpass_weight(shape: tuple[int, int], lowpass: float, device: torch.device) -> torch.Tensor:
     """``sqrt(w / mean(w))`` with ``w`` a Gaussian of sigma ``lowpass`` cycles/pixel, on the real FFT's
-    half grid ``(Y, X // 2 + 1)`` (the mean is over the whole grid)."""
+    half grid ``(Y, X // 2 + 1)`` (the mean is over the whole grid), float32 on ``device``."""
     ky, kx = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
     mean = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2).mean()
     w = np.exp(-0.5 * (ky[:, None] ** 2 + np.fft.rfftfreq(shape[1])[None] ** 2) / lowpass**2)
-    return np.sqrt(w / mean).astype(np.float32)
+    return _to_device(np.sqrt(w / mean), device)
 
 
 def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
@@ -192,41 +201,44 @@ def soft_mask(image: np.ndarray, mask: np.ndarray | None = None, ramp: float | N
 
 
 def whitened_spectra(
-    images: np.ndarray, weights: np.ndarray | None, lowpass: float | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray | None, lowpass: float | None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Whitened, low-pass weighted spectra of a batch of images, ready for phase correlation.
 
     Each image is standardised over its valid pixels, no-data is set to the mean, and the result
     is multiplied by a Tukey window and the soft validity ``weights``. The spectrum is divided by
     its magnitude and multiplied by ``sqrt(w / mean(w))``, ``w = exp(-k^2 / (2 lowpass^2))``, so
-    that the correlation of an image with itself peaks at exactly 1.
+    that the correlation of an image with itself peaks at exactly 1. Computed on the device of
+    ``images`` (a numpy array: the CPU).
 
     Args:
         images: ``(B, Y, X)``.
-        weights: ``(B, Y, X)`` from :func:`soft_mask`, or None to compute them from the zeros.
+        weights: ``(B, Y, X)`` from :func:`soft_mask`, or None to compute them from the zeros (on the CPU).
         lowpass: Gaussian sigma in cycles per pixel; None for flat (pure phase correlation).
 
     Returns:
-        ``(spectra, magnitudes of the windowed images, blank (B,))``; spectra and magnitudes on the
-        real FFT's half grid ``(B, Y, X // 2 + 1)``.
+        ``(spectra, magnitudes of the windowed images, blank (B,))``: spectra (complex64) and magnitudes
+        (float32) tensors on the images' device, on the real FFT's half grid ``(B, Y, X // 2 + 1)``;
+        ``blank`` numpy bool.
     """
-    images = np.asarray(images, dtype=np.float32)
+    images = torch.as_tensor(images, dtype=torch.float32)
     if weights is None:
-        weights = np.stack([soft_mask(image) for image in images])
+        weights = np.stack([soft_mask(image) for image in images.cpu().numpy()])
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
     valid = weights > 0
-    count = valid.sum(axis=(1, 2))
-    mean = np.where(valid, images, 0).sum(axis=(1, 2)) / np.maximum(count, 1)
-    centred = np.where(valid, images - mean[:, None, None], 0)
-    std = np.sqrt((centred**2).sum(axis=(1, 2)) / np.maximum(count, 1))
-    blank = (count < _MIN_VALID * valid[0].size) | (std < 1e-6)
-    tapered = centred * weights * (_window(images.shape[1:]) / np.maximum(std, 1e-12)[:, None, None])
-    transform = scipy.fft.rfft2(tapered, axes=(1, 2))
-    magnitude = np.abs(transform)
-    spectra = transform / (magnitude + 1e-9 * magnitude.max(axis=(1, 2), keepdims=True) + 1e-30)
+    count = valid.sum(dim=(1, 2))
+    mean = torch.where(valid, images, 0).sum(dim=(1, 2)) / count.clamp(min=1)
+    centred = torch.where(valid, images - mean[:, None, None], 0)
+    std = torch.sqrt((centred**2).sum(dim=(1, 2)) / count.clamp(min=1))
+    blank = (count < _MIN_VALID * valid[0].numel()) | (std < 1e-6)
+    window = _window(tuple(images.shape[1:]), images.device)
+    transform = torch.fft.rfft2(centred * weights * (window / std.clamp(min=1e-12)[:, None, None]))
+    magnitude = transform.abs()
+    spectra = transform / (magnitude + 1e-9 * magnitude.amax(dim=(1, 2), keepdim=True) + 1e-30)
     if lowpass:
-        spectra *= _lowpass_weight(images.shape[1:], lowpass)
+        spectra *= _lowpass_weight(tuple(images.shape[1:]), lowpass, images.device)
     spectra[blank] = 0
-    return spectra, magnitude, blank
+    return spectra, magnitude, blank.cpu().numpy()
 
 
 def _parabola(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -247,28 +259,33 @@ def _spline_upsampler(upsample: int) -> np.ndarray:
 
 
 def correlation_peaks(
-    fixed: np.ndarray, moving: np.ndarray, shape: tuple[int, int], upsample: int
+    fixed: torch.Tensor, moving: torch.Tensor, shape: tuple[int, int], upsample: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel phase-correlation peaks of spectra from :func:`whitened_spectra` of ``shape (Y, X)`` images
     (broadcast over the batch).
 
-    The integer peak is refined on a +-1.5 px window sampled every ``1 / upsample`` px by
-    cubic-spline interpolation of the correlation surface (smooth thanks to the low-pass; no
-    BLAS, which is slow on busy machines), then by a parabola through the best sample.
+    The correlation surface and its integer peak are computed on the spectra's device; the
+    ``(2 _CROP + 1)^2`` samples around the peak come back to the CPU, where the peak is refined on a
+    +-1.5 px window sampled every ``1 / upsample`` px by cubic-spline interpolation of the surface
+    (smooth thanks to the low-pass; no BLAS, which is slow on busy machines), then by a parabola
+    through the best sample.
 
     Returns:
-        ``(shifts (B, 2), peaks (B,))``: pull shifts ``moving(p + shift) ~ fixed(p)`` and peak heights.
+        ``(shifts (B, 2), peaks (B,))`` numpy float64: pull shifts ``moving(p + shift) ~ fixed(p)`` and
+        peak heights.
     """
-    surface = scipy.fft.irfft2(np.conj(fixed) * moving, s=shape, axes=(1, 2))
+    surface = torch.fft.irfft2(fixed.conj() * moving, s=tuple(shape))
     batch, ny, nx = surface.shape
+    flat = surface.reshape(batch, -1).argmax(dim=1, keepdim=True)
+    window = torch.arange(-_CROP, _CROP + 1, device=surface.device)
+    rows, cols = (flat // nx + window) % ny, (flat % nx + window) % nx
+    crops = surface[torch.arange(batch, device=surface.device)[:, None, None], rows[:, :, None], cols[:, None]]
+    crops, (iy, ix) = crops.cpu().numpy(), np.divmod(flat[:, 0].cpu().numpy(), nx)
     b = np.arange(batch)
-    iy, ix = np.unravel_index(surface.reshape(batch, -1).argmax(axis=1), (ny, nx))
     size = np.array([ny, nx])
     coarse = (np.stack([iy, ix], axis=1) + size // 2) % size - size // 2
     if upsample <= 1:
-        return coarse.astype(np.float64), np.maximum(surface[b, iy, ix], 0.0)
-    window = np.arange(-_CROP, _CROP + 1)
-    crops = surface[b[:, None, None], (iy[:, None, None] + window[:, None]) % ny, (ix[:, None, None] + window) % nx]
+        return coarse.astype(np.float64), np.maximum(crops[:, _CROP, _CROP], 0.0).astype(np.float64)
     interpolate = _spline_upsampler(upsample)
     fine = interpolate @ crops @ interpolate.T
     n, half = len(interpolate), len(interpolate) // 2
@@ -287,6 +304,7 @@ def phase_correlation(
     mask_moving: np.ndarray | None = None,
     upsample: int = 10,
     lowpass: float | None = LOWPASS,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, float]:
     """The translation that aligns ``moving`` to ``fixed``, by windowed phase correlation.
 
@@ -303,6 +321,7 @@ def phase_correlation(
             about 0.01 px with the default low-pass, 0.1 px without.
         lowpass: Gaussian low-pass of the whitened cross-power spectrum, sigma in cycles/pixel
             (None: pure phase correlation, best for identical content).
+        device: where the spectra are computed and correlated.
 
     Returns:
         ``(shift, peak)``: ``shift`` ``(dy, dx)`` in pixels is a pull shift,
@@ -327,7 +346,8 @@ def phase_correlation(
             if len(rows) == 0:
                 return np.zeros(2), 0.0
             pair = np.where(overlap, pair, 0)[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        spectra, _, blank = whitened_spectra(pair, np.stack([soft_mask(image) for image in pair]), lowpass)
+        weights = np.stack([soft_mask(image) for image in pair])
+        spectra, _, blank = whitened_spectra(_to_device(pair, device), _to_device(weights, device), lowpass)
         if blank.any():
             return np.zeros(2), 0.0
         residual, peak = correlation_peaks(spectra[:1], spectra[1:], pair.shape[1:], upsample)
@@ -346,9 +366,9 @@ def _shift_integer(image: np.ndarray, offset: np.ndarray) -> np.ndarray:
 
 
 def _polar_rings(magnitude: np.ndarray, width: int) -> np.ndarray:
-    """Angular spectra of a Fourier magnitude on rings: ``(n_radii, _N_ANGLES // 2 + 1)`` complex.
+    """Angular spectra of a Fourier magnitude on rings: ``(n_radii, _N_ANGLES // 2 + 1)`` complex, numpy.
 
-    ``magnitude``: on the real FFT's half grid ``(Y, width // 2 + 1)`` of a ``(Y, width)`` image.
+    ``magnitude``: numpy, on the real FFT's half grid ``(Y, width // 2 + 1)`` of a ``(Y, width)`` image.
     Rings of log-magnitude between 0.04 and 0.4 cycles/pixel, each standardised over the angles
     ``[0, 180)`` degrees (the magnitude of a real image is symmetric; these angles sample the
     half grid's non-negative x frequencies), then transformed along angle.
@@ -365,38 +385,51 @@ def _polar_rings(magnitude: np.ndarray, width: int) -> np.ndarray:
 
 
 def patch_spectra(
-    image: np.ndarray, weights: np.ndarray, slices: list[tuple[slice, slice]], lowpass: float | None
-) -> np.ndarray:
-    """:func:`whitened_spectra` of the patches ``slices`` of one ``(Y, X)`` image, ``(P, py, px // 2 + 1)``;
-    ``weights``: the whole image's :func:`soft_mask`, cut like the image (no-data edges carry over)."""
-    return whitened_spectra(np.stack([image[s] for s in slices]), np.stack([weights[s] for s in slices]), lowpass)[0]
+    image: torch.Tensor, weights: torch.Tensor, slices: list[tuple[slice, slice]], lowpass: float | None
+) -> torch.Tensor:
+    """:func:`whitened_spectra` of the patches ``slices`` of one ``(Y, X)`` image, ``(P, py, px // 2 + 1)``, on the
+    image's device; ``weights``: the whole image's :func:`soft_mask`, cut like the image (no-data edges carry
+    over)."""
+    return whitened_spectra(
+        torch.stack([image[s] for s in slices]), torch.stack([weights[s] for s in slices]), lowpass
+    )[0]
 
 
 class _Section:
-    """An image prepared once for matching (as fixed or moving) against several others."""
+    """An image (numpy, on the CPU) prepared once for matching (as fixed or moving) against several others;
+    its spectra on ``device``."""
 
-    def __init__(self, image: np.ndarray, lowpass: float | None):
+    def __init__(self, image: np.ndarray, lowpass: float | None, device: torch.device | str = "cpu"):
         self.image = np.asarray(image, dtype=np.float32)
         self.lowpass = lowpass
-        spectra, magnitude, blank = whitened_spectra(self.image[None], None, lowpass)
+        self.weights = soft_mask(self.image)
+        spectra, magnitude, blank = whitened_spectra(
+            _to_device(self.image[None], device), _to_device(self.weights[None], device), lowpass
+        )
         self.spectrum, self.blank = spectra, bool(blank[0])
         self._magnitude = magnitude[0]
-        self._patches: tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray] | None = None
+        self._patches: tuple[list[tuple[slice, slice]], np.ndarray, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the section's spectra are."""
+        return self.spectrum.device
 
     @functools.cached_property
     def polar(self) -> np.ndarray:
         """:func:`_polar_rings` of the section's Fourier magnitude (computed when a rotation is searched)."""
-        return _polar_rings(self._magnitude, self.image.shape[1])
+        return _polar_rings(self._magnitude.cpu().numpy(), self.image.shape[1])
 
-    def patches(self) -> tuple[list[tuple[slice, slice]], np.ndarray, np.ndarray]:
-        """The refinement patches: ``(slices, centres (P, 2), spectra (P, py, px))``."""
+    def patches(self) -> tuple[list[tuple[slice, slice]], np.ndarray, torch.Tensor]:
+        """The refinement patches: ``(slices, centres (P, 2), spectra (P, py, px // 2 + 1))``."""
         if self._patches is None:
             shape = np.array(self.image.shape)
             size = shape // 2
             starts = [np.linspace(0, n - s, _PATCH_GRID).round().astype(int) for n, s in zip(shape, size, strict=True)]
             slices = [(slice(y, y + size[0]), slice(x, x + size[1])) for y in starts[0] for x in starts[1]]
             centres = np.array([[s[0].start, s[1].start] for s in slices]) + (size - 1) / 2
-            self._patches = slices, centres, patch_spectra(self.image, soft_mask(self.image), slices, self.lowpass)
+            image, weights = _to_device(self.image, self.device), _to_device(self.weights, self.device)
+            self._patches = slices, centres, patch_spectra(image, weights, slices, self.lowpass)
         return self._patches
 
 
@@ -408,7 +441,7 @@ def _unrelated_peak(fixed: _Section, moving: _Section) -> float:
     """
     if fixed.blank or moving.blank:
         return 0.0
-    return float(correlation_peaks(fixed.spectrum, np.conj(moving.spectrum), fixed.image.shape, 1)[1][0])
+    return float(correlation_peaks(fixed.spectrum, moving.spectrum.conj(), fixed.image.shape, 1)[1][0])
 
 
 def _angle_candidate(fixed: _Section, moving: _Section, max_rotation_deg: float) -> float:
@@ -475,7 +508,7 @@ def _refine(
     patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
     for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
-        weights = soft_mask(warped)
+        warped, weights = _to_device(warped, fixed.device), _to_device(soft_mask(warped), fixed.device)
         patches = patch_spectra(warped, weights, slices, fixed.lowpass)
         params = _fit_rigid(centres, *correlation_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:
@@ -498,9 +531,10 @@ def _estimate(
     angle, shift, score = 0.0, shifts[0], float(peaks[0])
     if max_rotation_deg > 0:
         candidate = _angle_candidate(fixed, moving, max_rotation_deg)
-        rotated = _warp_affine(moving.image, rigid_matrix(candidate, (0, 0), shape))
-        rotated_spectrum = whitened_spectra(rotated[None], None, fixed.lowpass)[0]
-        shifts, peaks = correlation_peaks(fixed.spectrum, rotated_spectrum, shape, upsample)
+        rotated = _Section(
+            _warp_affine(moving.image, rigid_matrix(candidate, (0, 0), shape)), fixed.lowpass, fixed.device
+        )
+        shifts, peaks = correlation_peaks(fixed.spectrum, rotated.spectrum, shape, upsample)
         if peaks[0] > score:
             angle, shift = candidate, shifts[0]
     matrix = rigid_matrix(angle, _rotation(angle) @ shift, shape)
@@ -525,6 +559,7 @@ def estimate_rigid(
     downsample: int = 1,
     upsample: int = 10,
     lowpass: float | None = LOWPASS,
+    device: torch.device | str = "cpu",
 ) -> RigidEstimate:
     """Rotation and translation that align ``moving`` to ``fixed``.
 
@@ -541,13 +576,14 @@ def estimate_rigid(
             full-resolution pixels.
         upsample: sub-pixel resolution of the phase correlation, ``1 / upsample`` px.
         lowpass: see :func:`phase_correlation` (cycles per pixel of the downsampled images).
+        device: where the spectra are computed and correlated (images and warps stay on the CPU).
 
     Returns:
         :class:`RigidEstimate`: ``moving(matrix @ [p, 1]) ~ fixed(p)``.
     """
     if np.shape(fixed) != np.shape(moving) or np.ndim(fixed) != 2:
         raise ValueError(f"need two (Y, X) images of one shape; got {np.shape(fixed)} and {np.shape(moving)}")
-    sections = [_Section(block_mean(image, downsample, nodata=True), lowpass) for image in (fixed, moving)]
+    sections = [_Section(block_mean(image, downsample, nodata=True), lowpass, device) for image in (fixed, moving)]
     return _to_full_resolution(_estimate(*sections, max_rotation_deg, upsample), downsample, np.shape(fixed))
 
 
@@ -586,6 +622,7 @@ def pairwise_rigid(
     refine_steps: int = REFINE_STEPS,
     unrelated: dict[int, float] | None = None,
     second_opinion: float | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
 
@@ -608,6 +645,8 @@ def pairwise_rigid(
             scale (ratio to their median). Where sections change a lot (wide z-spacing) fine detail
             may not carry from one to the next while coarse structure does. The pair keeps the finer
             match's score (its weight in :func:`solve_rigid` and the break detection do not change).
+        device: where the sections' spectra are held, computed and correlated (block means, warps and
+            no-data weights stay on the CPU).
 
     Returns:
         ``[(z, z - k, matrix, score), ...]``: ``matrix`` ``(2, 3)`` is the full-resolution pull
@@ -623,12 +662,12 @@ def pairwise_rigid(
 
     def coarser_section(z: int) -> _Section:
         if z not in coarser:
-            coarser[z] = _Section(block_mean(sections[z].image, 2, nodata=True), lowpass)
+            coarser[z] = _Section(block_mean(sections[z].image, 2, nodata=True), lowpass, device)
         return coarser[z]
 
     pairs = []
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
-        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample, nodata=True), lowpass)
+        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample, nodata=True), lowpass, device)
         sections.pop(z - max(offsets) - 1, None)
         coarser.pop(z - max(offsets) - 1, None)
         if z - 1 in sections and (unrelated is not None or second_opinion):
