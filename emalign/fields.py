@@ -137,8 +137,10 @@ def _check_field(field: np.ndarray) -> int:
     return field.shape[0]
 
 
-def warp(image: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """Pull-warp an image: ``out(p) = image(p + field(p))``.
+def warp(
+    image: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Pull-warp an image: ``out(p) = image(p + field(p))``, computed on ``device``.
 
     Args:
         image: ``(Y, X)`` for a 2D field or ``(Z, Y, X)`` for a 3D one; any real dtype.
@@ -154,9 +156,10 @@ def warp(image: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0
         raise ValueError(f"image shape {image.shape} != field spatial shape {field.shape[1:]}")
     if ndim != image.ndim:
         raise ValueError(f"a {ndim}D field cannot warp a {image.ndim}D image")
-    img = _as_batched(np.asarray(image, dtype=np.float32) - cval, channels=False)
-    out = warp_torch(img, _as_batched(field, channels=True), mode="nearest" if order == 0 else "bilinear")
-    return out[0, 0].numpy() + np.float32(cval)
+    device = torch.device(device)
+    img = _as_batched(np.asarray(image, dtype=np.float32) - cval, False, device)
+    out = warp_torch(img, _as_batched(field, True, device), mode="nearest" if order == 0 else "bilinear")
+    return out[0, 0].cpu().numpy() + np.float32(cval)
 
 
 def compose(u: np.ndarray, v: np.ndarray, stride: float = 1.0) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from emalign.rigid import LOWPASS, _to_device, correlation_peaks, patch_spectra, soft_mask
+from emalign.rigid import LOWPASS, correlation_peaks, on_device, patch_spectra, soft_mask
 
 __all__ = ["MIN_DATA", "PatchGrid", "patch_starts"]
 
@@ -83,7 +83,7 @@ class PatchGrid:
         """
         weights = soft_mask(image, ramp=ramp)
         cut = [(slice(y, y + self.size[0]), slice(x, x + self.size[1])) for y in self.ys for x in self.xs]
-        spectra = patch_spectra(_to_device(image, device), _to_device(weights, device), cut, LOWPASS)
+        spectra = patch_spectra(on_device(image, device), on_device(weights, device), cut, LOWPASS)
         spectra[torch.as_tensor([(weights[s] > 0).mean() < MIN_DATA for s in cut], device=device)] = 0
         return spectra
 

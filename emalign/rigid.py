@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 import torch
 from scipy import ndimage, sparse
 from scipy.linalg import solveh_banded
@@ -149,7 +150,7 @@ def _tukey(n: int) -> np.ndarray:
     return np.where(np.minimum(x, 1 - x) < edge, ramp, 1.0)
 
 
-def _to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A numpy array as a float32 tensor on ``device`` (shares the memory on the CPU when it can)."""
     return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)
 
@@ -157,7 +158,7 @@ def _to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _window(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     """2D Tukey window, float32 on ``device``."""
-    return _to_device(np.outer(_tukey(shape[0]), _tukey(shape[1])), device)
+    return on_device(np.outer(_tukey(shape[0]), _tukey(shape[1])), device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -167,7 +168,7 @@ def _lowpass_weight(shape: tuple[int, int], lowpass: float, device: torch.device
     ky, kx = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
     mean = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None] ** 2) / lowpass**2).mean()
     w = np.exp(-0.5 * (ky[:, None] ** 2 + np.fft.rfftfreq(shape[1])[None] ** 2) / lowpass**2)
-    return _to_device(np.sqrt(w / mean), device)
+    return on_device(np.sqrt(w / mean), device)
 
 
 def upscale_matrix(matrix: np.ndarray, factor: int) -> np.ndarray:
@@ -200,6 +201,22 @@ def soft_mask(image: np.ndarray, mask: np.ndarray | None = None, ramp: float | N
     return (3 * taper**2 - 2 * taper**3).astype(np.float32)
 
 
+def _rfft2(images: torch.Tensor) -> torch.Tensor:
+    """Real FFT over the last two axes, on the images' device. On the CPU by scipy's pocketfft on one thread:
+    torch's batched CPU transforms round differently with the number of threads, and a result must not depend
+    on how many CPUs its task had."""
+    if images.device.type == "cpu":
+        return torch.from_numpy(scipy.fft.rfft2(images.numpy(), axes=(-2, -1), workers=1))
+    return torch.fft.rfft2(images)
+
+
+def _irfft2(spectra: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_rfft2` onto ``shape (Y, X)`` images, on the same terms."""
+    if spectra.device.type == "cpu":
+        return torch.from_numpy(scipy.fft.irfft2(spectra.numpy(), s=shape, axes=(-2, -1), workers=1))
+    return torch.fft.irfft2(spectra, s=shape)
+
+
 def whitened_spectra(
     images: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray | None, lowpass: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -227,12 +244,13 @@ def whitened_spectra(
     weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
     valid = weights > 0
     count = valid.sum(dim=(1, 2))
-    mean = torch.where(valid, images, 0).sum(dim=(1, 2)) / count.clamp(min=1)
+    # sums in float64: the same float32 result whatever the order (threads) a device sums in
+    mean = (torch.where(valid, images, 0).sum(dim=(1, 2), dtype=torch.float64) / count.clamp(min=1)).float()
     centred = torch.where(valid, images - mean[:, None, None], 0)
-    std = torch.sqrt((centred**2).sum(dim=(1, 2)) / count.clamp(min=1))
+    std = torch.sqrt((centred**2).sum(dim=(1, 2), dtype=torch.float64) / count.clamp(min=1)).float()
     blank = (count < _MIN_VALID * valid[0].numel()) | (std < 1e-6)
     window = _window(tuple(images.shape[1:]), images.device)
-    transform = torch.fft.rfft2(centred * weights * (window / std.clamp(min=1e-12)[:, None, None]))
+    transform = _rfft2(centred * weights * (window / std.clamp(min=1e-12)[:, None, None]))
     magnitude = transform.abs()
     spectra = transform / (magnitude + 1e-9 * magnitude.amax(dim=(1, 2), keepdim=True) + 1e-30)
     if lowpass:
@@ -274,7 +292,7 @@ def correlation_peaks(
         ``(shifts (B, 2), peaks (B,))`` numpy float64: pull shifts ``moving(p + shift) ~ fixed(p)`` and
         peak heights.
     """
-    surface = torch.fft.irfft2(fixed.conj() * moving, s=tuple(shape))
+    surface = _irfft2(fixed.conj() * moving, tuple(shape))
     batch, ny, nx = surface.shape
     flat = surface.reshape(batch, -1).argmax(dim=1, keepdim=True)
     window = torch.arange(-_CROP, _CROP + 1, device=surface.device)
@@ -347,7 +365,7 @@ def phase_correlation(
                 return np.zeros(2), 0.0
             pair = np.where(overlap, pair, 0)[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         weights = np.stack([soft_mask(image) for image in pair])
-        spectra, _, blank = whitened_spectra(_to_device(pair, device), _to_device(weights, device), lowpass)
+        spectra, _, blank = whitened_spectra(on_device(pair, device), on_device(weights, device), lowpass)
         if blank.any():
             return np.zeros(2), 0.0
         residual, peak = correlation_peaks(spectra[:1], spectra[1:], pair.shape[1:], upsample)
@@ -404,7 +422,7 @@ class _Section:
         self.lowpass = lowpass
         self.weights = soft_mask(self.image)
         spectra, magnitude, blank = whitened_spectra(
-            _to_device(self.image[None], device), _to_device(self.weights[None], device), lowpass
+            on_device(self.image[None], device), on_device(self.weights[None], device), lowpass
         )
         self.spectrum, self.blank = spectra, bool(blank[0])
         self._magnitude = magnitude[0]
@@ -428,7 +446,7 @@ class _Section:
             starts = [np.linspace(0, n - s, _PATCH_GRID).round().astype(int) for n, s in zip(shape, size, strict=True)]
             slices = [(slice(y, y + size[0]), slice(x, x + size[1])) for y in starts[0] for x in starts[1]]
             centres = np.array([[s[0].start, s[1].start] for s in slices]) + (size - 1) / 2
-            image, weights = _to_device(self.image, self.device), _to_device(self.weights, self.device)
+            image, weights = on_device(self.image, self.device), on_device(self.weights, self.device)
             self._patches = slices, centres, patch_spectra(image, weights, slices, self.lowpass)
         return self._patches
 
@@ -508,7 +526,7 @@ def _refine(
     patch_shape = (slices[0][0].stop - slices[0][0].start, slices[0][1].stop - slices[0][1].start)
     for _ in range(steps):
         warped = _warp_affine(moving.image, matrix)
-        warped, weights = _to_device(warped, fixed.device), _to_device(soft_mask(warped), fixed.device)
+        warped, weights = on_device(warped, fixed.device), on_device(soft_mask(warped), fixed.device)
         patches = patch_spectra(warped, weights, slices, fixed.lowpass)
         params = _fit_rigid(centres, *correlation_peaks(spectra, patches, patch_shape, upsample), _centre(shape))
         if params is None:

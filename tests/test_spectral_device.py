@@ -55,3 +55,20 @@ def test_pairwise_rigid_and_affine_on_cuda_give_the_cpus_matrices_within_a_hundr
     for (_, _, matrix, score), (_, _, cpu_matrix, cpu_score) in zip(pairwise("cuda"), pairwise("cpu"), strict=True):
         assert np.abs(corners @ (matrix - cpu_matrix).T).max() <= 0.01
         assert score == pytest.approx(cpu_score, abs=1e-4)
+
+
+def test_matches_on_the_cpu_do_not_depend_on_the_threads_of_their_task():
+    stack = demo_stack((5, 192, 192), seed=4)[1].stack
+    grid = PatchGrid.for_shape(stack.shape[1:], 32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            pairs = rigid.pairwise_rigid(stack, (1, 2), downsample=1)
+            affines = [matrix for *_, matrix, _ in affine.pairwise_affine(stack, pairs, 1)]
+            patches = grid.match(grid.spectra(stack[0]), grid.spectra(stack[1]))[0]
+            results.append(np.concatenate([np.ravel(affines), patches.ravel()]))
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -205,9 +205,9 @@ def coarse_section(stack: Stack, z: int, factor: int, typical: np.floating, mask
 
 def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Statistics and pairwise estimates of the sections of block ``index``: rigid (``coarse/pairs``), and the
-    same pairs refined to affines (``coarse/affine``)."""
+    same pairs refined to affines (``coarse/affine``); the matching on ``device``."""
     start, stop = ws.plan.blocks()[index]
-    params = ws.params
+    params, dev = ws.params, resolve_device(device)
     step = ws.plan.coarse_factor
     first = max(start - max(OFFSETS), 0)
     sections = CoarseSections(stack, first, stop, step, user_mask(ws, stack))
@@ -221,11 +221,12 @@ def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
         refine_steps=1,
         unrelated=unrelated,
         second_opinion=rigid.SECOND_OPINION_MARGIN,
+        device=dev,
     )
     pairs = [(z, j, rigid.upscale_matrix(matrix, step), score) for z, j, matrix, score in coarse_pairs]
     refined = [
         (z, j, rigid.upscale_matrix(m, step), score)
-        for z, j, m, score in affine.pairwise_affine(sections, coarse_pairs, 1)
+        for z, j, m, score in affine.pairwise_affine(sections, coarse_pairs, 1, device=dev)
     ]
     ws.array("sections/stats")[start:stop] = np.array(
         [(*sections.stats[z], unrelated.get(z - first, np.nan)) for z in range(start, stop)]

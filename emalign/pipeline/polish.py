@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from emalign.consensus import smooth_trend
+from emalign.device import resolve_device
 from emalign.fields import compose
 from emalign.io import Stack
 from emalign.patches import PatchGrid
@@ -69,11 +71,11 @@ def _band_region(
 def polish_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
     """Patch shifts of the refined sections of block ``index`` against the 3 before each, a band of
     :data:`POLISH_NODES` x :data:`POLISH_NODES` nodes at a time: each section's region under the band's patches (and
-    the margin its no-data weights reach) is warped and matched, never the whole section."""
+    the margin its no-data weights reach) is warped and matched (on ``device``), never the whole section."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
-    grid = polish_grid(ws)
-    sections = WarpedSections(ws, stack, first, stop, 1, "fields/refined")
+    grid, dev = polish_grid(ws), resolve_device(device)
+    sections = WarpedSections(ws, stack, first, stop, 1, "fields/refined", dev)
     ramp = soft_ramp(ws.plan.shape[1:])  # the whole section's, so that a region's weights are the section's
     margin = math.ceil(ramp) + 1
     table = np.full((stop - start, len(OFFSETS), *grid.shape, 3), np.nan, np.float32)
@@ -82,9 +84,9 @@ def polish_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") 
             rows, cols = slice(r0, r0 + POLISH_NODES), slice(c0, c0 + POLISH_NODES)
             origin, shape = _band_region(grid, rows, cols, ws.plan.shape[1:], margin)
             band = grid.part(rows, cols, origin)
-            spectra: dict[int, np.ndarray] = {}
+            spectra: dict[int, torch.Tensor] = {}
             for z in range(first, stop):
-                spectra[z] = band.spectra(sections.region(z - first, origin, shape), ramp)
+                spectra[z] = band.spectra(sections.region(z - first, origin, shape), ramp, dev)
                 spectra.pop(z - max(OFFSETS) - 1, None)
                 for i, k in enumerate(OFFSETS):
                     if z >= start and z - k in spectra:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 from emalign import rigid
+from emalign.device import resolve_device
 from emalign.fields import affine_field, compose, resample, warp
 from emalign.io import Stack
 from emalign.pipeline.estimate import (
@@ -62,10 +64,19 @@ class WarpedSections:
     """Sections ``start..stop`` as ``factor``-block means warped by their fields in the workspace array
     ``fields`` (invalid pixels and excluded sections at 0): block mean first (read part by part and masked
     against the section's stored contrast: :func:`emalign.pipeline.estimate.coarse_section`), then the warp on
-    the coarse grid, a ``factor^2`` cheaper warp than at full resolution."""
+    the coarse grid, a ``factor^2`` cheaper warp than at full resolution; warps on ``device``."""
 
-    def __init__(self, ws: Workspace, stack: Stack, start: int, stop: int, factor: int, fields: str):
-        self.ws, self.stack, self.start, self.factor = ws, stack, start, factor
+    def __init__(
+        self,
+        ws: Workspace,
+        stack: Stack,
+        start: int,
+        stop: int,
+        factor: int,
+        fields: str,
+        device: torch.device | str = "cpu",
+    ):
+        self.ws, self.stack, self.start, self.factor, self.device = ws, stack, start, factor, device
         self.shape = (stop - start, *(n // factor for n in stack.shape[1:]))
         self.excluded, self.mask = ws.excluded(), user_mask(ws, stack)
         self.fields = ws.array(fields)
@@ -78,7 +89,8 @@ class WarpedSections:
         if self.excluded[z]:
             return np.zeros(shape, np.float32)
         read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
-        return render_region(self.stack, z, np.asarray(self.fields[z]), self.ws.params.stride, origin, shape, read)
+        field, stride = np.asarray(self.fields[z]), self.ws.params.stride
+        return render_region(self.stack, z, field, stride, origin, shape, read, self.device)
 
     def __getitem__(self, index: int) -> np.ndarray:
         z = self.start + index
@@ -87,20 +99,20 @@ class WarpedSections:
         coarse = coarse_section(self.stack, z, self.factor, self.contrast[z], self.mask)
         # coarse pixel i sits at full-resolution factor * i + (factor - 1) / 2; fields are in full-resolution px
         centre = ((self.factor - 1) / 2,) * 2
-        field = resample(np.asarray(self.fields[z]), self.ws.params.stride, self.factor, coarse.shape, centre)
-        return warp(coarse, field / self.factor)
+        stride = self.ws.params.stride
+        field = resample(np.asarray(self.fields[z]), stride, self.factor, coarse.shape, centre, self.device)
+        return warp(coarse, field / self.factor, device=self.device)
 
 
 def refine_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
-    """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each)."""
+    """Pairwise translations of the stitched sections of block ``index`` (against the 3 before each), warped and
+    matched on ``device``."""
     start, stop = ws.plan.blocks()[index]
     first = max(start - max(OFFSETS), 0)
-    factor = ws.plan.coarse_factor
-    sections = WarpedSections(ws, stack, first, stop, factor, "fields/stitched")
-    pairs = [
-        (z, j, rigid.upscale_matrix(matrix, factor), score)
-        for z, j, matrix, score in rigid.pairwise_rigid(sections, OFFSETS, downsample=1, max_rotation_deg=0)
-    ]
+    factor, dev = ws.plan.coarse_factor, resolve_device(device)
+    sections = WarpedSections(ws, stack, first, stop, factor, "fields/stitched", dev)
+    matches = rigid.pairwise_rigid(sections, OFFSETS, downsample=1, max_rotation_deg=0, device=dev)
+    pairs = [(z, j, rigid.upscale_matrix(matrix, factor), score) for z, j, matrix, score in matches]
     ws.array("refine/pairs")[start:stop] = pair_table(pairs, first, start, stop)
     ws.mark_done("refine", index)
 
