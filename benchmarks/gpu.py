@@ -28,7 +28,7 @@ import torch
 import zarr
 
 from emalign import evaluate
-from emalign.device import resolve_device
+from emalign.device import describe, resolve_device
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Workspace, align, run_stage
 from emalign.synth import em_texture, misalign
@@ -99,9 +99,7 @@ def accuracy(shape: tuple[int, int, int], seeds: int, tmp: Path, device: torch.d
     }
     runs = [evaluate.evaluate(aligned, aligners, seed=seed) for seed in range(seeds)]
     lines = ["| method | rms px | adj px | drift px |", "|---|---|---|---|"]
-    for name in aligners:
-        cells = [evaluate.mean_range([run[name][key] for run in runs]) for key in ("rms", "adj", "drift")]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += [f"| {name} | {' | '.join(cells)} |" for name, cells in evaluate.seed_cells(runs).items()]
     return "\n".join(lines)
 
 
@@ -119,11 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [
-        f"emalign on {name} and {os.cpu_count()} CPU cores; torch {torch.__version__}, CUDA {torch.version.cuda}; "
-        f"{time.strftime('%Y-%m-%d')}",
-        "",
-    ]
+    lines = [f"emalign on {describe(device)}; {time.strftime('%Y-%m-%d')}", ""]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         depth, side = (int(v) for v in args.compare.split("x"))

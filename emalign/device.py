@@ -30,6 +30,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def describe(device: torch.device) -> str:
+    """One line naming ``device`` and the software that drives it, for benchmark tables."""
+    import os
+
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{name} and {os.cpu_count()} CPU cores; torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
 def worker_device(device: str, worker: str | int | None, gpus: int) -> str:
     """The device of one dask worker process: where a machine shows it several GPUs and ``device`` names none
     (``auto`` or ``cuda``), the worker whose name ends in the number ``n`` takes ``cuda:{n % gpus}``, so that a

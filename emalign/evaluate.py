@@ -250,6 +250,12 @@ def mean_range(values: Sequence[float], unit: float = 1.0) -> str:
     return f"{array.mean():.2f} ({array.min():.2f}-{array.max():.2f})"
 
 
+def seed_cells(runs: Sequence[dict[str, dict]], keys: Sequence[str] = ("rms", "adj", "drift")) -> dict[str, list[str]]:
+    """Per method of ``runs`` (:func:`evaluate`'s results, one per misalignment), the :func:`mean_range` of each
+    metric in ``keys``: the cells of a table row."""
+    return {name: [mean_range([run[name][key] for run in runs]) for key in keys] for name in runs[0]}
+
+
 def markdown_table(results: dict[str, dict], title: str = "") -> str:
     """The metrics as a Markdown table (px, %, seconds)."""
     lines = [f"**{title}**", ""] if title else []

@@ -19,6 +19,9 @@ Distillation (``teacher``): a trained network guides a cheaper one on the same w
 encoder features, at every level where the two have the same shape, towards the teacher's
 (channel-normalised, mean squared difference). A student built from an architecture name starts
 from the teacher's weights wherever names and shapes agree.
+
+A time-boxed run (``minutes``) times its first :data:`CALIBRATION_STEPS` steps and sets its step count, and with it
+the learning-rate schedule, to what fits the budget; a resumed run keeps the step count it was given.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,17 @@ from emalign.fields import affine_field, compose_torch, invert_torch, warp_torch
 from emalign.models.faemreg import FAEMReg, normalize_sections
 from emalign.models.losses import endpoint_error, reference_similarity, smoothness
 from emalign.train_config import TrainConfig
+
+CALIBRATION_STEPS = 20
+"""Steps a time-boxed run times before it fits its step count to the budget."""
+BUDGET_MARGIN = 0.9
+"""Share of a time-boxed run's remaining budget planned for steps (the rest: validations, checkpoints)."""
+
+
+def steps_that_fit(done: int, step_seconds: float, remaining_seconds: float) -> int:
+    """Further steps of a time-boxed run that took ``step_seconds`` for its last ``done`` steps and has
+    ``remaining_seconds`` left (at least one, which validates)."""
+    return max(1, int(BUDGET_MARGIN * max(remaining_seconds, 0.0) * done / max(step_seconds, 1e-9)))
 
 
 def load_volume(path: str) -> np.ndarray:
@@ -295,6 +310,7 @@ def train(
     instead of ``cfg.val_data`` (test-time adaptation passes the stack being aligned).
     Returns the validation history ``{"steps": [...], "val_epe": [...], ...}``.
     """
+    opened = time.time()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EmalignError(f"{out}: exists and is not a directory")
@@ -309,11 +325,14 @@ def train(
     history: dict = {"steps": [], "val_epe": [], "val_epe_identity": [], "loss": []}
     start, best = 0, math.inf
     last = out / "last.pt"
+    budget = 60.0 * cfg.minutes
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["state"])
         opt.load_state_dict(ckpt["optimizer"])
         start, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
+        if budget and start >= CALIBRATION_STEPS:  # fitted before this checkpoint: keep its schedule
+            cfg, budget = replace(cfg, steps=ckpt["train"]["steps"]), 0.0
     train_volumes = (
         [load_volume(p) for p in cfg.data]
         + list(volumes)
@@ -337,10 +356,16 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    bar = tqdm(initial=start, total=cfg.steps, desc="train", disable=not progress)
     running = []
     started = time.time()
-    for step in bar:
+    step = start
+    while step < cfg.steps:
+        if budget and step == start + CALIBRATION_STEPS:
+            remaining = budget - (time.time() - opened)
+            cfg = replace(cfg, steps=step + steps_that_fit(step - start, time.time() - started, remaining))
+            bar.total = cfg.steps
+            bar.refresh()
         frac = step / max(cfg.steps - 1, 1)
         same = cfg.same_section_start + (cfg.same_section_end - cfg.same_section_start) * min(1.0, 2 * frac)
         stack, target, mask = sampler.sample(cfg.batch, same_section=same)
@@ -372,5 +397,8 @@ def train(
                 f"step {step + 1}: val epe {metrics['val_epe']:.3f} px "
                 f"(no correction {metrics['val_epe_identity']:.3f} px), {time.time() - started:.0f} s"
             )
+        step += 1
+        bar.update()
+    bar.close()
     (out / "history.json").write_text(json.dumps(history, indent=1))
     return history

@@ -45,6 +45,7 @@ class TrainConfig:
     same_section_end: float = 0.05
     symmetric_fraction: float = 0.5
     steps: int = param(1000, "training steps")
+    minutes: float = param(0.0, "wall-clock budget, minutes: the step count is fitted to it (0: --steps)")
     batch: int = param(6, "windows per step")
     crop: int = param(144, "training crop, px")
     lr: float = param(1e-3, "learning rate (AdamW, cosine schedule)")

@@ -13,9 +13,11 @@ import torch
 
 from emalign import register_sections
 from emalign.fields import resample, sample
+from emalign.shared_data import FLYEM, SHARED_DATA
 from emalign.synth import demo_stack
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARK = BENCHMARKS / "gpu.py"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
 
@@ -59,3 +61,16 @@ def test_the_gpu_benchmark_script_runs_through_and_writes_its_table_on_the_cpu(t
     table = out.read_text()
     assert "| 4 x 96 x 96 |" in table and "torch" in table and "| emalign align --device cpu |" in table
     assert "global fields differ by 0.000 px RMS; 100.00 % of output pixels within 1 grey level" in table
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not (SHARED_DATA / FLYEM[1]).exists(), reason=f"needs the FlyEM stacks in {SHARED_DATA}")
+def test_the_gpu_training_script_trains_both_stages_and_measures_the_new_weights_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_train.md"
+    command = [sys.executable, str(BENCHMARKS / "gpu_train.py"), "--device", "cpu", "--minutes", "0.2"]
+    options = ["--batch", "2", "--crop", "64", "--sections", "8", "--seeds", "1", "--out", str(out)]
+    subprocess.run([*command, *options], check=True, capture_output=True, text=True)
+    table = out.read_text()
+    assert "stage 1 (from scratch)" in table and "stage 2 (the pipeline's task)" in table
+    assert "| 40 nm, 8 sections | faemreg-wide |" in table and "| 10 nm, 8 sections | faemreg-small |" in table
+    assert (tmp_path / "faemreg-wide.pt").stat().st_size > 0

@@ -11,7 +11,7 @@ from emalign.consensus import PAPER_REFERENCE_WEIGHTS, reference_weights
 from emalign.errors import EmalignError
 from emalign.fields import warp_torch
 from emalign.synth import em_texture
-from emalign.train import TrainConfig, WindowSampler, random_rigid, smooth_noise, train
+from emalign.train import TrainConfig, WindowSampler, random_rigid, smooth_noise, steps_that_fit, train
 
 torch.set_num_threads(1)
 
@@ -181,6 +181,22 @@ def test_training_resumes_from_last_checkpoint(trained):
     history = train(_config(TRAIN_STEPS + 4), out, resume=True, progress=False)
     assert history["steps"] == [TRAIN_STEPS, TRAIN_STEPS + 4]
     assert torch.load(out / "last.pt", weights_only=False)["step"] == TRAIN_STEPS + 4
+
+
+def test_the_steps_that_fit_fill_the_remaining_budget_at_the_measured_rate():
+    assert steps_that_fit(20, 10.0, 100.0) == int(0.9 * 100 * 2)
+    assert steps_that_fit(20, 10.0, -5.0) == 1  # a spent budget still takes the one step that validates
+
+
+@pytest.mark.e2e
+def test_a_time_boxed_run_fits_its_step_count_to_its_minutes_and_keeps_it_on_resume(tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(_config(10**6), minutes=0.1, val_every=10**6)
+    history = train(cfg, tmp_path, resume=False, progress=False)
+    steps = torch.load(tmp_path / "last.pt", weights_only=False)["train"]["steps"]
+    assert 20 < steps < 10**6 and history["steps"] == [steps]
+    assert train(cfg, tmp_path, resume=True, progress=False)["steps"] == [steps]
 
 
 def test_train_refuses_a_file_as_output(tmp_path):

@@ -20,7 +20,8 @@ change of 40 nm sections fast.
 Configurations (:data:`CONFIGS`): ``faemreg-paper`` (the paper's), ``faemreg-small`` (the shipped
 default) and ``faemreg-fast``: ``faemreg-small`` without the cost volume at its finest decoder
 level, the most expensive part of its forward pass (its speed and accuracy: the model card), shipped as a
-student distilled from ``faemreg-small`` (:mod:`emalign.train`).
+student distilled from ``faemreg-small`` (:mod:`emalign.train`); ``faemreg-wide``: ``faemreg-small`` with twice
+its channels, an architecture to train where a GPU makes its cost small (``benchmarks/gpu_train.py``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ CONFIGS: dict[str, FAEMRegConfig] = {
     ),
 }
 CONFIGS["faemreg-fast"] = replace(CONFIGS["faemreg-small"], name="faemreg-fast", correlation_levels=(3, 2))
+CONFIGS["faemreg-wide"] = replace(
+    CONFIGS["faemreg-small"],
+    name="faemreg-wide",
+    encoder=(((32, 5),), ((48, 3),), ((64, 3),), ((96, 3),)),
+    decoder=(64, 48, 32),
+)
 
 
 def _act() -> nn.Module:
