@@ -28,7 +28,7 @@ import torch
 import zarr
 
 from emalign import evaluate
-from emalign.device import describe, resolve_device
+from emalign.device import describe, device_name, resolve_device
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Workspace, align, run_stage
 from emalign.synth import em_texture, misalign
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "gpu.md"))
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = device_name(device)
     lines = [f"emalign on {describe(device)}; {time.strftime('%Y-%m-%d')}", ""]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

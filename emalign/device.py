@@ -30,14 +30,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's product name, or ``"CPU"``."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def describe(device: torch.device) -> str:
     """One line naming ``device`` and the software that drives it, for benchmark tables."""
     import os
 
     import torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return f"{name} and {os.cpu_count()} CPU cores; torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"{device_name(device)} and {os.cpu_count()} CPU cores; torch {torch.__version__}, CUDA {torch.version.cuda}"
 
 
 def worker_device(device: str, worker: str | int | None, gpus: int) -> str:
