@@ -19,17 +19,23 @@ FLYEM_SAMPLES=".shared/data/flyem_medulla_training_sample1.tif .shared/data/flye
 OUT="${OUT:-$PWD/gpu-session}"
 
 fetch_wheels() {
-    local exclude=.git/info/exclude pins=() platform_flags=()
+    local exclude=.git/info/exclude pins platform_flags=()
     mkdir -p "$(dirname "$exclude")" && touch "$exclude"
     for path in /.whl/ /.shared /gpu-session/; do grep -qxF "$path" "$exclude" || echo "$path" >> "$exclude"; done
     [ -e .shared ] || [ ! -d ../shared ] || ln -s ../shared .shared
-    for name in $NEEDED; do
-        pins+=("$name==$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
-    done
+    # shellcheck disable=SC2086  # NEEDED and pins: one name a word
+    pins=$(python - $NEEDED <<'PY'
+import importlib.metadata as metadata, sys
+try:
+    print(*(f"{name}=={metadata.version(name)}" for name in sys.argv[1:]))
+except metadata.PackageNotFoundError as error:
+    sys.exit(f"gpu_session.sh wheels: {error.name} is not installed here; run it in the project's venv")
+PY
+)
     for platform in $PLATFORMS; do platform_flags+=(--platform "$platform"); done
     rm -rf .whl
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        "${platform_flags[@]}" -d .whl "${pins[@]}"
+        "${platform_flags[@]}" -d .whl $pins
     echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl; FlyEM samples for 'train': $FLYEM_SAMPLES"
 }
 
