@@ -46,7 +46,7 @@ def _misaligned(chunk: np.ndarray, seed: int) -> np.ndarray:
 def make_input(path: Path, sections: int, size: int) -> Path:
     """A misaligned procedural stack ``(sections, size, size)`` uint8 as Zarr (one chunk per section)."""
     side = min(size, TEXTURE_SIDE)
-    aligned = em_texture((sections, side, side), seed=0, z_step=4.0)
+    aligned = em_texture((sections, side, side), seed=0, z_step=4.0, workers=os.cpu_count() or 1)
     aligned = np.pad(aligned, ((0, 0), (0, size - side), (0, size - side)), mode="symmetric")
     array = zarr.open_array(str(path), mode="w", shape=aligned.shape, chunks=(1, size, size), dtype=aligned.dtype)
     starts = range(0, sections, SECTIONS_PER_JOB)
@@ -92,7 +92,7 @@ def compare(src: Path, tmp: Path, device: torch.device) -> tuple[float, float]:
 def accuracy(shape: tuple[int, int, int], seeds: int, tmp: Path, device: torch.device) -> str:
     """:func:`emalign.evaluate.evaluate`'s table of the pipeline on the CPU (float32) and on ``device`` (bfloat16
     network) over ``seeds`` misalignments of one procedural stack (mean and range of the seeds)."""
-    aligned = em_texture(shape, seed=0, z_step=4.0)
+    aligned = em_texture(shape, seed=0, z_step=4.0, workers=os.cpu_count() or 1)
     aligners = {
         f"emalign align --device {name}": evaluate.pipeline_aligner(tmp / f"accuracy-{name}", device=name)
         for name in ("cpu", str(device))

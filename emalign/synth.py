@@ -8,6 +8,7 @@ channels ``(dy, dx)``, pixels, pull convention ``warped(p) = image(p + u(p))``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,6 +205,7 @@ def em_texture(
     z_step: float = 1.0,
     membrane: float = 2.0,
     noise: float = 8.0,
+    workers: int = 1,
 ) -> np.ndarray:
     """A procedural EM-like volume, ``(Z, Y, X)`` uint8, aligned (no misalignment).
 
@@ -221,6 +223,7 @@ def em_texture(
         z_step: evolution per slice in units of one ~40 nm slice (4 looks like keeping every 4th slice).
         membrane: full width at half maximum of a membrane, px.
         noise: noise standard deviation at mid-grey, grey levels.
+        workers: threads that tessellate sections in parallel (the volume does not depend on it).
     """
     nz, ny, nx = (int(n) for n in shape)
     rng = np.random.default_rng(seed)
@@ -231,11 +234,15 @@ def em_texture(
     sigma = membrane / (2 * np.sqrt(2 * np.log(2)))
     wobble = [random_smooth_field((ny, nx), 0.1 * cell_size, 0.35 * cell_size, rng) for _ in range(2)]
     base = np.empty((nz, ny, nx), dtype=np.float32)
-    for z in range(nz):
+
+    def tessellate_section(z: int) -> None:
         phase = 2 * np.pi * z * z_step / 200.0  # the bends of the walls change slowly along z
         bend = np.cos(phase) * wobble[0] + np.sin(phase) * wobble[1]
         label, dist = _tessellate(cells, z * z_step, cell_size, period, pad, bend)
         base[z] = cells.level[label] * (1 - 0.6 * np.exp(-(dist**2) / (2 * sigma**2)))
+
+    with ThreadPoolExecutor(max(1, min(workers, nz))) as pool:
+        list(pool.map(tessellate_section, range(nz)))
     texture = _texture(rng, (nz, ny, nx), z_step)
     dark = _organelles(rng, cells, (nz, ny, nx), z_step, pad, cell_size)
     phi = rng.uniform(0, 2 * np.pi) + 0.005 * z_step * np.arange(nz)[:, None, None]

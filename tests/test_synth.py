@@ -26,6 +26,10 @@ def test_em_texture_is_reproducible_and_seed_dependent(volume):
     assert _corr(em_texture((2, 96, 96), seed=4)[0], volume[0]) < 0.3
 
 
+def test_em_texture_does_not_depend_on_the_number_of_workers(volume):
+    np.testing.assert_array_equal(em_texture((12, 96, 96), seed=3, workers=4), volume)
+
+
 def test_em_texture_adjacent_sections_correlate_more_than_distant(volume):
     near = np.mean([_corr(volume[z], volume[z + 1]) for z in range(len(volume) - 1)])
     far = np.mean([_corr(volume[z], volume[z + 10]) for z in range(len(volume) - 10)])
