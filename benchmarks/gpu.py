@@ -6,17 +6,19 @@
 ``--compare ZxS`` first aligns a short stack on the CPU and on the device and reports the RMS difference of their
 global fields (px) and the share of output pixels within 1 grey level (the device runs the network in bfloat16
 autocast); it also warms the device up. ``--accuracy ZxS:N`` then scores both against the known truth of N
-misalignments of a procedural stack (the accuracy table: float32 on the CPU, bfloat16 on the device). Then for
-each SIZE:SECTIONS it builds a procedural misaligned stack (Zarr; sections over 1024 px mirror-tiled from a
-1024 px texture, misaligned in parallel) and aligns it end to end with :func:`emalign.pipeline.align` on the
-device, all stages, the local scheduler on every core: MPx/s of the estimate stage and end to end, each stage's
-seconds (the bottleneck is the largest), and the peak GPU memory. Writes a Markdown file with the device name and
-the torch / CUDA versions, after each part (a run cut short keeps what it measured).
+misalignments of a procedural stack (the accuracy table: float32 on the CPU, bfloat16 on the device). Meanwhile
+it builds for each SIZE:SECTIONS a procedural misaligned stack (Zarr; sections over 1024 px mirror-tiled from a
+1024 px texture, misaligned in parallel); once all are made, it aligns each end to end with
+:func:`emalign.pipeline.align` on the device, all stages, the local scheduler on every core: MPx/s of the estimate
+stage and end to end, each stage's seconds (the bottleneck is the largest), and the peak GPU memory. Writes a
+Markdown file with the device name and the torch / CUDA versions, after each part (a run cut short keeps what it
+measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -118,8 +120,16 @@ def main() -> None:
     device = resolve_device(args.device)
     name = device_name(device)
     lines = [f"emalign on {describe(device)}; {time.strftime('%Y-%m-%d')}", ""]
-    with tempfile.TemporaryDirectory() as tmp_name:
+    # the timed stacks are made while the comparisons run (in a fresh process: no fork of this threaded one), and
+    # all of them before any timing starts
+    maker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    with tempfile.TemporaryDirectory() as tmp_name, maker:
         tmp = Path(tmp_name)
+        started = time.perf_counter()
+        timed_inputs = [
+            (maker.submit(make_input, tmp / f"in-{size}.zarr", sections, size), sections, size)
+            for size, sections in _parse_sizes(args.sizes)
+        ]
         depth, side = (int(v) for v in args.compare.split("x"))
         rms, within = compare(make_input(tmp / "compare.zarr", depth, side), tmp, device)
         lines += [
@@ -139,10 +149,9 @@ def main() -> None:
             "|---|---|---|---|---|",
         ]
         evaluate.print_and_save("\n".join(lines), args.out)
-        for size, sections in _parse_sizes(args.sizes):
-            start = time.perf_counter()
-            src = make_input(tmp / f"in-{size}.zarr", sections, size)
-            print(f"input {sections} x {size}^2 made in {time.perf_counter() - start:.0f} s", flush=True)
+        ready = [(made.result(), sections, size) for made, sections, size in timed_inputs]
+        print(f"timed inputs ready {time.perf_counter() - started:.0f} s after the start", flush=True)
+        for src, sections, size in ready:
             seconds, peak = timed_align(src, tmp / "align.zarr", device)
             mpx = sections * size * size / 1e6
             stages = ", ".join(f"{stage} {s:.1f}" for stage, s in seconds.items())
