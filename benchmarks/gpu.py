@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ import torch
 import zarr
 
 from emalign import evaluate
+from emalign.cluster import cores
 from emalign.device import describe, device_name, resolve_device
 from emalign.io import open_stack
 from emalign.pipeline import AlignParams, Workspace, align, run_stage
@@ -48,11 +48,11 @@ def _misaligned(chunk: np.ndarray, seed: int) -> np.ndarray:
 def make_input(path: Path, sections: int, size: int) -> Path:
     """A misaligned procedural stack ``(sections, size, size)`` uint8 as Zarr (one chunk per section)."""
     side = min(size, TEXTURE_SIDE)
-    aligned = em_texture((sections, side, side), seed=0, z_step=4.0, workers=os.cpu_count() or 1)
+    aligned = em_texture((sections, side, side), seed=0, z_step=4.0, workers=cores())
     aligned = np.pad(aligned, ((0, 0), (0, size - side), (0, size - side)), mode="symmetric")
     array = zarr.open_array(str(path), mode="w", shape=aligned.shape, chunks=(1, size, size), dtype=aligned.dtype)
     starts = range(0, sections, SECTIONS_PER_JOB)
-    with ProcessPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(min(len(starts), cores())) as pool:
         jobs = [pool.submit(_misaligned, aligned[z : z + SECTIONS_PER_JOB], z) for z in starts]
         for z, job in zip(starts, jobs, strict=True):
             array[z : z + SECTIONS_PER_JOB] = job.result()
@@ -94,7 +94,7 @@ def compare(src: Path, tmp: Path, device: torch.device) -> tuple[float, float]:
 def accuracy(shape: tuple[int, int, int], seeds: int, tmp: Path, device: torch.device) -> str:
     """:func:`emalign.evaluate.evaluate`'s table of the pipeline on the CPU (float32) and on ``device`` (bfloat16
     network) over ``seeds`` misalignments of one procedural stack (mean and range of the seeds)."""
-    aligned = em_texture(shape, seed=0, z_step=4.0, workers=os.cpu_count() or 1)
+    aligned = em_texture(shape, seed=0, z_step=4.0, workers=cores())
     aligners = {
         f"emalign align --device {name}": evaluate.pipeline_aligner(tmp / f"accuracy-{name}", device=name)
         for name in ("cpu", str(device))
