@@ -24,8 +24,10 @@ One run over a matrix of (stack, misalignment), five tables, four each varying o
   FlyEM stack as imaged.
 
 Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
-at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain
-and by `emalign align` over several misalignment seeds (mean and range); every stack is also fed in
+at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain, by
+the anchor (the rigid chain, then SOFIMA's flow and elastic mesh: with its notebook's settings, and with a
+softer mesh and laxer flow checks; where SOFIMA is installed) and by `emalign align` over several misalignment
+seeds (mean and range); every stack is also fed in
 aligned and unchanged (do no harm, once; ``--no-harm`` skips it, ``--methods`` picks methods). The input TIFF
 carries the true voxel size (ImageJ calibration, `evaluate.pipeline_aligner(voxel_size=)`); a pipeline that
 does not use it yet aligns 4 nm pixels with its 10 nm defaults. Metrics are measured on the interior pixels each
@@ -40,13 +42,16 @@ the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPY
 (benchmarks/results/speed_epyc.md) that is about 53 min, plus misalignment and metrics: about 60-70 min
 (--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
 memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2 (the rigid chain's full-resolution phase correlation
-and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2.
+and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2. SOFIMA on this CPU (jax) takes
+about 6 s/MPx on 1024^2 sections, 15 on the 5 nm mosaic and 40-50 on 250^2 (its compilations dominate there),
+2.5-30x emalign's time on the same stacks, for each of its two rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,6 +72,11 @@ FAIL_NM = 250.0
 TILE = 1024
 """Largest procedural texture generated in one piece; larger sections tile it."""
 METRICS = ("rms", "adj", "drift")
+SOFIMA = "rigid chain + SOFIMA flow + elastic mesh"
+"""The anchor of EVALUATION.md (:func:`emalign.evaluate.sofima_chain`, its notebook's settings)."""
+SOFIMA_TUNED = "rigid chain + SOFIMA with a softer mesh (k0 1; peaks 1.1)"
+"""The anchor with the settings that did best on one seed of the 5 nm mosaic and the 1024^2 texture."""
+METHODS = ("no alignment", "pairwise-rigid chain", SOFIMA, SOFIMA_TUNED, "emalign align")
 
 MISALIGNMENTS = {
     "a": ("(a) 15 px, 1 deg, 1 % scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.01}),
@@ -259,6 +269,8 @@ def run(
         methods = {
             "no alignment": evaluate.no_alignment,
             "pairwise-rigid chain": evaluate.rigid_chain_fields,
+            SOFIMA: functools.partial(evaluate.sofima_chain, pixel_nm=stack.pixel_nm),
+            SOFIMA_TUNED: functools.partial(evaluate.sofima_chain, pixel_nm=stack.pixel_nm, min_peak=1.1, k0=1.0),
             "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
         }
         methods = {m: f for m, f in methods.items() if chosen is None or m in chosen}
@@ -339,6 +351,13 @@ def main() -> None:
         parser.error(f"unknown stacks {sorted(unknown)}; choose from {list(everything)}")
     wanted = set(args.misalignments.split(","))
     methods = set(args.methods.split(",")) if args.methods else None
+    if methods and methods - set(METHODS):
+        parser.error(f"unknown methods {sorted(methods - set(METHODS))}; choose from {list(METHODS)}")
+    if importlib.util.find_spec("sofima") is None:
+        if methods and methods & {SOFIMA, SOFIMA_TUNED}:
+            parser.error("the SOFIMA rows need SOFIMA: pip install git+https://github.com/google-research/sofima")
+        methods = (methods or set(METHODS)) - {SOFIMA, SOFIMA_TUNED}
+        print("SOFIMA is not installed: its rows are left out", flush=True)
     tables = [(title, [(s, m) for s, m in cases if s in chosen and m in wanted]) for title, cases in axes(plan)]
     todo: dict[str, list[str]] = {}
     for _, cases in tables:

@@ -31,6 +31,16 @@ def test_elastix_chain_reduces_the_section_to_section_misalignment(stack):
     assert results["elastix"]["adj"] < 0.5 * results["none"]["adj"], results
 
 
+@pytest.mark.e2e
+def test_sofima_anchor_corrects_part_of_the_section_scaling_the_rigid_chain_leaves():
+    pytest.importorskip("sofima", reason="SOFIMA, installed from its repository, runs the anchor")
+    scaled = em_texture((4, 512, 512), seed=3, z_step=2.0)
+    misalignment = {"shift": 5.0, "rotation_deg": 0.5, "scale": 0.02, "elastic": 0.0}
+    aligners = {"rigid": evaluate.rigid_chain_fields, "sofima": evaluate.sofima_chain}
+    results = evaluate.evaluate(scaled, aligners, seed=2, misalignment=misalignment)
+    assert results["sofima"]["adj"] < 0.85 * results["rigid"]["adj"], results
+
+
 def test_an_aligned_stack_is_left_as_it_is_by_no_alignment(stack):
     results = evaluate.evaluate(stack, {"none": evaluate.no_alignment}, misalignment=evaluate.NO_MISALIGNMENT)
     assert results["none"]["rms"] == pytest.approx(0.0, abs=1e-6)
