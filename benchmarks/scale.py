@@ -76,7 +76,9 @@ SOFIMA = "rigid chain + SOFIMA flow + elastic mesh"
 """The anchor of EVALUATION.md (:func:`emalign.evaluate.sofima_chain`, its notebook's settings)."""
 SOFIMA_TUNED = "rigid chain + SOFIMA with a softer mesh (k0 1; peaks 1.1)"
 """The anchor with the settings that did best on one seed of the 5 nm mosaic and the 1024^2 texture."""
-METHODS = ("no alignment", "pairwise-rigid chain", SOFIMA, SOFIMA_TUNED, "emalign align")
+NO_ALIGNMENT, RIGID_CHAIN, EMALIGN = "no alignment", "pairwise-rigid chain", "emalign align"
+METHODS = (NO_ALIGNMENT, RIGID_CHAIN, SOFIMA, SOFIMA_TUNED, EMALIGN)
+"""Every method's name, as the tables and ``--methods`` give it."""
 
 MISALIGNMENTS = {
     "a": ("(a) 15 px, 1 deg, 1 % scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.01}),
@@ -267,11 +269,11 @@ def run(
     out: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         methods = {
-            "no alignment": evaluate.no_alignment,
-            "pairwise-rigid chain": evaluate.rigid_chain_fields,
+            NO_ALIGNMENT: evaluate.no_alignment,
+            RIGID_CHAIN: evaluate.rigid_chain_fields,
             SOFIMA: functools.partial(evaluate.sofima_chain, pixel_nm=stack.pixel_nm),
             SOFIMA_TUNED: functools.partial(evaluate.sofima_chain, pixel_nm=stack.pixel_nm, min_peak=1.1, k0=1.0),
-            "emalign align": evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
+            EMALIGN: evaluate.pipeline_aligner(tmp, voxel_size=(SPACING_NM, stack.pixel_nm, stack.pixel_nm)),
         }
         methods = {m: f for m, f in methods.items() if chosen is None or m in chosen}
         for name in misalignments:
@@ -281,7 +283,7 @@ def run(
                 for seed in range(min(seeds, stack.seeds or seeds))
             ]
             out[name] = {method: [r[method] for r in runs] for method in methods}
-        unchanged = {m: f for m, f in methods.items() if m != "no alignment"}
+        unchanged = {m: f for m, f in methods.items() if m != NO_ALIGNMENT}
         if harm and unchanged:
             results = evaluate.evaluate(aligned, unchanged, misalignment=evaluate.NO_MISALIGNMENT, fail_px=fail_px)
             out["harm"] = {method: [result] for method, result in results.items()}
