@@ -283,18 +283,33 @@ def polar_strain(matrices: np.ndarray) -> np.ndarray:
     return np.swapaxes(vt, -1, -2) @ (sigma[..., None] * vt)
 
 
-def strain_jitter(matrices: np.ndarray, stiffness: float, weights: np.ndarray | None = None) -> np.ndarray:
+def strain_displacements(matrices: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The strain :func:`polar_strain` of affines ``(Z, 2, 2 or 3)`` as ``(Z, 3)`` px: ``s_yy``, ``s_yx``, ``s_xx``
+    times their lever arms over an image of ``shape (Y, X)``, so that the squared RMS displacement of
+    ``(S_a - S_b) (p - c)`` over the image is the squared distance between rows ``a`` and ``b`` (as
+    :func:`strain_residuals` measures a pair)."""
+    strain = polar_strain(matrices)
+    spread = np.asarray(shape[-2:], np.float64) / np.sqrt(12)
+    return np.stack([strain[:, 0, 0] * spread[0], strain[:, 0, 1] * np.hypot(*spread), strain[:, 1, 1] * spread[1]], 1)
+
+
+def strain_jitter(
+    matrices: np.ndarray, stiffness: float, weights: np.ndarray | None = None, slope: bool = False
+) -> np.ndarray:
     """The per-section jitter of the strain about its smooth trend along z.
 
     The strain :func:`polar_strain` of each section's affine, as ``(s_yy, s_yx, s_xx)``, is a trajectory along
     z; its Whittaker trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is content
-    that changes slowly through the stack (or a whole-stack distortion) and is kept; the jitter about it is
-    what differs from section to section: the misalignment to correct.
+    that changes slowly through the stack (or a whole-stack distortion) and is kept (with ``slope``, less the part
+    of its slope that the jitter explains: :func:`emalign.rigid.misaligned_slope`; independent strains over a few
+    sections have a slope of their own); the jitter about it is what differs from section to section: the
+    misalignment to correct.
 
     Args:
         matrices: ``(Z, 2, 2 or 3)`` affines (their linear parts are used).
         stiffness: curvature weight of the trend (sections^4); larger is closer to a straight line.
         weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
+        slope: correct the part of the trend's slope that the jitter explains.
 
     Returns:
         ``(Z, 2, 2)`` symmetric ``I + S_z - trend_z``.
@@ -303,7 +318,10 @@ def strain_jitter(matrices: np.ndarray, stiffness: float, weights: np.ndarray | 
 
     strain = polar_strain(matrices)
     params = np.stack([strain[:, 0, 0], strain[:, 0, 1], strain[:, 1, 1]], axis=1)
-    jitter = params - smooth_trend(params, stiffness, weights)
+    trend = smooth_trend(params, stiffness, weights)
+    if slope:
+        trend -= rigid.misaligned_slope(params, trend, weights)
+    jitter = params - trend
     return np.eye(2) + np.stack([jitter[:, [0, 1]], jitter[:, [1, 2]]], axis=1)
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "SECOND_OPINION_MARGIN",
     "RigidEstimate",
     "affine_fields",
+    "angle_residuals",
+    "angles",
     "correlation_peaks",
     "estimate_rigid",
     "jitter_and_wander",
@@ -108,12 +110,27 @@ def rigid_matrix(angle_deg: float, shift: Sequence[float], shape: Sequence[int])
     return np.concatenate([rot, (centre - rot @ centre + np.asarray(shift, dtype=np.float64))[:, None]], axis=1)
 
 
+def angles(matrices: np.ndarray) -> np.ndarray:
+    """Rotation angles in degrees of affines ``(..., 2, 2 or 3)``, their linear parts projected on rotations."""
+    m = np.asarray(matrices, dtype=np.float64)
+    return np.rad2deg(np.arctan2(m[..., 1, 0] - m[..., 0, 1], m[..., 0, 0] + m[..., 1, 1]))
+
+
 def _angle_and_shift(matrix: np.ndarray, shape: Sequence[int]) -> tuple[float, np.ndarray]:
     """Inverse of :func:`rigid_matrix` (the linear part is projected on a rotation)."""
     m = np.asarray(matrix, dtype=np.float64)
-    angle = np.rad2deg(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
     centre = _centre(shape)
-    return float(angle), m[:, 2] - centre + m[:, :2] @ centre
+    return float(angles(m)), m[:, 2] - centre + m[:, :2] @ centre
+
+
+def angle_residuals(matrices: np.ndarray, pairs: Sequence[tuple[int, int, np.ndarray, float]]) -> np.ndarray:
+    """Per pair ``(z, j, P, score)``, degrees: the pair's angle minus the solved sections' ``a_z - a_j``
+    (``matrices (Z, 2, 3)``, as from :func:`solve_rigid`, where a pair asks ``T_z = P T_j``). ``(pairs,)``."""
+    solved = angles(matrices)
+    moving = np.array([p[0] for p in pairs], dtype=int)
+    fixed = np.array([p[1] for p in pairs], dtype=int)
+    measured = angles(np.array([p[2] for p in pairs], np.float64).reshape(-1, 2, 3))
+    return (measured - (solved[moving] - solved[fixed]) + 180.0) % 360.0 - 180.0
 
 
 def toward(first: np.ndarray, second: np.ndarray, weight: float, shape: Sequence[int]) -> np.ndarray:
@@ -1032,6 +1049,7 @@ def detrend_rigid(
     stiffness: float,
     weights: np.ndarray | None = None,
     angle_stiffness: float | None = None,
+    angle_wander: bool = True,
 ) -> np.ndarray:
     """Remove the smooth trend along z from per-section rigid transforms.
 
@@ -1040,9 +1058,10 @@ def detrend_rigid(
     content that moves slowly through the stack (oblique structures, a stage drift) and is
     kept; what is left, the per-section jitter, is the misalignment to correct, together with
     the part of the shifts' and the angles' slope that the jitter explains (:func:`misaligned_slope`;
-    for the angles, against the wander of their accumulated pairwise noise): with large offsets or
-    rotations a few sections' misalignment has a slope of its own, which the network cannot see
-    (the stitch is blind to what grows linearly along z) and would leave in the output.
+    for the angles, unless ``angle_wander`` is False, against the wander of their accumulated pairwise
+    noise): with large offsets or rotations a few sections' misalignment has a slope of its own, which
+    the network cannot see (the stitch is blind to what grows linearly along z) and would leave in the
+    output.
 
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
@@ -1050,6 +1069,8 @@ def detrend_rigid(
         stiffness: curvature weight of the shifts' trend; larger is closer to a straight line.
         weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
         angle_stiffness: curvature weight of the angles' trend (default: ``stiffness``).
+        angle_wander: weigh the angles' slope against a wander (:func:`misaligned_slope`); False where the pairs
+            measure the angles far more precisely than they vary.
 
     Returns:
         ``(Z, 2, 3)`` rigid pull affines holding only the jitter about the trend.
@@ -1061,6 +1082,6 @@ def detrend_rigid(
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
     trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
-    trend[:, :1] -= misaligned_slope(params[:, :1], trend[:, :1], weights, wander=True)
+    trend[:, :1] -= misaligned_slope(params[:, :1], trend[:, :1], weights, wander=angle_wander)
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

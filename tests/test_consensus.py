@@ -287,3 +287,26 @@ def test_smooth_trend_ignores_sections_of_zero_weight():
 
 def test_smooth_trend_of_two_sections_is_their_mean():
     np.testing.assert_allclose(consensus.smooth_trend(np.array([[1.0], [3.0]]), 10.0), [[2.0], [2.0]])
+
+
+def test_wander_stiffness_stays_at_the_floor_where_the_pairs_are_as_noisy_as_the_misalignment():
+    rng = np.random.default_rng(11)
+    values, residuals = rng.normal(0, 1.0, (16, 2)), rng.normal(0, 1.0, 45)
+    assert consensus.wander_stiffness(values, residuals, floor=100.0) == 100.0
+
+
+def test_wander_stiffness_grows_with_the_square_of_the_misalignment_over_the_pairs_noise():
+    rng = np.random.default_rng(12)
+    values, residuals = rng.normal(0, 1.0, (16, 2)), rng.normal(0, 1.0, 45)
+    loose = consensus.wander_stiffness(values, 0.1 * residuals, floor=1.0)
+    tight = consensus.wander_stiffness(values, 0.01 * residuals, floor=1.0)
+    assert loose > 1.0 and tight == pytest.approx(1e4 * loose)
+    assert consensus.wander_stiffness(values[:, :1], [], floor=5.0) == 5.0  # no pairs: nothing measured
+
+
+def test_wander_stiffness_leaves_a_wander_the_pairs_agree_on_to_the_floor():
+    rng = np.random.default_rng(13)
+    walk = np.cumsum(rng.normal(0, 0.1, (62, 1)), axis=0)  # content turning along z: every pair sees it alike
+    misfit = rng.normal(0, 0.1 / np.sqrt(80.0), 180)  # pairs agreeing 80x closer (variance) than the walk steps
+    assert consensus.wander_stiffness(walk, misfit, floor=100.0) == 100.0
+    assert consensus.wander_stiffness(walk + rng.normal(0, 2.0, (62, 1)), misfit, floor=100.0) > 1e4  # misaligned

@@ -398,3 +398,14 @@ def test_detrend_rigid_corrects_the_slope_of_large_offsets_in_a_short_stack():
     line = np.stack([np.polyval(np.polyfit(z, offsets[:, k], 1), z) for k in range(2)], 1)
     kept = offsets - shifts  # what the prealignment leaves in place
     assert np.sqrt(np.mean((kept - kept.mean(0)) ** 2)) < 0.1 * np.sqrt(np.mean((line - line.mean(0)) ** 2))
+
+
+def test_angle_residuals_are_each_pairs_misfit_against_the_solved_angles():
+    shape = (100, 100)
+    solved = np.stack([rigid.rigid_matrix(a, (0.0, 0.0), shape) for a in (0.0, 1.0, 3.0)])
+    pairs = [
+        (1, 0, rigid.rigid_matrix(1.0, (2.0, 0.0), shape), 0.5),
+        (2, 0, rigid.rigid_matrix(2.5, (0.0, 0.0), shape), 0.5),
+    ]
+    np.testing.assert_allclose(rigid.angle_residuals(solved, pairs), [0.0, -0.5], atol=1e-9)
+    np.testing.assert_allclose(rigid.angles(solved), [0.0, 1.0, 3.0], atol=1e-9)

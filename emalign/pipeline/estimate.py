@@ -6,11 +6,12 @@ prealign
     grid of patch matches (:func:`emalign.affine.pairwise_affine`); then, once every block is done,
     one global solve (:func:`emalign.rigid.solve_rigid`, from the affine pairs' angles and shifts as far as
     they agree on a strain: :func:`solve_pairs`) whose smooth trend along z is
-    removed (:func:`emalign.rigid.detrend_rigid`; the angles' trend is softer:
-    :data:`ANGLE_TREND_FACTOR`), and a strain (scale and shear) correction applied before it, as far
-    as the affine pairs agree on it (:func:`solve_strain`); damaged sections are flagged, and breaks
-    (no pair across them scores above the noise floor of unrelated sections: :func:`break_threshold`)
-    split the stack into independently solved segments.
+    removed (:func:`emalign.rigid.detrend_rigid`; the angles' trend is at most as soft as
+    :data:`ANGLE_TREND_FACTOR` and stiffer where the pairs measure the angles far more precisely than
+    they vary: :func:`emalign.consensus.wander_stiffness`), and a strain (scale and shear) correction
+    applied before it, as far as the affine pairs agree on it (:func:`solve_strain`); damaged sections are
+    flagged, and breaks (no pair across them scores above the noise floor of unrelated sections:
+    :func:`break_threshold`) split the stack into independently solved segments.
 estimate
     per z-block and xy task tile: the network on the symmetric window of every section, all sections warped
     by their prealignment (only the tile and its halo: each section's region is read and warped once per
@@ -47,15 +48,18 @@ GPU_BATCH = 8
 AFFINE_STRIDE = 256
 """Grid spacing (px) of the prealignment's affine field when a region is pulled (exact: the field is linear)."""
 ANGLE_TREND_FACTOR = 0.01
-"""The angles' z-trend is this much softer than the shifts' (``--trend-stiffness``). A pairwise angle is far
+"""The angles' z-trend is at most this much softer than the shifts' (``--trend-stiffness``), and stiffer where
+the pairs' angles agree far more closely than the solved angles vary (:func:`emalign.consensus.wander_stiffness`:
+large sections, fine spacing; a softer trend there leaves slow rotation misalignment). A pairwise angle is often far
 noisier than its share of the misalignment (40 nm FlyEM neighbours: 0.35 degrees against 1 degree of
 misalignment; shifts: ~0.5 px against 15 px), so the solved angles wander by their accumulated noise; with
 one stiffness for both, the prealignment applied that wander to aligned stacks. A softer angle trend leaves
 that wander uncorrected, as the shifts' trend is; it helps at 40 and 60 nm and changes nothing at 10 and
 20 nm (figures, and the neighbouring factors tried: benchmarks/results/design_choices.md)."""
 STRAIN_TREND_FACTOR = 0.01
-"""The strain's (scale and shear: :func:`emalign.affine.strain_jitter`) z-trend, in multiples of
-``--trend-stiffness``: pairwise strains are noisy like the angles, and their accumulated wander is left alone.
+"""The strain's (scale and shear: :func:`emalign.affine.strain_jitter`) z-trend at its softest, in multiples of
+``--trend-stiffness`` (stiffer as for the angles: :func:`emalign.consensus.wander_stiffness`): pairwise strains
+are often noisy like the angles, and their accumulated wander is left alone.
 A stiffer trend corrects slightly more strain on misaligned stacks, but its jitter then keeps accumulated
 wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and aligned stacks are moved
 (figures: benchmarks/results/design_choices.md)."""
@@ -366,8 +370,9 @@ def solve_pairs(
         bad: ``(Z,)`` sections whose pairs do not count; they get the identity.
         breaks: first sections of the later segments (no pair crosses a break).
         shape: ``(Y, X)`` of the sections.
-        trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles'
-            is :data:`ANGLE_TREND_FACTOR` times it.
+        trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles' is
+            :func:`emalign.consensus.wander_stiffness` against the pairs' angle residuals, at least
+            :data:`ANGLE_TREND_FACTOR` times it.
         strain_table: the same pairs as affine matrices (``coarse/affine``), or None (rigid only).
     """
     depth = len(table)
@@ -384,8 +389,12 @@ def solve_pairs(
                     for (z, j, matrix, score), (_, _, refined, _) in zip(pairs, affine_pairs, strict=True)
                 ]
             solved = rigid.solve_rigid(stop - start, pairs, shape)
-            angle_stiffness = trend_stiffness * ANGLE_TREND_FACTOR
-            matrices[start:stop] = rigid.detrend_rigid(solved, shape, trend_stiffness, weights, angle_stiffness)
+            residuals = rigid.angle_residuals(solved, [p for p in pairs if p[3] > 0])
+            floor = trend_stiffness * ANGLE_TREND_FACTOR
+            angle_stiffness = consensus.wander_stiffness(rigid.angles(solved), residuals, floor, weights)
+            matrices[start:stop] = rigid.detrend_rigid(
+                solved, shape, trend_stiffness, weights, angle_stiffness, angle_wander=angle_stiffness <= floor
+            )
             if strain_table is not None:
                 matrices[start:stop] = affine.apply_strain(matrices[start:stop], strain, shape)
     matrices[bad] = np.eye(2, 3)
@@ -400,18 +409,22 @@ def solve_strain(
     weights: np.ndarray,
 ) -> tuple[np.ndarray, float]:
     """``(depth, 2, 2)`` strain corrections of one segment and the gain that scaled them: the jitter of the
-    solved affines' strain about its z-trend (:func:`emalign.affine.strain_jitter`, stiffness
-    :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``), scaled by :func:`emalign.affine.strain_gain` (0 where
-    the pairs do not agree on it).
+    solved affines' strain about its z-trend (:func:`emalign.affine.strain_jitter`; stiffness
+    :func:`emalign.consensus.wander_stiffness` against the pairs' strain residuals, at least
+    :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``; where stiffer, the slope the jitter explains is corrected
+    too), scaled by :func:`emalign.affine.strain_gain` (0 where the pairs do not agree on it).
 
     Args:
         pairs: ``(z, j, affine matrix, score)`` in the segment's indices; score 0 for pairs that do not count.
         weights: ``(depth,)`` 1 for good sections, 0 for bad ones.
     """
     solved = affine.solve_affine(depth, pairs, shape)
-    jitter = affine.strain_jitter(solved, trend_stiffness * STRAIN_TREND_FACTOR, weights)
     scored = [p for p in pairs if p[3] > 0]
-    gain = affine.strain_gain(jitter[weights > 0], affine.strain_residuals(solved, scored, shape), shape)
+    residuals = affine.strain_residuals(solved, scored, shape)
+    floor = trend_stiffness * STRAIN_TREND_FACTOR
+    stiffness = consensus.wander_stiffness(affine.strain_displacements(solved, shape), residuals, floor, weights)
+    jitter = affine.strain_jitter(solved, stiffness, weights, slope=stiffness > floor)
+    gain = affine.strain_gain(jitter[weights > 0], residuals, shape)
     return np.eye(2) + gain * (jitter - np.eye(2)), gain
 
 
