@@ -163,11 +163,6 @@ def test_prealignment_applies_the_strain_measured_by_precise_affine_pairs_and_no
     assert np.sqrt(np.mean(np.sum((moved - still) ** 2, axis=1))) < 0.1  # px
 
 
-def angles(matrices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Rotation angle (degrees) of each ``(2, 3)`` affine's linear part."""
-    return np.array([rigid._angle_and_shift(m, shape)[0] for m in matrices])
-
-
 def turned(table: np.ndarray, sigma_deg: float, shape: tuple[int, int], seed: int) -> np.ndarray:
     """A pair table whose pairs are each turned about the centre of ``shape`` by ``N(0, sigma_deg)`` degrees."""
     rng = np.random.default_rng(seed)
@@ -185,17 +180,15 @@ def test_rigid_solve_takes_the_affine_pairs_angles_where_the_strain_is_measured(
     bad = np.zeros(depth, bool)
     strained = pair_table(pairs_of(random_affines(depth, shape, seed=14), 1e-4, seed=15), 0, 0, depth)
     biased = turned(strained, 0.2, shape, seed=16)  # rigid pairs whose angles the strain has pulled
-    unbiased = angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained), shape)
-    assert (
-        np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained), shape) - unbiased).max() < 0.01
-    )
-    assert np.abs(angles(solve_pairs(biased, bad, [], shape, 1e4), shape) - unbiased).max() > 0.1
+    unbiased = rigid.angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained))
+    assert np.abs(rigid.angles(solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained)) - unbiased).max() < 0.01
+    assert np.abs(rigid.angles(solve_pairs(biased, bad, [], shape, 1e4)) - unbiased).max() > 0.1
     # an aligned stack: its affine pairs only disagree about the strain, and the rigid pairs' angles stand
     noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=17), 0, 0, depth)
     rigid_pairs = turned(noise, 0.05, shape, seed=18)
-    rigid_only = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4), shape)
-    affine_only = angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise), shape)
-    both = angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise), shape)
+    rigid_only = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4))
+    affine_only = rigid.angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise))
+    both = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise))
     assert np.abs(both - rigid_only).max() < 0.3 * np.abs(affine_only - rigid_only).max()
 
 
@@ -209,8 +202,8 @@ def test_prealignment_corrects_slow_rotation_and_strain_misalignment_where_the_p
     solved = solve_pairs(table, np.zeros(depth, bool), [], shape, 1e4, strain_table=table)
     square = np.concatenate([solved, np.tile([[[0, 0, 1.0]]], (depth, 1, 1))], axis=1)
     left = np.stack([np.linalg.inv(np.vstack([t, [0, 0, 1.0]])) @ s for t, s in zip(truth, square, strict=True)])
-    turned = angles(left[:, :2], shape)
+    kept_angles = rigid.angles(left[:, :2])
     # independent 1 deg rotations and 1 % scales over 16 sections: their slow part and the slope their draws
     # could have are misalignment, not content
-    assert np.std(turned) < 0.02  # degrees
+    assert np.std(kept_angles) < 0.02  # degrees
     assert strain_error(left[:, :2], np.tile(np.eye(2, 3), (depth, 1, 1))) < 1e-3
