@@ -300,16 +300,16 @@ def strain_jitter(
 
     The strain :func:`polar_strain` of each section's affine, as ``(s_yy, s_yx, s_xx)``, is a trajectory along
     z; its Whittaker trend (:func:`emalign.consensus.smooth_trend`: curvature penalised, slope free) is content
-    that changes slowly through the stack (or a whole-stack distortion) and is kept (with ``slope``, less the part
-    of its slope that the jitter explains: :func:`emalign.rigid.misaligned_slope`; independent strains over a few
-    sections have a slope of their own); the jitter about it is what differs from section to section: the
-    misalignment to correct.
+    that changes slowly through the stack (or a whole-stack distortion) and is kept (with ``slope``, less its slope:
+    where the pairs measure the strains far more precisely than they vary, independent strains over a few sections
+    have a slope of their own); the jitter about it is what differs from section to section: the misalignment to
+    correct.
 
     Args:
         matrices: ``(Z, 2, 2 or 3)`` affines (their linear parts are used).
         stiffness: curvature weight of the trend (sections^4); larger is closer to a straight line.
         weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
-        slope: correct the part of the trend's slope that the jitter explains.
+        slope: correct the trend's slope too.
 
     Returns:
         ``(Z, 2, 2)`` symmetric ``I + S_z - trend_z``.
@@ -320,7 +320,7 @@ def strain_jitter(
     params = np.stack([strain[:, 0, 0], strain[:, 0, 1], strain[:, 1, 1]], axis=1)
     trend = smooth_trend(params, stiffness, weights)
     if slope:
-        trend -= rigid.misaligned_slope(params, trend, weights)
+        trend -= rigid.misaligned_slope(params, trend, weights, tolerance=np.inf)
     jitter = params - trend
     return np.eye(2) + np.stack([jitter[:, [0, 1]], jitter[:, [1, 2]]], axis=1)
 

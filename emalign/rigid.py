@@ -1058,10 +1058,10 @@ def detrend_rigid(
     content that moves slowly through the stack (oblique structures, a stage drift) and is
     kept; what is left, the per-section jitter, is the misalignment to correct, together with
     the part of the shifts' and the angles' slope that the jitter explains (:func:`misaligned_slope`;
-    for the angles, unless ``angle_wander`` is False, against the wander of their accumulated pairwise
-    noise): with large offsets or rotations a few sections' misalignment has a slope of its own, which
-    the network cannot see (the stitch is blind to what grows linearly along z) and would leave in the
-    output.
+    for the angles against the wander of their accumulated pairwise noise, or all of it without
+    ``angle_wander``): with large offsets or rotations a few sections' misalignment has a slope of its
+    own, which the network cannot see (the stitch is blind to what grows linearly along z) and would
+    leave in the output.
 
     Args:
         matrices: ``(Z, 2, 3)`` rigid pull affines (as from :func:`solve_rigid`).
@@ -1070,7 +1070,7 @@ def detrend_rigid(
         weights: ``(Z,)`` weight of each section in the trend (0: ignore, e.g. blank).
         angle_stiffness: curvature weight of the angles' trend (default: ``stiffness``).
         angle_wander: weigh the angles' slope against a wander (:func:`misaligned_slope`); False where the pairs
-            measure the angles far more precisely than they vary.
+            measure the angles far more precisely than they vary: their whole slope is misalignment.
 
     Returns:
         ``(Z, 2, 3)`` rigid pull affines holding only the jitter about the trend.
@@ -1082,6 +1082,10 @@ def detrend_rigid(
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
     trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
-    trend[:, :1] -= misaligned_slope(params[:, :1], trend[:, :1], weights, wander=angle_wander)
+    trend[:, :1] -= (
+        misaligned_slope(params[:, :1], trend[:, :1], weights, wander=True)
+        if angle_wander
+        else misaligned_slope(params[:, :1], trend[:, :1], weights, tolerance=np.inf)
+    )
     jitter = params - trend
     return np.stack([rigid_matrix(a, (dy, dx), shape) for a, dy, dx in jitter])

@@ -411,8 +411,8 @@ def solve_strain(
     """``(depth, 2, 2)`` strain corrections of one segment and the gain that scaled them: the jitter of the
     solved affines' strain about its z-trend (:func:`emalign.affine.strain_jitter`; stiffness
     :func:`emalign.consensus.wander_stiffness` against the pairs' strain residuals, at least
-    :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``; where stiffer, the slope the jitter explains is corrected
-    too), scaled by :func:`emalign.affine.strain_gain` (0 where the pairs do not agree on it).
+    :data:`STRAIN_TREND_FACTOR` times ``trend_stiffness``; where stiffer, the trend's slope is corrected too), scaled
+    by :func:`emalign.affine.strain_gain` (0 where the pairs do not agree on it).
 
     Args:
         pairs: ``(z, j, affine matrix, score)`` in the segment's indices; score 0 for pairs that do not count.
