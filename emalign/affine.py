@@ -250,8 +250,7 @@ def solve_affine(
     Returns:
         ``(Z, 2, 3)`` pull affines ``aligned_z = raw_z o M_z``, all into one common frame.
     """
-    moving = np.array([p[0] for p in pairs], dtype=int)
-    fixed = np.array([p[1] for p in pairs], dtype=int)
+    moving, fixed = rigid.pair_sections(pairs)
     weights, scale = rigid._match_weights(np.array([float(p[3]) for p in pairs], float))
     scale = float(scale)
     linear, shift = centred(np.array([p[2] for p in pairs], float).reshape(-1, 2, 3), shape)
@@ -334,8 +333,7 @@ def strain_residuals(
     image (``shape (Y, X)``, about its centre) of the displacement ``E (p - c)``. ``(pairs,)``.
     """
     linear = np.asarray(matrices, np.float64)[:, :, :2]
-    moving = np.array([p[0] for p in pairs], dtype=int)
-    fixed = np.array([p[1] for p in pairs], dtype=int)
+    moving, fixed = rigid.pair_sections(pairs)
     measured = np.array([p[2] for p in pairs], float).reshape(-1, 2, 3)[:, :, :2]
     error = linear[moving] @ np.linalg.inv(linear[fixed]) - measured
     error = (error + np.swapaxes(error, 1, 2)) / 2

@@ -47,6 +47,7 @@ __all__ = [
     "rigid_chain",
     "rigid_matrix",
     "misaligned_slope",
+    "pair_sections",
     "soft_mask",
     "solve_rigid",
     "toward",
@@ -116,6 +117,12 @@ def angles(matrices: np.ndarray) -> np.ndarray:
     return np.rad2deg(np.arctan2(m[..., 1, 0] - m[..., 0, 1], m[..., 0, 0] + m[..., 1, 1]))
 
 
+def pair_sections(pairs: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """``(moving, fixed)``: the section indices ``z`` and ``j`` of pairs ``(z, j, ...)``, each ``(pairs,)`` int."""
+    indices = np.array([(p[0], p[1]) for p in pairs], dtype=int).reshape(-1, 2)
+    return indices[:, 0], indices[:, 1]
+
+
 def _angle_and_shift(matrix: np.ndarray, shape: Sequence[int]) -> tuple[float, np.ndarray]:
     """Inverse of :func:`rigid_matrix` (the linear part is projected on a rotation)."""
     m = np.asarray(matrix, dtype=np.float64)
@@ -127,8 +134,7 @@ def angle_residuals(matrices: np.ndarray, pairs: Sequence[tuple[int, int, np.nda
     """Per pair ``(z, j, P, score)``, degrees: the pair's angle minus the solved sections' ``a_z - a_j``
     (``matrices (Z, 2, 3)``, as from :func:`solve_rigid`, where a pair asks ``T_z = P T_j``). ``(pairs,)``."""
     solved = angles(matrices)
-    moving = np.array([p[0] for p in pairs], dtype=int)
-    fixed = np.array([p[1] for p in pairs], dtype=int)
+    moving, fixed = pair_sections(pairs)
     measured = angles(np.array([p[2] for p in pairs], np.float64).reshape(-1, 2, 3))
     return (measured - (solved[moving] - solved[fixed]) + 180.0) % 360.0 - 180.0
 
@@ -871,8 +877,7 @@ def solve_rigid(
     Returns:
         ``(Z, 2, 3)`` pull affines ``aligned_z = raw_z o T_z``, all into one common frame.
     """
-    moving = np.array([p[0] for p in pairs], dtype=int)
-    fixed = np.array([p[1] for p in pairs], dtype=int)
+    moving, fixed = pair_sections(pairs)
     weights, scale = _match_weights(np.array([float(p[3]) for p in pairs], float).reshape(-1, 1))
     weights, scale = weights[:, 0], float(scale[0])
     measured = [_angle_and_shift(p[2], shape) for p in pairs]

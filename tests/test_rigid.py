@@ -409,3 +409,11 @@ def test_angle_residuals_are_each_pairs_misfit_against_the_solved_angles():
     ]
     np.testing.assert_allclose(rigid.angle_residuals(solved, pairs), [0.0, -0.5], atol=1e-9)
     np.testing.assert_allclose(rigid.angles(solved), [0.0, 1.0, 3.0], atol=1e-9)
+
+
+def test_pair_sections_lists_each_pairs_moving_and_fixed_section_even_for_no_pairs():
+    pairs = [(3, 1, np.eye(2, 3), 0.5), (4, 2, np.eye(2, 3), 0.9)]
+    moving, fixed = rigid.pair_sections(pairs)
+    assert moving.tolist() == [3, 4] and fixed.tolist() == [1, 2]
+    empty_moving, empty_fixed = rigid.pair_sections([])
+    assert empty_moving.shape == empty_fixed.shape == (0,) and empty_moving.dtype.kind == "i"
