@@ -196,13 +196,45 @@ def wander_stiffness(
         floor: the smallest stiffness returned.
         weights: ``(Z,)`` weight of each section (0: ignore); default all 1.
     """
+    wander = WANDER_PER_MISFIT * float(np.median(np.square(residuals))) if len(residuals) else 0.0
+    jitter = _half_step(values, weights)
+    if jitter is None or wander <= 0:
+        return floor
+    return max(floor, (jitter / wander) ** 2)
+
+
+def _half_step(values: np.ndarray, weights: np.ndarray | None) -> float | None:
+    """Half the mean squared step (summed over the columns) of a trajectory ``(Z, k)`` between the sections that
+    count (``weights > 0``); None with fewer than 3 of them."""
     values = np.asarray(values, np.float64).reshape(len(values), -1)
     kept = values if weights is None else values[np.asarray(weights) > 0]
-    wander = WANDER_PER_MISFIT * float(np.median(np.square(residuals))) if len(residuals) else 0.0
-    if len(kept) < 3 or wander <= 0:
-        return floor
-    jitter = float(np.mean(np.sum(np.diff(kept, axis=0) ** 2, axis=1))) / 2
-    return max(floor, (jitter / wander) ** 2)
+    if len(kept) < 3:
+        return None
+    return float(np.mean(np.sum(np.diff(kept, axis=0) ** 2, axis=1))) / 2
+
+
+MIN_FLOW_STIFFNESS = 1.0
+"""The softest trend :func:`flow_stiffness` returns: it follows the trajectory over a few sections and still
+bridges the sections that do not count."""
+
+
+def flow_stiffness(values: np.ndarray, content_step: float, ceiling: float, weights: np.ndarray | None = None) -> float:
+    """Curvature weight (sections^4) of a trajectory's z-trend (:func:`smooth_trend`) that keeps the flow of content
+    between sections and corrects the sections' own misalignment.
+
+    A trajectory of matched positions (e.g. the sections' solved centre shifts) is content that moves between
+    neighbouring sections by steps of mean squared length ``c^2`` (``c = content_step``, in the values' units), plus
+    each section's independent misalignment of variance ``s^2``, about half the trajectory's mean squared step. The
+    misalignment outweighs the flow above the z-frequency ``w_c``, ``w_c^2 = c^2 / s^2``, and a trend of stiffness
+    ``l`` passes ``1 / (1 + l w^4)`` of a frequency ``w``; so ``l = (s^2 / c^2)^2``, at most ``ceiling`` and at
+    least :data:`MIN_FLOW_STIFFNESS`. The sections of an aligned stack step by no more than the content's flow, and
+    the trend follows them; misaligned ones step by far more, and the trend is the ``ceiling``. ``content_step`` 0
+    (or fewer than 3 sections that count): the ``ceiling``.
+    """
+    jitter = _half_step(values, weights)
+    if jitter is None or content_step <= 0:
+        return ceiling
+    return float(np.clip((jitter / content_step**2) ** 2, MIN_FLOW_STIFFNESS, ceiling))
 
 
 def block_plan(length: int, block: int, overlap: int) -> list[tuple[int, int]]:
@@ -235,10 +267,12 @@ def blend_weights(start: int, stop: int, length: int, overlap: int) -> np.ndarra
 
 
 __all__ = [
+    "MIN_FLOW_STIFFNESS",
     "WANDER_PER_MISFIT",
     "block_plan",
     "blend_weights",
     "consensus_matrix",
+    "flow_stiffness",
     "neighbour_indices",
     "reflect",
     "segment",

@@ -38,6 +38,7 @@ __all__ = [
     "affine_fields",
     "angle_residuals",
     "angles",
+    "centre_shifts",
     "correlation_peaks",
     "estimate_rigid",
     "jitter_and_wander",
@@ -123,11 +124,17 @@ def pair_sections(pairs: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
     return indices[:, 0], indices[:, 1]
 
 
+def centre_shifts(matrices: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``(..., 2)`` px: where pull affines ``(..., 2, 3)`` take the centre of ``(Y, X)`` sections, less the centre
+    (the shift of :func:`rigid_matrix`)."""
+    m = np.asarray(matrices, dtype=np.float64)
+    centre = _centre(shape)
+    return m[..., 2] - centre + m[..., :2] @ centre
+
+
 def _angle_and_shift(matrix: np.ndarray, shape: Sequence[int]) -> tuple[float, np.ndarray]:
     """Inverse of :func:`rigid_matrix` (the linear part is projected on a rotation)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    centre = _centre(shape)
-    return float(angles(m)), m[:, 2] - centre + m[:, :2] @ centre
+    return float(angles(matrix)), centre_shifts(matrix, shape)
 
 
 def angle_residuals(matrices: np.ndarray, pairs: Sequence[tuple[int, int, np.ndarray, float]]) -> np.ndarray:

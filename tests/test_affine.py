@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.ndimage import gaussian_filter1d
 
 from emalign import affine, fields, rigid
 from emalign.synth import em_texture
@@ -153,14 +154,14 @@ def test_prealignment_applies_the_strain_measured_by_precise_affine_pairs_and_no
     bad = np.zeros(depth, bool)
     truth = random_affines(depth, shape, seed=11)
     table = pair_table(pairs_of(truth, 1e-4, seed=12), 0, 0, depth)
-    rigid_only = solve_pairs(table, bad, [], shape, 1e4)
-    with_strain = solve_pairs(table, bad, [], shape, 1e4, strain_table=table)
+    rigid_only = solve_pairs(table, bad, [], shape, 1e4)[0]
+    with_strain = solve_pairs(table, bad, [], shape, 1e4, strain_table=table)[0]
     assert strain_error(rigid_only, truth) > 5e-3
     assert strain_error(with_strain, truth) < 1e-3  # pairs 100x more precise than the strains vary: all of it
     np.testing.assert_allclose(affine.centred(with_strain, shape)[1], affine.centred(rigid_only, shape)[1], atol=1e-9)
     noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=13), 0, 0, depth)
-    moved = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise), shape, stride=16)
-    still = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4), shape, stride=16)
+    moved = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise)[0], shape, stride=16)
+    still = rigid.affine_fields(solve_pairs(noise, bad, [], shape, 1e4)[0], shape, stride=16)
     assert np.sqrt(np.mean(np.sum((moved - still) ** 2, axis=1))) < 0.1  # px
 
 
@@ -181,15 +182,16 @@ def test_rigid_solve_takes_the_affine_pairs_angles_where_the_strain_is_measured(
     bad = np.zeros(depth, bool)
     strained = pair_table(pairs_of(random_affines(depth, shape, seed=14), 1e-4, seed=15), 0, 0, depth)
     biased = turned(strained, 0.2, shape, seed=16)  # rigid pairs whose angles the strain has pulled
-    unbiased = rigid.angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained))
-    assert np.abs(rigid.angles(solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained)) - unbiased).max() < 0.01
-    assert np.abs(rigid.angles(solve_pairs(biased, bad, [], shape, 1e4)) - unbiased).max() > 0.1
+    unbiased = rigid.angles(solve_pairs(strained, bad, [], shape, 1e4, strain_table=strained)[0])
+    strain_aware = solve_pairs(biased, bad, [], shape, 1e4, strain_table=strained)[0]
+    assert np.abs(rigid.angles(strain_aware) - unbiased).max() < 0.01
+    assert np.abs(rigid.angles(solve_pairs(biased, bad, [], shape, 1e4)[0]) - unbiased).max() > 0.1
     # an aligned stack: its affine pairs only disagree about the strain, and the rigid pairs' angles stand
     noise = pair_table(pairs_of(np.tile(np.eye(2, 3), (depth, 1, 1)), 1e-3, seed=17), 0, 0, depth)
     rigid_pairs = turned(noise, 0.05, shape, seed=18)
-    rigid_only = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4))
-    affine_only = rigid.angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise))
-    both = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise))
+    rigid_only = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4)[0])
+    affine_only = rigid.angles(solve_pairs(noise, bad, [], shape, 1e4, strain_table=noise)[0])
+    both = rigid.angles(solve_pairs(rigid_pairs, bad, [], shape, 1e4, strain_table=noise)[0])
     assert np.abs(both - rigid_only).max() < 0.3 * np.abs(affine_only - rigid_only).max()
 
 
@@ -201,7 +203,7 @@ def test_prealignment_corrects_slow_rotation_and_strain_misalignment_where_the_p
     tilt = [rigid.rigid_matrix(0.06 * (z - (depth - 1) / 2), (0.0, 0.0), shape) for z in range(depth)]
     truth = np.stack([rigid._compose(t, m) for t, m in zip(tilt, random_affines(depth, shape, seed=23), strict=True)])
     table = pair_table(pairs_of(truth, 1e-4, seed=20), 0, 0, depth)
-    solved = solve_pairs(table, np.zeros(depth, bool), [], shape, 1e4, strain_table=table)
+    solved = solve_pairs(table, np.zeros(depth, bool), [], shape, 1e4, strain_table=table)[0]
     square = np.concatenate([solved, np.tile([[[0, 0, 1.0]]], (depth, 1, 1))], axis=1)
     left = np.stack([np.linalg.inv(np.vstack([t, [0, 0, 1.0]])) @ s for t, s in zip(truth, square, strict=True)])
     kept_angles = rigid.angles(left[:, :2])
@@ -209,3 +211,28 @@ def test_prealignment_corrects_slow_rotation_and_strain_misalignment_where_the_p
     # could have are misalignment, not content
     assert np.std(kept_angles) < 0.02  # degrees
     assert strain_error(left[:, :2], np.tile(np.eye(2, 3), (depth, 1, 1))) < 1e-3
+
+
+def test_prealignment_keeps_the_flow_of_an_aligned_stack_and_corrects_a_misaligned_one():
+    from emalign.pipeline.estimate import pair_table, solve_pairs
+
+    shape, depth = (512, 512), 32
+    bad = np.zeros(depth, bool)
+    rng = np.random.default_rng(24)
+    walk = gaussian_filter1d(np.cumsum(rng.normal(0, 1.0, (depth, 2)), axis=0), 2.0, axis=0)
+    flow = walk / np.sqrt(np.mean(np.sum(np.diff(walk, axis=0) ** 2, axis=1)))  # content drifting 1 px a section
+    jitter = rng.normal(0, 15.0, (depth, 2))
+    for shifts, misaligned in ((flow, False), (flow + jitter, True)):
+        truth = np.stack([rigid.rigid_matrix(0.0, tuple(s), shape) for s in shifts])
+        table = pair_table(pairs_of(truth, 1e-4, seed=25), 0, 0, depth)
+        solved, stiffness = solve_pairs(table, bad, [], shape, 1e4, content_step=1.5)
+        corrected = rigid.centre_shifts(solved, shape)
+        if misaligned:  # the solved sections are the jitter, up to the flow and a straight line along z
+            assert stiffness.min() == 1e4
+            z = np.arange(depth)
+            left = [d - np.polyval(np.polyfit(z, d, 1), z) for d in (corrected - jitter).T]
+            assert np.sqrt(np.mean(np.square(left))) < 0.2 * np.std(jitter)
+        else:  # the sections are left about where they are; a trend blind to the flow moves them by its wander
+            assert stiffness.max() == 1.0
+            stiff = rigid.centre_shifts(solve_pairs(table, bad, [], shape, 1e4)[0], shape)
+            assert np.sqrt(np.mean(corrected**2)) < 0.25 * np.sqrt(np.mean(stiff**2))

@@ -310,3 +310,25 @@ def test_wander_stiffness_leaves_a_wander_the_pairs_agree_on_to_the_floor():
     misfit = rng.normal(0, 0.1 / np.sqrt(80.0), 180)  # pairs agreeing 80x closer (variance) than the walk steps
     assert consensus.wander_stiffness(walk, misfit, floor=100.0) == 100.0
     assert consensus.wander_stiffness(walk + rng.normal(0, 2.0, (62, 1)), misfit, floor=100.0) > 1e4  # misaligned
+
+
+def test_flow_stiffness_follows_sections_that_step_no_further_than_their_content_flows():
+    rng = np.random.default_rng(14)
+    flow = np.cumsum(rng.normal(0, 1.0, (32, 2)), axis=0)  # content moving about 1.4 px per section
+    assert consensus.flow_stiffness(flow, content_step=1.5, ceiling=1e4) == consensus.MIN_FLOW_STIFFNESS
+
+
+def test_flow_stiffness_is_the_ceiling_for_sections_misaligned_far_beyond_the_flow():
+    rng = np.random.default_rng(15)
+    misaligned = np.cumsum(rng.normal(0, 1.0, (32, 2)), axis=0) + rng.normal(0, 15.0, (32, 2))
+    assert consensus.flow_stiffness(misaligned, content_step=1.5, ceiling=1e4) == 1e4
+    assert consensus.flow_stiffness(misaligned, content_step=0.0, ceiling=1e4) == 1e4  # no flow expected
+
+
+def test_flow_stiffness_grows_with_the_square_of_the_misalignment_over_the_flow():
+    rng = np.random.default_rng(16)
+    jitter = rng.normal(0, 1.0, (64, 2))
+    small = consensus.flow_stiffness(4.0 * jitter, content_step=1.0, ceiling=1e9)
+    large = consensus.flow_stiffness(8.0 * jitter, content_step=1.0, ceiling=1e9)
+    assert small > 10.0 and large == pytest.approx(16.0 * small)
+    assert consensus.flow_stiffness(jitter[:2], content_step=1.0, ceiling=7.0) == 7.0  # too few sections to judge

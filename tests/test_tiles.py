@@ -44,7 +44,7 @@ def estimated(stack, tmp_path_factory):
     whole = Workspace.create(open_stack(stack), folder / "whole.zarr", PARAMS)
     run_stage("prealign", whole, **STAGE)
     tiled = Workspace.create(open_stack(stack), folder / "tiled.zarr", TILED)
-    for name in ("coarse/matrices", "sections/flags", "stages/prealign"):  # the same prealignment
+    for name in ("coarse/matrices", "coarse/stiffness", "sections/flags", "stages/prealign"):  # the same prealignment
         tiled.array(name)[:] = whole.array(name)[:]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(estimate, "invalid_pixels", lambda raw, user=None, typical=None: raw == 0)

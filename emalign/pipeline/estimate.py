@@ -64,6 +64,15 @@ A stiffer trend corrects slightly more strain on misaligned stacks, but its jitt
 wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and aligned stacks are moved
 (figures: benchmarks/results/design_choices.md)."""
 
+CONTENT_STEP_NM = 10.0
+"""How far the prealignment's matches see content move between neighbouring sections (rms length of the step of a
+section's solved centre shift from the one before, nm). Aligned FlyEM at 40 nm spacing steps by 12 nm (resliced
+across the FIB-SEM slices) to 19 nm (as imaged, with the microscope's own jitter), at 10 nm spacing by 4.5 nm, the
+5 nm mosaic by 12 nm; misaligned stacks by tens of px. The shifts' trend follows sections that step by up to about
+1.4x this (:func:`emalign.consensus.flow_stiffness`: an aligned stack keeps its content's flow) and is
+``--trend-stiffness`` from about 14x. 15 nm moved aligned stacks a little less but kept more of a 3-6 px
+misalignment (figures: benchmarks/results/design_choices.md)."""
+
 
 class CoarseSections:
     """Sections ``start..stop`` of a stack as :func:`coarse_section` gives them (``factor``-block means of the
@@ -329,7 +338,10 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     flags[breaks] |= FLAG_BREAK
     strain = np.asarray(ws.array("coarse/affine")[:])
     shape, stiffness = ws.plan.shape[1:], ws.params.trend_stiffness
-    ws.array("coarse/matrices")[:] = solve_pairs(table, bad, breaks, shape, stiffness, strain_table=strain)
+    content_step = CONTENT_STEP_NM / (ws.resolution.pixel_nm * ws.resolution.factor)
+    matrices, shift_stiffness = solve_pairs(table, bad, breaks, shape, stiffness, strain, content_step)
+    ws.array("coarse/matrices")[:] = matrices
+    ws.array("coarse/stiffness")[:] = shift_stiffness
     ws.array("sections/flags")[:] = flags
     return flags
 
@@ -353,11 +365,13 @@ def solve_pairs(
     bad: np.ndarray,
     breaks: list[int],
     shape: tuple[int, int],
-    trend_stiffness: float,
+    trend_stiffness: float | np.ndarray,
     strain_table: np.ndarray | None = None,
-) -> np.ndarray:
+    content_step: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-section transforms ``(Z, 2, 3)`` from a table of pairwise estimates, segment by segment: rigid, and
-    with ``strain_table`` a strain correction applied before each (:func:`solve_strain`).
+    with ``strain_table`` a strain correction applied before each (:func:`solve_strain`); and ``(Z,)`` the
+    stiffness of the shifts' trend each section's segment was solved with.
 
     Where the affine pairs agree that the sections differ in strain (the strain's gain), a rigid fit to the
     patch matches is biased by it: the rigid solve then takes each pair's angle and centre shift that share of
@@ -370,35 +384,42 @@ def solve_pairs(
         bad: ``(Z,)`` sections whose pairs do not count; they get the identity.
         breaks: first sections of the later segments (no pair crosses a break).
         shape: ``(Y, X)`` of the sections.
-        trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid`; the angles' is
+        trend_stiffness: the shifts' ``stiffness`` in :func:`emalign.rigid.detrend_rigid` (softer where the sections
+            step by little more than ``content_step``: :func:`emalign.consensus.flow_stiffness`); the angles' is
             :func:`emalign.consensus.wander_stiffness` against the pairs' angle residuals, at least
-            :data:`ANGLE_TREND_FACTOR` times it.
+            :data:`ANGLE_TREND_FACTOR` times it. ``(Z,)``: per section (a segment takes its first section's).
         strain_table: the same pairs as affine matrices (``coarse/affine``), or None (rigid only).
+        content_step: how far content moves between neighbouring sections, px (rms); 0: the shifts' trend is
+            ``trend_stiffness`` whatever they do.
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
+    stiffness = np.broadcast_to(np.asarray(trend_stiffness, np.float64), (depth,)).copy()
     for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
+        ceiling = float(stiffness[start])
         if stop - start > 1:
             weights = (~bad[start:stop]).astype(float)
             pairs = segment_pairs(table, bad, start, stop)
             if strain_table is not None:
                 affine_pairs = segment_pairs(strain_table, bad, start, stop)
-                strain, gain = solve_strain(affine_pairs, stop - start, shape, trend_stiffness, weights)
+                strain, gain = solve_strain(affine_pairs, stop - start, shape, ceiling, weights)
                 pairs = [
                     (z, j, rigid.toward(matrix, refined, gain, shape), score)
                     for (z, j, matrix, score), (_, _, refined, _) in zip(pairs, affine_pairs, strict=True)
                 ]
             solved = rigid.solve_rigid(stop - start, pairs, shape)
             residuals = rigid.angle_residuals(solved, [p for p in pairs if p[3] > 0])
-            floor = trend_stiffness * ANGLE_TREND_FACTOR
+            floor = ceiling * ANGLE_TREND_FACTOR
             angle_stiffness = consensus.wander_stiffness(rigid.angles(solved), residuals, floor, weights)
+            shifts = rigid.centre_shifts(solved, shape)
+            stiffness[start:stop] = consensus.flow_stiffness(shifts, content_step, ceiling, weights)
             matrices[start:stop] = rigid.detrend_rigid(
-                solved, shape, trend_stiffness, weights, angle_stiffness, angle_wander=angle_stiffness <= floor
+                solved, shape, stiffness[start], weights, angle_stiffness, angle_wander=angle_stiffness <= floor
             )
             if strain_table is not None:
                 matrices[start:stop] = affine.apply_strain(matrices[start:stop], strain, shape)
     matrices[bad] = np.eye(2, 3)
-    return matrices
+    return matrices, stiffness
 
 
 def solve_strain(

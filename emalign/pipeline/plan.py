@@ -51,9 +51,11 @@ class AlignParams:
         coarse_downsample: block-mean factor of the rigid prealignment.
         trend_stiffness: curvature weight (sections^4) of the prealignment's and the refine stage's
             trend along z: what follows the trend is kept as content drift, the rest corrected
-            (larger: a straighter trend; 1e4 bends over a few tens of sections). The prealignment's
-            angles use 1/100 of it (:data:`emalign.pipeline.estimate.ANGLE_TREND_FACTOR`); at fine
-            z-spacing the refine stage uses 10x (:mod:`emalign.pipeline.refine`).
+            (larger: a straighter trend; 1e4 bends over a few tens of sections). The shifts' trend is
+            softer where the raw sections step by little more than their content flows (an aligned stack:
+            :data:`emalign.pipeline.estimate.CONTENT_STEP_NM`), and the refine stage follows it. The
+            prealignment's angles use 1/100 of it (:data:`emalign.pipeline.estimate.ANGLE_TREND_FACTOR`);
+            at fine z-spacing the refine stage uses 10x (:mod:`emalign.pipeline.refine`).
         max_rotation_deg: largest rotation the prealignment searches.
         skip: sections the user marks as bad (bridged and written through unchanged).
         level: input OME-Zarr level to align.

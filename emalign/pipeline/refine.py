@@ -13,11 +13,13 @@ refine
     as in the prealignment) whose shifts are composed into ``fields/refined`` (the polish stage makes
     ``fields/global`` from them).
 
-At fine z-spacing (:func:`fine_spacing`: neighbours nearly the same image) the content drifts far
-less per section, so the trend kept is :data:`FINE_TREND_FACTOR` times stiffer: the prealignment's
-trend, fitted to misaligned sections, takes some true misalignment with it, and this puts it back. At
-40 nm a stiffer trend moves an aligned stack more and misaligned ones no better, so it is kept for fine
-spacing (figures: benchmarks/results/design_choices.md).
+The trend along z is the prealignment's shift trend (``coarse/stiffness``): stiff where the raw sections were
+misaligned, soft where they stepped no further than their content flows (an aligned stack; after the stitch every
+stack steps that little, so the refine stage's own shifts cannot tell). At fine z-spacing (:func:`fine_spacing`:
+neighbours nearly the same image) the content drifts far less per section, so the trend kept is
+:data:`FINE_TREND_FACTOR` times stiffer: the prealignment's trend, fitted to misaligned sections, takes some true
+misalignment with it, and this puts it back. At 40 nm a stiffer trend moves an aligned stack more and misaligned
+ones no better, so it is kept for fine spacing (figures: benchmarks/results/design_choices.md).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ FINE_MIN_PEAK = 0.62
 """Median correlation peak of adjacent refined sections from which a stack counts as finely spaced: between
 what the FlyEM stacks show at 20 nm and at 30 nm (benchmarks/results/design_choices.md)."""
 FINE_TREND_FACTOR = 10.0
-"""The refine stage's trend stiffness at fine z-spacing, in multiples of ``--trend-stiffness``."""
+"""The refine stage's trend stiffness at fine z-spacing, in multiples of the prealignment's shift trend."""
 
 
 def adjacent_peak(ws: Workspace) -> float:
@@ -123,8 +125,8 @@ def solve_refinement(ws: Workspace) -> None:
     params, plan = ws.params, ws.plan
     excluded = ws.excluded()
     table = np.asarray(ws.array("refine/pairs")[:])
-    stiffness = params.trend_stiffness * (FINE_TREND_FACTOR if fine_spacing(ws) else 1.0)
-    matrices = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], stiffness)
+    stiffness = np.asarray(ws.array("coarse/stiffness")[:]) * (FINE_TREND_FACTOR if fine_spacing(ws) else 1.0)
+    matrices, _ = solve_pairs(table, excluded, list(ws.breaks()), plan.shape[1:], stiffness)
     stitched, output = ws.array("fields/stitched"), ws.array("fields/refined")
     for z in range(plan.shape[0]):
         field = np.asarray(stitched[z])

@@ -15,6 +15,7 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/affine          (Z, K, 7) float64: the same pairs refined to affine matrices (as coarse/pairs)
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, working px)
+    OUT/coarse/stiffness       (Z,) float64: stiffness of the prealignment's shift trend in each section's segment
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
     OUT/fields/stitched        (Z, 2, gy, gx) float32: stitched pull field per section (prealignment included)
     OUT/refine/pairs           (Z, K, 7) float64: pairwise translations of the stitched sections (as coarse/pairs)
@@ -235,6 +236,7 @@ class Workspace:
         create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/affine", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
+        create_array(out, "coarse/stiffness", (depth,), (4096,), np.float64)
         create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
         nodes = PatchGrid.for_shape(plan.shape[1:], plan.params.polish_patch).shape
         tile = (min(nodes[0], NODE_TILE), min(nodes[1], NODE_TILE))
