@@ -285,6 +285,25 @@ def test_polish_removes_local_shifts_left_in_the_refined_fields(aligned, tmp_pat
     assert wobble(left) < 0.4 * wobble(added), (wobble(left), wobble(added))
 
 
+def test_polish_node_shifts_keep_a_smooth_flow_under_a_soft_trend_segment_by_segment():
+    """Each segment takes its first section's trend stiffness: where it is soft (the prealignment found the raw
+    sections stepping no further than their content flows) a node's smooth drift is kept, where stiff corrected."""
+    from emalign.pipeline.polish import node_shifts
+    from emalign.pipeline.store import OFFSETS
+
+    depth, nodes = 24, (2, 2)
+    z = np.arange(depth, dtype=float)
+    flow = 3.0 * np.sin(z / 3.0)[:, None, None, None] * np.ones((1, *nodes, 2))  # a smooth drift, ~1 px a section
+    pairs = np.full((depth, len(OFFSETS), *nodes, 3), np.nan)
+    for slot, k in enumerate(OFFSETS):
+        pairs[k:, slot, ..., :2] = flow[k:] - flow[:-k]
+        pairs[k:, slot, ..., 2] = 0.8
+    stiffness = np.where(z < 12, 1.0, 1e3)  # the first segment soft, the second stiff
+    shifts = node_shifts(pairs, np.zeros(depth, bool), [12], stiffness)
+    soft, stiff = np.abs(shifts[:12]).max(), np.abs(shifts[12:]).max()
+    assert soft < 0.2 and stiff > 1.0, (soft, stiff)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(("peak", "polished"), [(0.45, False), (0.85, True)])
 def test_polish_auto_polishes_only_a_stack_whose_neighbours_correlate_strongly(aligned, tmp_path, peak, polished):

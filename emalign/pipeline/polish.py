@@ -40,7 +40,8 @@ TREND_STIFFNESS = 1e3
 """Curvature weight of the z-trend kept in each node's shifts. The polish corrects section-to-section
 error; slower trends, which patch matches cannot tell from the content's own drift, are left to the
 stages before. 10x more flexible than their default: aligned stacks are moved less, and misaligned ones end
-about as well (figures: benchmarks/results/design_choices.md)."""
+about as well (figures: benchmarks/results/design_choices.md). Softened as the prealignment's shift trend is
+(``coarse/stiffness`` over ``--trend-stiffness``), so that an aligned stack keeps its content's flow here too."""
 
 
 def polish_grid(ws: Workspace) -> PatchGrid:
@@ -96,14 +97,18 @@ def polish_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") 
     ws.mark_done("polish", index)
 
 
-def node_shifts(pairs: np.ndarray, excluded: np.ndarray, breaks: list[int], trend_stiffness: float) -> np.ndarray:
+def node_shifts(
+    pairs: np.ndarray, excluded: np.ndarray, breaks: list[int], trend_stiffness: float | np.ndarray
+) -> np.ndarray:
     """``(Z, 2, ny, nx)`` shifts of a tile of nodes from their ``(Z, len(OFFSETS), ny, nx, 3)`` pair shifts and peaks.
 
     Segment by segment, the prealignment's robust solve without rotations
     (:func:`emalign.rigid.solve_translations`: pairs touching an excluded section do not count), minus
-    the z-trend of ``trend_stiffness``; excluded sections get zero.
+    the z-trend of ``trend_stiffness`` (``(Z,)``: per section, a segment takes its first section's); excluded
+    sections get zero.
     """
     depth, _, ny, nx, _ = pairs.shape
+    stiffness = np.broadcast_to(np.asarray(trend_stiffness, np.float64), (depth,))
     solution = np.zeros((depth, ny * nx, 2))
     for start, stop in zip([0, *breaks], [*breaks, depth], strict=True):
         index = [(z, i) for z in range(start, stop) for i, k in enumerate(OFFSETS) if z - k >= start]
@@ -114,7 +119,7 @@ def node_shifts(pairs: np.ndarray, excluded: np.ndarray, breaks: list[int], tren
         table = pairs[moving, slot].reshape(len(index), ny * nx, 3)
         scores = np.where((excluded[moving] | excluded[fixed])[:, None], 0.0, table[..., 2])
         solved = solve_translations(stop - start, moving - start, fixed - start, table[..., :2], scores)
-        solution[start:stop] = solved - smooth_trend(solved, trend_stiffness, (~excluded[start:stop]).astype(float))
+        solution[start:stop] = solved - smooth_trend(solved, stiffness[start], (~excluded[start:stop]).astype(float))
     solution[excluded] = 0.0
     return np.transpose(solution.reshape(depth, ny, nx, 2), (0, 3, 1, 2))
 
@@ -128,11 +133,12 @@ def solve_polish(ws: Workspace, polished: bool) -> None:
     grid, shifts = polish_grid(ws), ws.array("polish/shifts")
     if polished:
         pairs = ws.array("polish/pairs")
+        flow = np.asarray(ws.array("coarse/stiffness")[:]) / params.trend_stiffness  # the prealignment's softening
         for y in range(0, grid.shape[0], NODE_TILE):  # a tile of nodes at a time: memory flat in the section size
             for x in range(0, grid.shape[1], NODE_TILE):
                 tile = np.asarray(pairs[:, :, y : y + NODE_TILE, x : x + NODE_TILE])
                 ny, nx = tile.shape[2:4]
-                shifts[:, :, y : y + ny, x : x + nx] = node_shifts(tile, excluded, breaks, TREND_STIFFNESS)
+                shifts[:, :, y : y + ny, x : x + nx] = node_shifts(tile, excluded, breaks, TREND_STIFFNESS * flow)
     for start, stop in plan.blocks():
         block = np.asarray(shifts[start:stop]) if polished else None
         for z in range(start, stop):
