@@ -320,7 +320,7 @@ def test_an_output_that_is_a_file_is_refused(stack, bad_inputs):
         (["align", "--skip", "one,two"], "--skip 'one,two'"),
         (["align", "--tile", "16"], "bad plan"),
         (["align", "--polish-patch", "8"], "--polish-patch 8"),
-        (["align", "--trend-stiffness", "0"], "--trend-stiffness 0.0 (need a positive number)"),
+        (["align", "--trend-stiffness", "0"], "trend_stiffness 0.0 (need a finite number > 0)"),
         (["render", "--shard", "1000"], "--shard 1000: expected 0 (no shards) or a multiple of the (512, 512) px"),
     ],
 )

@@ -158,8 +158,6 @@ class AlignParams:
             raise EmalignError(f"bad plan: --polish {self.polish!r}; expected one of {', '.join(POLISH_MODES)}")
         if self.polish_patch < 16:
             raise EmalignError(f"bad plan: --polish-patch {self.polish_patch} (need at least 16 px)")
-        if not (math.isfinite(self.trend_stiffness) and self.trend_stiffness > 0):
-            raise EmalignError(f"bad plan: --trend-stiffness {self.trend_stiffness} (need a positive number)")
         if self.adapt < 0:
             raise EmalignError(f"bad plan: --adapt {self.adapt} must be 0 (off) or a number of steps")
         if self.voxel_size and (

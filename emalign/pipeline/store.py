@@ -86,8 +86,9 @@ def check_values(params: AlignParams) -> None:
         raise EmalignError(f"bad plan: coarse_downsample {params.coarse_downsample} (need >= 1)")
     for name in ("spring", "smoothing", "trend_stiffness", "max_rotation_deg"):
         value = float(getattr(params, name))
-        if not math.isfinite(value) or value < 0:
-            raise EmalignError(f"bad plan: {name} {value} (need a finite number >= 0)")
+        positive = name == "trend_stiffness"  # the weight the polish's trend is scaled by: 0 would divide by 0
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise EmalignError(f"bad plan: {name} {value} (need a finite number {'>' if positive else '>='} 0)")
 
 
 def _central_crops(stack: Stack, count: int = 5) -> list[np.ndarray]:
