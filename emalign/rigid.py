@@ -1089,7 +1089,7 @@ def detrend_rigid(
     """
     from emalign.consensus import smooth_trend
 
-    params = np.array([[angle, *shift] for angle, shift in (_angle_and_shift(m, shape) for m in matrices)])
+    params = np.column_stack([angles(matrices), centre_shifts(matrices, shape)])
     trend = np.empty_like(params)
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
