@@ -426,6 +426,20 @@ def test_an_output_made_with_other_params_is_refused_unless_overwrite(case, alig
     assert level0(out).shape == (6, 64, 64)
 
 
+@pytest.mark.e2e
+def test_resuming_an_output_that_lacks_an_array_of_this_version_names_it_and_writes_nothing(case, aligned, tmp_path):
+    path, _ = case
+    reference, *_ = aligned
+    out = tmp_path / "older.zarr"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "coarse" / "stiffness")  # as written before the prealignment stored its trend's stiffness
+    before = sorted(str(file.relative_to(out)) for file in out.rglob("*"))
+    one_line_error(out, align, path, out, PARAMS, match="older emalign.*coarse/stiffness.*--overwrite", **RUN)
+    assert sorted(str(file.relative_to(out)) for file in out.rglob("*")) == before
+    align(path, out, PARAMS, overwrite=True, **RUN)
+    assert np.array_equal(level0(out), level0(reference))
+
+
 def test_invalid_params_are_refused_before_anything_is_written(case, tmp_path):
     path, _ = case
     out = tmp_path / "bad-plan.zarr"

@@ -43,7 +43,6 @@ pull convention, channels (dy, dx); chunked per section and xy task tile. Render
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from pathlib import Path
@@ -143,6 +142,50 @@ def flag_text(flags: int) -> str:
     return "|".join(name for bit, name in FLAG_NAMES.items() if flags & bit)
 
 
+ArraySpec = tuple[tuple[int, ...], tuple[int, ...], type, dict | None]
+
+
+def _array_specs(plan: Plan, voxel_size: tuple[float, float, float]) -> dict[str, ArraySpec]:
+    """The pipeline's arrays, name -> (shape, chunks, dtype, attrs) (``voxel_size``: nm of a working pixel);
+    ``stages/polish`` comes last, so that its presence marks a folder whose arrays were all created."""
+    depth = plan.shape[0]
+    gy, gx = plan.grid_shape
+    stride = plan.params.stride
+    field_attrs = {
+        "axes": ["z", "c", "y", "x"],
+        "channels": ["dy", "dx"],
+        "convention": "pull: aligned(p) = raw(p + u(p))",
+        "units": "pixels of the working resolution",
+        "stride": stride,
+        "coordinateTransformations": [
+            {"type": "scale", "scale": [voxel_size[0], 1.0, voxel_size[1] * stride, voxel_size[2] * stride]}
+        ],
+    }
+    block = plan.params.block  # arrays written by parallel block tasks: one chunk per block, no shared chunk
+    pair_shape, pair_chunks = (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7)
+    nodes = PatchGrid.for_shape(plan.shape[1:], plan.params.polish_patch).shape
+    tile = (min(nodes[0], NODE_TILE), min(nodes[1], NODE_TILE))
+    specs: dict[str, ArraySpec] = {
+        "sections/flags": ((depth,), (4096,), np.uint8, None),
+        "sections/stats": ((depth, 3), (block, 3), np.float32, None),
+        "sections/contrast": ((depth,), (4096,), np.float32, None),
+        "coarse/pairs": (pair_shape, pair_chunks, np.float64, None),
+        "coarse/affine": (pair_shape, pair_chunks, np.float64, None),
+        "coarse/matrices": ((depth, 2, 3), (4096, 2, 3), np.float64, None),
+        "coarse/stiffness": ((depth,), (4096,), np.float64, None),
+        "refine/pairs": (pair_shape, pair_chunks, np.float64, None),
+        "polish/pairs": ((depth, len(OFFSETS), *nodes, 3), (block, len(OFFSETS), *tile, 3), np.float32, None),
+        "polish/shifts": ((depth, 2, *nodes), (block, 2, *tile), np.float32, None),
+    }
+    side = plan.task_tile // stride  # one chunk per xy task tile: estimate and stitch tasks share no chunk
+    for name in ("relative", "stitched", "refined", "global"):
+        specs[f"fields/{name}"] = ((depth, 2, gy, gx), (1, 2, side, side), np.float32, field_attrs)
+    n_blocks, n_tiles = len(plan.blocks()), len(plan.tiles())
+    for stage in MARKED:
+        specs[f"stages/{stage.name}"] = ((stage.marker_count(n_blocks, n_tiles),), (1,), bool, None)
+    return specs
+
+
 class Workspace:
     """Access to an alignment's output folder (create once, then open from any process)."""
 
@@ -171,7 +214,8 @@ class Workspace:
 
     @classmethod
     def create(cls, stack: Stack, out: str | os.PathLike, params: AlignParams, overwrite: bool = False) -> Workspace:
-        """Create the output for ``stack`` (full resolution; or reopen it when params match, to resume)."""
+        """Create the output for ``stack`` (full resolution; or reopen it when params match, to resume, refusing
+        a folder that lacks an array this version writes)."""
         params.validate()
         check_values(params)
         resolution, voxel_size, unit = stack_resolution(stack, params)
@@ -208,47 +252,17 @@ class Workspace:
             ngff=params.ngff,
             shard=params.shard,
         )
+        f = resolution.factor
+        arrays = _array_specs(plan, (voxel_size[0], voxel_size[1] * f, voxel_size[2] * f))
         if f"stages/{MARKED[-1].name}" not in writer.group:  # new, or killed while its arrays were being created
-            f = resolution.factor
-            cls._create_arrays(out, plan, (voxel_size[0], voxel_size[1] * f, voxel_size[2] * f))
+            for name, spec in arrays.items():
+                io.create_array(out, name, *spec, overwrite=True)
+        elif missing := [name for name in arrays if name not in writer.group]:
+            raise EmalignError(
+                f"{out}: written by an older emalign, it lacks {', '.join(missing)}; "
+                "rerun with --overwrite to align it again"
+            )
         return cls(out)
-
-    @staticmethod
-    def _create_arrays(out: str | os.PathLike, plan: Plan, voxel_size: tuple[float, float, float]) -> None:
-        """The pipeline's arrays, empty (replacing any left by a run killed here); ``stages/polish`` comes last."""
-        create_array = functools.partial(io.create_array, overwrite=True)
-        depth = plan.shape[0]
-        gy, gx = plan.grid_shape
-        stride = plan.params.stride
-        field_attrs = {
-            "axes": ["z", "c", "y", "x"],
-            "channels": ["dy", "dx"],
-            "convention": "pull: aligned(p) = raw(p + u(p))",
-            "units": "pixels of the working resolution",
-            "stride": stride,
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [voxel_size[0], 1.0, voxel_size[1] * stride, voxel_size[2] * stride]}
-            ],
-        }
-        block = plan.params.block  # arrays written by parallel block tasks: one chunk per block, no shared chunk
-        create_array(out, "sections/flags", (depth,), (4096,), np.uint8)
-        create_array(out, "sections/stats", (depth, 3), (block, 3), np.float32)
-        create_array(out, "sections/contrast", (depth,), (4096,), np.float32)
-        create_array(out, "coarse/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
-        create_array(out, "coarse/affine", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
-        create_array(out, "coarse/matrices", (depth, 2, 3), (4096, 2, 3), np.float64)
-        create_array(out, "coarse/stiffness", (depth,), (4096,), np.float64)
-        create_array(out, "refine/pairs", (depth, len(OFFSETS), 7), (block, len(OFFSETS), 7), np.float64)
-        nodes = PatchGrid.for_shape(plan.shape[1:], plan.params.polish_patch).shape
-        tile = (min(nodes[0], NODE_TILE), min(nodes[1], NODE_TILE))
-        create_array(out, "polish/pairs", (depth, len(OFFSETS), *nodes, 3), (block, len(OFFSETS), *tile, 3), np.float32)
-        create_array(out, "polish/shifts", (depth, 2, *nodes), (block, 2, *tile), np.float32)
-        side = plan.task_tile // stride  # one chunk per xy task tile: estimate and stitch tasks share no chunk
-        for name in ("relative", "stitched", "refined", "global"):
-            create_array(out, f"fields/{name}", (depth, 2, gy, gx), (1, 2, side, side), np.float32, attrs=field_attrs)
-        n_blocks, n_tiles = len(plan.blocks()), len(plan.tiles())
-        for stage in MARKED:
-            create_array(out, f"stages/{stage.name}", (stage.marker_count(n_blocks, n_tiles),), (1,), bool)
 
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
