@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--quick] [--seeds 3] [--stacks flyem-4nm,size-1024] [--misalignments a,c]
                                [--texture procedural|flyem] [--methods "no alignment,emalign align"] [--no-harm]
 
-One run over a matrix of (stack, misalignment), five tables, four each varying one axis:
+One run over a matrix of (stack, misalignment), six tables, four each varying one axis:
 
 - **pixel size**: FlyEM sample 2, every 4th slice (40 nm), 32 sections at 10 nm pixels and zoomed
   (cubic, section by section) 2x and 2.5x to 5 and 4 nm pixels (250, 500, 625 px wide);
@@ -21,7 +21,11 @@ One run over a matrix of (stack, misalignment), five tables, four each varying o
   nm), and the 1024^2 texture under (a) and (f), (a) without its scale;
 - **wander-free references**: the FlyEM volume resliced along y and along x (sections across the
   FIB-SEM slices, every 4th: 40 nm), which carry no slice-to-slice jitter of the microscope, beside the
-  FlyEM stack as imaged.
+  FlyEM stack as imaged;
+- **large sections, large offsets, strain**: (g) shifts 400 px, rotations 3 deg, 1 % scale, 3 % compression on
+  12 x 4096^2 of the texture, a 2 x 2 mosaic of four volumes (not in `--quick`), so that an offset of a
+  tenth of the width is not ambiguous (a tiled texture repeats every 1024 px); 2 seeds at most. Matched at
+  2048^2 block means, as every section of 4096 px or more is, a few % of strain decorrelates the sections' edges.
 
 Every misalignment is the same in nm: lengths (shift, elastic amplitude and correlation length) are given
 at 10 nm and scaled by 10 / pixel nm. Each (stack, misalignment) is aligned by the pairwise-rigid chain, by
@@ -37,12 +41,12 @@ and in nm (mean); fail % counts residuals above 250 nm (25 px at 10 nm); s/MPx i
 megapixel of input (the small stacks of --quick pay mostly the pipeline's fixed start-up). Writes
 benchmarks/results/scale.md; prints each row as it comes and the tables at the end. Needs ../shared/data.
 
-Cost: each method aligns 887 MPx over the default matrix (13 MPx with --quick; printed at the start). At
-the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
-(benchmarks/results/speed_epyc.md) that is about 53 min, plus misalignment and metrics: about 60-70 min
-(--quick: 4.8 min measured with the 2 cores shared by ~10 busy processes; an estimated 1-2 min idle). Peak
-memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2 (the rigid chain's full-resolution phase correlation
-and the (Z, 2, Y, X) fields), so expect about 8 GB on the default 4 x 4096^2. SOFIMA on this CPU (jax) takes
+Cost: each method aligns 1491 MPx over the default matrix, 604 of them the 12 x 4096^2 mosaic (30 MPx with --quick;
+printed at the start). At the 0.47 / 0.70 MPx/s of `emalign align` / the rigid chain on an idle 2-core EPYC
+(benchmarks/results/speed_epyc.md) that is about 90 min, plus misalignment and metrics: about 100-110 min
+(`--stacks` without `mosaic-4096`: 887 MPx, 60-70 min). Peak memory: 1.7 GB for 2 x 2048^2, 6.0 GB for 2 x 4096^2
+(the rigid chain's full-resolution phase correlation and the (Z, 2, Y, X) fields), about 8 GB on 4 x 4096^2 and
+more on the 12 x 4096^2 mosaic, whose true and estimated fields alone take 1.6 GB each. SOFIMA on this CPU (jax) takes
 about 6 s/MPx on 1024^2 sections, 15 on the 5 nm mosaic and 40-50 on 250^2 (its compilations dominate there),
 2.5-30x emalign's time on the same stacks, for each of its two rows.
 """
@@ -96,6 +100,10 @@ MISALIGNMENTS = {
         {"shift": 50.0, "rotation_deg": 3.0, "scale": 0.01, "compression": 0.02},
     ),
     "f": ("(f) 15 px, 1 deg, no scale", {"shift": 15.0, "rotation_deg": 1.0, "scale": 0.0}),
+    "g": (
+        "(g) 400 px, 3 deg, 1 % scale, 3 % compression",
+        {"shift": 400.0, "rotation_deg": 3.0, "scale": 0.01, "compression": 0.03},
+    ),
 }
 """Name: (label at 10 nm, :func:`emalign.synth.misalign` arguments); all with elastic 2 px at 100 px."""
 ELASTIC = {"elastic": 2.0, "elastic_length": 100.0}
@@ -126,10 +134,12 @@ class Plan:
     seeds: int
     fine_sections: int
     """Sections of the 5 nm FlyEM mosaic (issue 24's must-show case)."""
+    strained: tuple[int, int] | None
+    """Side and sections of the texture mosaic that takes offsets of a tenth of its width under (g); None: none."""
 
 
-FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3, 12)
-QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2, 6)
+FULL = Plan(32, None, {448: (32, None), 1024: (16, None), 2048: (6, None), 4096: (4, 2)}, 1024, 3, 12, (4096, 12))
+QUICK = Plan(6, 128, {256: (6, None), 512: (4, None)}, 512, 2, 6, None)
 
 
 def physical(misalignment: dict, pixel_nm: float) -> dict:
@@ -191,6 +201,16 @@ def texture(size: int, sections: int, kind: str) -> np.ndarray:
     return tiled(block, size)
 
 
+def texture_mosaic(side: int, sections: int) -> np.ndarray:
+    """``sections`` x ``side`` x ``side`` of the procedural texture at 10 nm pixels and 40 nm spacing, a 2 x 2 mosaic of
+    four volumes (seeds 1-4): wide sections without the period of :func:`tiled`, which makes offsets of a tenth of
+    the width ambiguous."""
+    half = side // 2
+    z_step = SPACING_NM / REFERENCE_NM
+    quarters = [synth.em_texture((sections, half, half), seed=seed, z_step=z_step) for seed in (1, 2, 3, 4)]
+    return np.concatenate([np.concatenate(quarters[:2], axis=2), np.concatenate(quarters[2:], axis=2)], axis=1)
+
+
 def mosaic_flyem(plan: Plan, sections: int, pixel_nm: float = 5.0) -> np.ndarray:
     """``sections`` x ``2 side`` x ``2 side`` sections (``side``: the FlyEM crop, 250) zoomed to ``pixel_nm`` pixels: a
     2 x 2 mosaic of four different 40 nm series at 10 nm (FlyEM samples 1 and 2, as imaged and resliced along y). Wider
@@ -229,6 +249,15 @@ def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
             (n, side, side),
             functools.partial(flyem, plan, reslice=axis),
         )
+    if plan.strained:
+        side, sections = plan.strained
+        made[f"mosaic-{side}"] = Stack(
+            f"procedural 2 x 2 mosaic, {sections} x {side}^2, 10 nm px",
+            REFERENCE_NM,
+            (sections, side, side),
+            functools.partial(texture_mosaic, side, sections),
+            2,
+        )
     name = "procedural texture" if kind == "procedural" else "FlyEM tiled"
     for size, (sections, seeds) in plan.sizes.items():
         made[f"size-{size}"] = Stack(
@@ -249,13 +278,17 @@ def axes(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
         (
             "Misalignment",
             [("flyem-10nm", "a"), ("flyem-10nm", "b"), ("flyem-5nm", "b")]
-            + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS],
+            + [(f"size-{plan.wide}", m) for m in MISALIGNMENTS if m != "g"],
         ),
         (
             "Issue 24's must-show cases (FlyEM mosaic at 5 nm and at 10 nm; procedural with and without scale)",
             [(f"flyem-{p}nm-mosaic", m) for p in (5, 10) for m in "de"] + [(f"size-{plan.wide}", m) for m in "af"],
         ),
         ("Wander-free references", [("flyem-10nm", "a"), ("resliced-y", "a"), ("resliced-x", "a")]),
+        (
+            "Large sections, offsets of a tenth of their width, strain",
+            [(f"mosaic-{plan.strained[0]}", "g")] if plan.strained else [],
+        ),
     ]
 
 
