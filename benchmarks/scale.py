@@ -201,14 +201,18 @@ def texture(size: int, sections: int, kind: str) -> np.ndarray:
     return tiled(block, size)
 
 
+def two_by_two(quarters: list[np.ndarray]) -> np.ndarray:
+    """Four ``(Z, Y, X)`` stacks of one shape laid out as one ``(Z, 2 Y, 2 X)`` mosaic, the first two on top."""
+    return np.concatenate([np.concatenate(quarters[:2], axis=2), np.concatenate(quarters[2:], axis=2)], axis=1)
+
+
 def texture_mosaic(side: int, sections: int) -> np.ndarray:
     """``sections`` x ``side`` x ``side`` of the procedural texture at 10 nm pixels and 40 nm spacing, a 2 x 2 mosaic of
     four volumes (seeds 1-4): wide sections without the period of :func:`tiled`, which makes offsets of a tenth of
     the width ambiguous."""
     half = side // 2
     z_step = SPACING_NM / REFERENCE_NM
-    quarters = [synth.em_texture((sections, half, half), seed=seed, z_step=z_step) for seed in (1, 2, 3, 4)]
-    return np.concatenate([np.concatenate(quarters[:2], axis=2), np.concatenate(quarters[2:], axis=2)], axis=1)
+    return two_by_two([synth.em_texture((sections, half, half), seed=seed, z_step=z_step) for seed in (1, 2, 3, 4)])
 
 
 def mosaic_flyem(plan: Plan, sections: int, pixel_nm: float = 5.0) -> np.ndarray:
@@ -220,8 +224,7 @@ def mosaic_flyem(plan: Plan, sections: int, pixel_nm: float = 5.0) -> np.ndarray
         volume = evaluate.shared_stack(name)
         for view in (volume, volume.transpose(1, 0, 2)):
             series.append(crop(view[:: int(SPACING_NM / REFERENCE_NM)][:sections], plan.flyem_crop))
-    top, bottom = np.concatenate(series[:2], axis=2), np.concatenate(series[2:], axis=2)
-    return zoomed(np.ascontiguousarray(np.concatenate([top, bottom], axis=1)), REFERENCE_NM / pixel_nm)
+    return zoomed(two_by_two(series), REFERENCE_NM / pixel_nm)
 
 
 def stacks(plan: Plan, kind: str = "procedural") -> dict[str, Stack]:
