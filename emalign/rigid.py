@@ -1007,6 +1007,7 @@ def misaligned_slope(
     weights: np.ndarray | None = None,
     tolerance: float = SLOPE_TOLERANCE,
     wander: bool = False,
+    max_slope: float = np.inf,
 ) -> np.ndarray:
     """The part of a trajectory's linear trend along z that its own per-section misalignment explains.
 
@@ -1030,9 +1031,12 @@ def misaligned_slope(
         weights: ``(Z,)`` weight of each section (0: ignore); default all 1.
         tolerance: see :data:`SLOPE_TOLERANCE`.
         wander: see above.
+        max_slope: the steepest slope (the values' units per section) left to the trend: of a steeper one, the
+            rest is misalignment too (content does not run through a stack that fast).
 
     Returns:
-        ``(Z, k)`` the linear trend ``g b (z - zbar)`` to correct together with the jitter.
+        ``(Z, k)`` the linear trend to correct together with the jitter: ``g b (z - zbar)``, and where ``(1 - g) b``
+        is steeper than ``max_slope``, all of the slope but ``max_slope``.
     """
     values = np.asarray(values, np.float64).reshape(len(values), -1)
     w = np.ones(len(values)) if weights is None else np.asarray(weights, np.float64)
@@ -1052,7 +1056,8 @@ def misaligned_slope(
         jitter = np.average((values - np.asarray(trend, np.float64).reshape(values.shape)) ** 2, axis=0, weights=w)
     explained = tolerance**2 * jitter / spread
     gain = np.where(slope**2 > explained, explained / np.maximum(slope**2, 1e-300), 1.0) * share
-    return zc[:, None] * (gain * slope)[None]
+    kept = np.clip((1.0 - gain) * slope, -max_slope, max_slope)
+    return zc[:, None] * (slope - kept)[None]
 
 
 def detrend_rigid(
@@ -1062,6 +1067,7 @@ def detrend_rigid(
     weights: np.ndarray | None = None,
     angle_stiffness: float | None = None,
     angle_wander: bool = True,
+    max_drift: float = np.inf,
 ) -> np.ndarray:
     """Remove the smooth trend along z from per-section rigid transforms.
 
@@ -1083,6 +1089,7 @@ def detrend_rigid(
         angle_stiffness: curvature weight of the angles' trend (default: ``stiffness``).
         angle_wander: weigh the angles' slope against a wander (:func:`misaligned_slope`); False where the pairs
             measure the angles far more precisely than they vary: their whole slope is misalignment.
+        max_drift: the steepest straight drift of the centre shifts kept as content, px per section.
 
     Returns:
         ``(Z, 2, 3)`` rigid pull affines holding only the jitter about the trend.
@@ -1093,7 +1100,7 @@ def detrend_rigid(
     trend = np.empty_like(params)
     trend[:, 0] = smooth_trend(params[:, 0], stiffness if angle_stiffness is None else angle_stiffness, weights)
     trend[:, 1:] = smooth_trend(params[:, 1:], stiffness, weights)
-    trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights)
+    trend[:, 1:] -= misaligned_slope(params[:, 1:], trend[:, 1:], weights, max_slope=max_drift)
     trend[:, :1] -= (
         misaligned_slope(params[:, :1], trend[:, :1], weights, wander=True)
         if angle_wander

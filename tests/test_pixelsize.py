@@ -13,8 +13,8 @@ from scipy import ndimage
 from emalign.errors import EmalignError
 from emalign.io import downsampled, import_stack, open_stack
 from emalign.metrics import adjacent_correlation
-from emalign.pipeline import AlignParams, align
-from emalign.pipeline.store import stack_resolution, working_stack
+from emalign.pipeline import AlignParams, align, store
+from emalign.pipeline.store import Workspace, stack_resolution, working_stack
 from emalign.pixelsize import (
     check_pixel_size,
     estimate_pixel_size,
@@ -106,6 +106,18 @@ def test_voxel_size_comes_from_the_user_then_the_metadata_then_the_texture(tmp_p
     guessed = stack_resolution(bare, AlignParams())
     assert guessed[0].source == "estimated" and guessed[0].factor == 1
     assert guessed[1:] == ((1.0, 1.0, 1.0), "nanometer")  # the output repeats the input's metadata
+
+
+def test_a_resumed_output_keeps_the_pixel_size_estimated_when_it_was_created_without_reading_again(
+    tmp_path, monkeypatch
+):
+    tifffile.imwrite(tmp_path / "bare.tif", demo_stack((4, 64, 64), seed=0)[1].stack)
+    stack, params = open_stack(tmp_path / "bare.tif"), AlignParams()
+    first = Workspace.create(stack, tmp_path / "out.zarr", params).resolution
+    calls = []
+    monkeypatch.setattr(store, "estimate_pixel_size", lambda crops: calls.append(crops) or 2 * first.pixel_nm)
+    assert Workspace.create(stack, tmp_path / "out.zarr", params).resolution == first and not calls
+    assert Workspace.create(stack, tmp_path / "new.zarr", params).resolution.pixel_nm == 2 * first.pixel_nm
 
 
 def test_an_absurd_voxel_size_in_the_metadata_is_a_one_line_error_naming_the_file(tmp_path):

@@ -425,22 +425,36 @@ def test_any_stage_options_give_a_result_or_a_one_line_error(small_tiff, command
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_a_corrupt_input_chunk_is_named_and_after_repair_the_run_resumes(raw, reference, tmp_path, zarr_format):
     path = write_zarr(tmp_path / "raw.zarr", raw, (1, 32, 32), zarr_format)
-    key = "5.1.0" if zarr_format == 2 else "c/5/1/0"
+    key = "6.1.0" if zarr_format == 2 else "c/6/1/0"  # section 6: not one the pixel-size estimate reads
     (path / key).write_bytes(b"\x00garbage" * 16)
     out = tmp_path / "out.zarr"
-    error_line(invoke("align", path, out, *CLI), path, "section 5 could not be read", f"chunk {key}:")
+    error_line(invoke("align", path, out, *CLI), path, "section 6 could not be read", f"chunk {key}:")
     assert not is_complete(out)
     stack = open_stack(path)  # the other chunks, and the other sections, read as before
-    for z in (4, 6):
+    for z in (5, 7):
         np.testing.assert_array_equal(check_chunk(stack, z), raw[z])
     done = array(out, "stages/prealign")
-    assert not done[2:].any()  # the blocks that read section 5 (sections 4-5, and 6-7 with their 3 neighbours)
+    assert not done[3]  # the block that reads section 6 (sections 6-7, with their 3 neighbours)
     kept = [out / "coarse" / "pairs" / str(index) / "0" / "0" for index in np.flatnonzero(done)]
 
-    zarr.open_array(str(path), mode="r+")[5] = raw[5]  # repaired
+    zarr.open_array(str(path), mode="r+")[6] = raw[6]  # repaired
     stamps = [file.stat().st_mtime_ns for file in kept]
     assert invoke("align", path, out, *CLI).exit_code == 0
     assert [file.stat().st_mtime_ns for file in kept] == stamps  # blocks finished before the error: not redone
+    same_output(out, reference)
+
+
+@pytest.mark.e2e
+def test_a_corrupt_chunk_in_a_section_the_pixel_size_estimate_reads_is_named_before_the_output_exists(
+    raw, reference, tmp_path
+):
+    path = write_zarr(tmp_path / "raw.zarr", raw, (1, 32, 32))
+    (path / "5.1.0").write_bytes(b"\x00garbage" * 16)
+    out = tmp_path / "out.zarr"
+    error_line(invoke("align", path, out, *CLI), path, "section 5 could not be read", "chunk 5.1.0:")
+    assert not out.exists()  # no output whose pixel size a repaired section would change
+    zarr.open_array(str(path), mode="r+")[5] = raw[5]
+    assert invoke("align", path, out, *CLI).exit_code == 0
     same_output(out, reference)
 
 

@@ -350,6 +350,32 @@ def test_misaligned_slope_leaves_an_oblique_trend_far_steeper_than_the_jitter():
     assert np.all(np.abs(np.diff(taken, axis=0)) < 0.01)
 
 
+def test_misaligned_slope_takes_what_a_drift_has_beyond_max_slope():
+    rng = np.random.default_rng(4)
+    depth = 32
+    z = np.arange(depth, dtype=float)
+    values = 3.0 * z[:, None] + rng.normal(0, 0.5, (depth, 2))
+    trend = 3.0 * z[:, None] + (values - 3.0 * z[:, None]).mean(0)
+    taken = rigid.misaligned_slope(values, trend, max_slope=1.0)
+    np.testing.assert_allclose(np.diff(taken, axis=0), 2.0, atol=0.05)  # 3 px per section, 1 of it kept
+
+
+def test_detrend_rigid_corrects_four_large_offsets_that_lie_near_a_line_steeper_than_max_drift():
+    # the centre offsets of four 4096^2 sections misaligned by 400 px (seed 1 of the strained mosaic case): their
+    # scatter about their own line explains only a fifth of its slope of 228 px per section
+    shape = (4096, 4096)
+    offsets = np.array([[139.0, 328.0], [212.0, 216.0], [367.0, 727.0], [846.0, -294.0]])
+    matrices = np.stack([rigid.rigid_matrix(0.0, o, shape) for o in offsets])
+
+    def kept_slope(max_drift: float) -> float:
+        detrended = rigid.detrend_rigid(matrices, shape, 1e4, max_drift=max_drift)
+        kept = offsets - rigid.centre_shifts(detrended, shape)  # what the prealignment leaves in place
+        return float(np.abs(np.polyfit(np.arange(4.0), kept, 1)[0]).max())
+
+    assert kept_slope(np.inf) > 100
+    assert kept_slope(4.0) <= 4.0 + 1e-6
+
+
 def test_jitter_and_wander_separate_independent_jitter_from_a_random_walk():
     rng = np.random.default_rng(6)
     depth, columns = 4000, 2

@@ -64,6 +64,11 @@ A stiffer trend corrects slightly more strain on misaligned stacks, but its jitt
 wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and aligned stacks are moved
 (figures: benchmarks/results/design_choices.md)."""
 
+MAX_DRIFT_STEPS = 4.0
+"""The steepest straight drift along z that the prealignment keeps as content, in :data:`CONTENT_STEP_NM` per
+section (40 nm per section at the default): the slope of a few sections' independent offsets of hundreds of px is
+otherwise read as an oblique stack whenever it exceeds what their scatter about it explains."""
+
 CONTENT_STEP_NM = 10.0
 """How far the prealignment's matches see content move between neighbouring sections (rms length of the step of a
 section's solved centre shift from the one before, nm). Aligned FlyEM at 40 nm spacing steps by 12 nm (resliced
@@ -389,8 +394,9 @@ def solve_pairs(
             :func:`emalign.consensus.wander_stiffness` against the pairs' angle residuals, at least
             :data:`ANGLE_TREND_FACTOR` times it. ``(Z,)``: per section (a segment takes its first section's).
         strain_table: the same pairs as affine matrices (``coarse/affine``), or None (rigid only).
-        content_step: how far content moves between neighbouring sections, px (rms); 0: the shifts' trend is
-            ``trend_stiffness`` whatever they do.
+        content_step: how far content moves between neighbouring sections, px (rms); the shifts' trend keeps a
+            straight drift of at most :data:`MAX_DRIFT_STEPS` of it per section. 0: the shifts' trend is
+            ``trend_stiffness`` whatever they do, with any drift.
     """
     depth = len(table)
     matrices = np.tile(np.eye(2, 3), (depth, 1, 1))
@@ -414,7 +420,13 @@ def solve_pairs(
             shifts = rigid.centre_shifts(solved, shape)
             stiffness[start:stop] = consensus.flow_stiffness(shifts, content_step, ceiling, weights)
             matrices[start:stop] = rigid.detrend_rigid(
-                solved, shape, stiffness[start], weights, angle_stiffness, angle_wander=angle_stiffness <= floor
+                solved,
+                shape,
+                stiffness[start],
+                weights,
+                angle_stiffness,
+                angle_wander=angle_stiffness <= floor,
+                max_drift=MAX_DRIFT_STEPS * content_step if content_step > 0 else np.inf,
             )
             if strain_table is not None:
                 matrices[start:stop] = affine.apply_strain(matrices[start:stop], strain, shape)

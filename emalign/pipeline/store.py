@@ -42,7 +42,6 @@ pull convention, channels (dy, dx); chunked per section and xy task tile. Render
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -91,21 +90,24 @@ def check_values(params: AlignParams) -> None:
 
 
 def _central_crops(stack: Stack, count: int = 5) -> list[np.ndarray]:
-    """Central crops (at most :data:`ESTIMATE_CROP` px a side) of ``count`` sections spread over the stack;
-    a section that cannot be read is left out (the stage that reads it names it)."""
+    """Central crops (at most :data:`ESTIMATE_CROP` px a side) of ``count`` sections spread over the stack; a
+    section that cannot be read raises, before the output exists: an estimate made without it would change
+    once it is repaired, and with it the work a resumed run keeps."""
     depth, height, width = stack.shape
     crop = min(height, width, ESTIMATE_CROP)
     region = (slice((height - crop) // 2, (height + crop) // 2), slice((width - crop) // 2, (width + crop) // 2))
     crops = []
     for z in np.unique(np.linspace(0, depth - 1, min(count, depth)).round().astype(int)):
-        with contextlib.suppress(EmalignError):
-            crops.append(check_chunk(stack, int(z), require_finite=False, region=region))
+        crops.append(check_chunk(stack, int(z), require_finite=False, region=region))
     return crops
 
 
-def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tuple[float, float, float], str]:
+def stack_resolution(
+    stack: Stack, params: AlignParams, kept: Resolution | None = None
+) -> tuple[Resolution, tuple[float, float, float], str]:
     """The input's :class:`Resolution` (from ``--voxel-size``, else its metadata, else estimated from its
-    texture), and the voxel size and unit the aligned output carries (the input's unless the user gave one)."""
+    texture, or ``kept``: the estimate of the run being resumed), and the voxel size and unit the aligned
+    output carries (the input's unless the user gave one)."""
     if params.voxel_size:
         where = f"{stack.path}: --voxel-size {','.join(f'{v:g}' for v in params.voxel_size)} {params.unit}"
         check_spacings(params.voxel_size, params.unit, where)
@@ -118,7 +120,7 @@ def stack_resolution(stack: Stack, params: AlignParams) -> tuple[Resolution, tup
         except EmalignError as err:
             raise EmalignError(f"{stack.path}: metadata: {err}") from None
         return working_resolution(check_pixel_size(pixel, stack.path), "metadata"), stack.voxel_size, stack.unit
-    estimated = working_resolution(estimate_pixel_size(_central_crops(stack)), "estimated")
+    estimated = kept or working_resolution(estimate_pixel_size(_central_crops(stack)), "estimated")
     return estimated, stack.voxel_size, stack.unit  # the output's metadata repeats the input's, invents nothing
 
 
@@ -218,7 +220,16 @@ class Workspace:
         a folder that lacks an array this version writes)."""
         params.validate()
         check_values(params)
-        resolution, voxel_size, unit = stack_resolution(stack, params)
+        source = {"path": stores.absolute(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
+        existing = emalign_attrs(out) or {}
+        if existing.get("input") not in (None, source) and not overwrite:
+            raise EmalignError(
+                f"{out}: holds the alignment of another input ({existing['input']['path']}); use --overwrite"
+            )
+        resumed = not overwrite and existing.get("input") == source and existing.get("params") == params.to_dict()
+        stored = (existing.get("resolution") or {}) if resumed else {}
+        kept = Resolution.from_dict(stored) if stored.get("source") == "estimated" else None
+        resolution, voxel_size, unit = stack_resolution(stack, params, kept)
         working = working_stack(stack, resolution.factor)
         effective = params.working(resolution.ratio)
         side = max(MIN_SIDE, 2 * effective.coarse_downsample)
@@ -229,10 +240,6 @@ class Workspace:
                 f"at {resolution.factor}x block means)"
             )
         plan = Plan(working.shape, effective)
-        source = {"path": stores.absolute(stack.path), "shape": list(stack.shape), "dtype": str(stack.dtype)}
-        existing = (emalign_attrs(out) or {}).get("input")
-        if existing is not None and existing != source and not overwrite:
-            raise EmalignError(f"{out}: holds the alignment of another input ({existing['path']}); use --overwrite")
         attrs = {
             "version": __version__,
             "input": source,
