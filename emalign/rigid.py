@@ -64,10 +64,14 @@ REFINE_STEPS = 2  # default Gauss-Newton steps of the patch-based refinement
 OFFSET_CLASS_TOLERANCE = 2.0
 """How much larger than the best offset class's a class's typical residual may be in :func:`solve_rigid`
 before its pairs are down-weighted."""
-SECOND_OPINION_MARGIN = 1.25
+SECOND_OPINION_MARGIN = 2.0
 """In :func:`pairwise_rigid`, a pair whose peak is under this multiple of the stack's unrelated-pair peak is
-matched again at 2x coarser block means."""
+matched again at coarser block means."""
 _MIN_SECOND_OPINION_SIDE = 16  # px of the coarser images: below this no second opinion is asked
+SECOND_OPINION_SIDE = 512
+"""In :func:`pairwise_rigid`, second opinions go on to 4x, 8x, ... coarser block means while these stay at least
+this wide (px): matched whole, sections strained by a few % decorrelate at their edges at fine scale, and offsets
+of hundreds of px then lock onto noise, while the coarse structure still matches."""
 SLOPE_TOLERANCE = 2.0
 """In :func:`misaligned_slope`, a trajectory's slope along z is taken for misalignment up to this many standard
 deviations of the slope that its per-section jitter alone would give."""
@@ -670,6 +674,7 @@ def pairwise_rigid(
     refine_steps: int = REFINE_STEPS,
     unrelated: dict[int, float] | None = None,
     second_opinion: float | None = None,
+    coarsest_side: int = SECOND_OPINION_SIDE,
     device: torch.device | str = "cpu",
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
@@ -688,11 +693,13 @@ def pairwise_rigid(
             section ``z`` turned by 180 degrees (same content statistics, no shared structure): what a
             pair of unrelated sections scores in this stack.
         second_opinion: if given (e.g. :data:`SECOND_OPINION_MARGIN`), a pair whose peak is under this
-            multiple of the median unrelated peak so far is matched again at ``2 * downsample``, and
-            the coarser estimate is kept if its peak stands higher above the unrelated peaks at its own
-            scale (ratio to their median). Where sections change a lot (wide z-spacing) fine detail
+            multiple of the median unrelated peak so far is matched again at ``2 * downsample`` and, while the
+            images stay ``coarsest_side`` px wide, at 4x, 8x, ... ``downsample``; the estimate kept
+            is the one whose peak stands highest above the unrelated peaks at its own scale (ratio to their
+            median). Where sections change a lot (wide z-spacing, strain across wide sections) fine detail
             may not carry from one to the next while coarse structure does. The pair keeps the finer
             match's score (its weight in :func:`solve_rigid` and the break detection do not change).
+        coarsest_side: see ``second_opinion`` (default :data:`SECOND_OPINION_SIDE`).
         device: where the sections' spectra are held, computed and correlated (block means, warps and
             no-data weights stay on the CPU).
 
@@ -702,38 +709,49 @@ def pairwise_rigid(
         a blank section).
     """
     shape = tuple(stack.shape[-2:])
-    if second_opinion and min(shape) // (2 * downsample) < _MIN_SECOND_OPINION_SIDE:
-        second_opinion = None
-    sections: dict[int, _Section] = {}
-    coarser: dict[int, _Section] = {}
-    floors: tuple[list[float], list[float]] = ([], [])  # unrelated peaks at the matching and the coarser scale
+    side = min(shape) // downsample
+    coarser = max(1, int(np.log2(max(side // coarsest_side, 1))))  # scale n: 2^n x coarser block means
+    if not second_opinion or side // 2 < _MIN_SECOND_OPINION_SIDE:
+        coarser = 0
+    # per scale (0: the matching one): the sections held, and the unrelated peaks so far
+    sections: list[dict[int, _Section]] = [{} for _ in range(coarser + 1)]
+    floors: list[list[float]] = [[] for _ in range(coarser + 1)]
 
-    def coarser_section(z: int) -> _Section:
-        if z not in coarser:
-            coarser[z] = _Section(block_mean(sections[z].image, 2, nodata=True), lowpass, device)
-        return coarser[z]
+    def section(scale: int, z: int) -> _Section:
+        if z not in sections[scale]:
+            finer = section(scale - 1, z).image
+            sections[scale][z] = _Section(block_mean(finer, 2, nodata=True), lowpass, device)
+        return sections[scale][z]
+
+    def floor(scale: int) -> float:
+        return max(float(np.median(floors[scale])), 1e-6)
 
     pairs = []
     for z in _progress(range(stack.shape[0]), progress, "rigid pairs"):
-        sections[z] = _Section(block_mean(np.asarray(stack[z]), downsample, nodata=True), lowpass, device)
-        sections.pop(z - max(offsets) - 1, None)
-        coarser.pop(z - max(offsets) - 1, None)
-        if z - 1 in sections and (unrelated is not None or second_opinion):
-            peak = _unrelated_peak(sections[z - 1], sections[z])
+        sections[0][z] = _Section(block_mean(np.asarray(stack[z]), downsample, nodata=True), lowpass, device)
+        for held in sections:
+            held.pop(z - max(offsets) - 1, None)
+        if z - 1 in sections[0] and (unrelated is not None or coarser):
+            peak = _unrelated_peak(sections[0][z - 1], sections[0][z])
             if unrelated is not None:
                 unrelated[z] = peak
-            if second_opinion and peak > 0:
+            if coarser and peak > 0:
                 floors[0].append(peak)
-                floors[1].append(_unrelated_peak(coarser_section(z - 1), coarser_section(z)))
+                for scale in range(1, coarser + 1):
+                    floors[scale].append(_unrelated_peak(section(scale, z - 1), section(scale, z)))
         for k in offsets:
-            if z - k not in sections:
+            if z - k not in sections[0]:
                 continue
-            estimate = _estimate(sections[z - k], sections[z], max_rotation_deg, upsample, refine_steps)
+            estimate = _estimate(sections[0][z - k], sections[0][z], max_rotation_deg, upsample, refine_steps)
             matrix = upscale_matrix(estimate.matrix, downsample)
-            if second_opinion and floors[0] and estimate.score < second_opinion * np.median(floors[0]):
-                second = _estimate(coarser_section(z - k), coarser_section(z), max_rotation_deg, upsample, refine_steps)
-                if second.score / max(float(np.median(floors[1])), 1e-6) > estimate.score / np.median(floors[0]):
-                    matrix = upscale_matrix(second.matrix, 2 * downsample)
+            if coarser and floors[0] and estimate.score < second_opinion * floor(0):
+                best = estimate.score / floor(0)
+                for scale in range(1, coarser + 1):
+                    other = _estimate(
+                        section(scale, z - k), section(scale, z), max_rotation_deg, upsample, refine_steps
+                    )
+                    if other.score / floor(scale) > best:
+                        best, matrix = other.score / floor(scale), upscale_matrix(other.matrix, 2**scale * downsample)
             pairs.append((z, z - k, matrix, estimate.score))
     return pairs
 

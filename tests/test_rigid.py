@@ -210,6 +210,32 @@ def test_pairs_matched_near_the_noise_floor_get_a_second_opinion_at_coarser_scal
     assert [score for *_, score in checked] == [score for *_, score in single]  # the finer match's score is kept
 
 
+def test_second_opinions_go_on_to_coarser_scales_while_the_sections_stay_wide_enough():
+    # Shared structure of ~12 px under independent texture of ~2 px, 4x stronger (fine detail that does not
+    # carry from section to section): at the matching scale and 2x coarser the pairs lock onto the texture;
+    # 4x and 8x coarser, where it has averaged out, they do not.
+    rng = np.random.default_rng(0)
+    size = 512
+    shared = ndimage.gaussian_filter(rng.standard_normal((size + 256, size + 256)), 12)
+    shared /= shared.std()
+    shifts = rng.integers(-60, 61, size=(6, 2))
+
+    def section(y: int, x: int) -> np.ndarray:
+        texture = ndimage.gaussian_filter(rng.standard_normal((size, size)), 2)
+        return 100 + 20 * (shared[128 + y : 128 + y + size, 128 + x : 128 + x + size] + 4 * texture / texture.std())
+
+    stack = np.stack([section(y, x) for y, x in shifts]).astype(np.float32)
+
+    def worst(coarsest_side: int) -> float:  # raw_j(p) ~ raw_z(p + s_j - s_z)
+        pairs = rigid.pairwise_rigid(
+            stack, (1,), downsample=1, max_rotation_deg=0, second_opinion=2.0, coarsest_side=coarsest_side
+        )
+        return max(np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs)
+
+    assert worst(256) > 50  # 2x coarser only
+    assert worst(64) < 20  # 2x, 4x and 8x: the scale whose peak stands highest above its floor
+
+
 def synthetic_pairs(
     transforms: np.ndarray, offsets: tuple[int, ...], noise: float, rng: np.random.Generator, shape: tuple[int, int]
 ) -> list[tuple[int, int, np.ndarray, float]]:
