@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -185,28 +186,32 @@ def test_blank_section_is_bridged():
     assert np.isfinite(transforms).all()
 
 
+def shifted_copies(
+    rng: np.random.Generator, size: int, smooth: float, pad: int, reach: int, count: int, own: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` sections of ``size``^2 cut from one random image smoothed by ``smooth`` px (std 1) at random
+    shifts of up to ``reach`` px (``reach`` <= ``pad``), each plus ``own()``, its own detail; and the shifts."""
+    shared = ndimage.gaussian_filter(rng.standard_normal((size + 2 * pad, size + 2 * pad)), smooth)
+    shared /= shared.std()
+    shifts = rng.integers(-reach, reach + 1, size=(count, 2))
+    sections = [100 + 20 * (shared[pad + y : pad + y + size, pad + x : pad + x + size] + own()) for y, x in shifts]
+    return np.stack(sections).astype(np.float32), shifts
+
+
+def pair_errors(pairs: list, shifts: np.ndarray) -> np.ndarray:
+    """Each translation-only pair's error, px: ``raw_j(p) ~ raw_z(p + s_j - s_z)``."""
+    return np.array([np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs])
+
+
 def test_pairs_matched_near_the_noise_floor_get_a_second_opinion_at_coarser_scale():
     # Shared coarse structure, shifted per section, under strong independent fine noise (as between
     # sections far apart in z): at the matching scale some pairs lock onto noise; 2x coarser they do not.
     rng = np.random.default_rng(0)
-    size = 128
-    shared = ndimage.gaussian_filter(rng.standard_normal((size + 64, size + 64)), 3)
-    shared /= shared.std()
-    shifts = rng.integers(-12, 13, size=(8, 2))
-    stack = np.stack(
-        [
-            100 + 20 * (shared[32 + y : 32 + y + size, 32 + x : 32 + x + size] + 8 * rng.standard_normal((size, size)))
-            for y, x in shifts
-        ]
-    ).astype(np.float32)
-
-    def errors(pairs):  # raw_j(p) ~ raw_z(p + s_j - s_z)
-        return np.array([np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs])
-
+    stack, shifts = shifted_copies(rng, 128, 3, 32, 12, 8, lambda: 8 * rng.standard_normal((128, 128)))
     single = rigid.pairwise_rigid(stack, (1,), downsample=1, max_rotation_deg=0)
     checked = rigid.pairwise_rigid(stack, (1,), downsample=1, max_rotation_deg=0, second_opinion=1.25)
-    assert errors(single).max() > 5
-    assert errors(checked).max() < 3
+    assert pair_errors(single, shifts).max() > 5
+    assert pair_errors(checked, shifts).max() < 3
     assert [score for *_, score in checked] == [score for *_, score in single]  # the finer match's score is kept
 
 
@@ -215,22 +220,18 @@ def test_second_opinions_go_on_to_coarser_scales_while_the_sections_stay_wide_en
     # carry from section to section): at the matching scale and 2x coarser the pairs lock onto the texture;
     # 4x and 8x coarser, where it has averaged out, they do not.
     rng = np.random.default_rng(0)
-    size = 512
-    shared = ndimage.gaussian_filter(rng.standard_normal((size + 256, size + 256)), 12)
-    shared /= shared.std()
-    shifts = rng.integers(-60, 61, size=(6, 2))
 
-    def section(y: int, x: int) -> np.ndarray:
-        texture = ndimage.gaussian_filter(rng.standard_normal((size, size)), 2)
-        return 100 + 20 * (shared[128 + y : 128 + y + size, 128 + x : 128 + x + size] + 4 * texture / texture.std())
+    def texture() -> np.ndarray:
+        detail = ndimage.gaussian_filter(rng.standard_normal((512, 512)), 2)
+        return 4 * detail / detail.std()
 
-    stack = np.stack([section(y, x) for y, x in shifts]).astype(np.float32)
+    stack, shifts = shifted_copies(rng, 512, 12, 128, 60, 6, texture)
 
-    def worst(coarsest_side: int) -> float:  # raw_j(p) ~ raw_z(p + s_j - s_z)
+    def worst(coarsest_side: int) -> float:
         pairs = rigid.pairwise_rigid(
             stack, (1,), downsample=1, max_rotation_deg=0, second_opinion=2.0, coarsest_side=coarsest_side
         )
-        return max(np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs)
+        return pair_errors(pairs, shifts).max()
 
     assert worst(256) > 50  # 2x coarser only
     assert worst(64) < 20  # 2x, 4x and 8x: the scale whose peak stands highest above its floor
