@@ -675,6 +675,7 @@ def pairwise_rigid(
     unrelated: dict[int, float] | None = None,
     second_opinion: float | None = None,
     coarsest_side: int = SECOND_OPINION_SIDE,
+    margins: dict[tuple[int, int], float] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[tuple[int, int, np.ndarray, float]]:
     """Rigid estimates relating each section to several earlier ones, at reduced resolution.
@@ -700,6 +701,9 @@ def pairwise_rigid(
             may not carry from one to the next while coarse structure does. The pair keeps the finer
             match's score (its weight in :func:`solve_rigid` and the break detection do not change).
         coarsest_side: see ``second_opinion`` (default :data:`SECOND_OPINION_SIDE`).
+        margins: if given, filled with ``{(z, z - k): margin}`` where second opinions are asked: the kept
+            estimate's peak over the median unrelated peak at its own scale (how clearly the pair matches at all,
+            where the fine score alone says little).
         device: where the sections' spectra are held, computed and correlated (block means, warps and
             no-data weights stay on the CPU).
 
@@ -744,14 +748,16 @@ def pairwise_rigid(
                 continue
             estimate = _estimate(sections[0][z - k], sections[0][z], max_rotation_deg, upsample, refine_steps)
             matrix = upscale_matrix(estimate.matrix, downsample)
-            if coarser and floors[0] and estimate.score < second_opinion * floor(0):
-                best = estimate.score / floor(0)
+            best = estimate.score / floor(0) if coarser and floors[0] else None
+            if best is not None and best < second_opinion:
                 for scale in range(1, coarser + 1):
                     other = _estimate(
                         section(scale, z - k), section(scale, z), max_rotation_deg, upsample, refine_steps
                     )
                     if other.score / floor(scale) > best:
                         best, matrix = other.score / floor(scale), upscale_matrix(other.matrix, 2**scale * downsample)
+            if margins is not None and best is not None:
+                margins[z, z - k] = best
             pairs.append((z, z - k, matrix, estimate.score))
     return pairs
 

@@ -45,8 +45,8 @@ needs_slurm = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"no SLURM he
 def arrays(out: Path) -> dict[str, np.ndarray]:
     """Every array an alignment writes (the aligned stack, fields, prealignment, markers)."""
     group = zarr.open_group(str(out), mode="r")
-    names = ["0", "done", "coarse/matrices", "coarse/pairs", "coarse/affine", "refine/pairs", "polish/pairs"]
-    names += ["polish/shifts"]
+    names = ["0", "done", "coarse/matrices", "coarse/pairs", "coarse/affine", "coarse/margins", "refine/pairs"]
+    names += ["polish/pairs", "polish/shifts"]
     names += [f"fields/{name}" for name in ("relative", "stitched", "refined", "global")]
     marked = ("prealign", "estimate", "stitch", "refine", "polish")
     names += ["sections/stats", *(f"stages/{stage}" for stage in marked)]

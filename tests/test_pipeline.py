@@ -29,7 +29,7 @@ from emalign.io import Stack, downsample2, is_complete, open_stack
 from emalign.metrics import adjacent_correlation, alignment_metrics, residual_fields
 from emalign.pipeline import AlignParams, Workspace, align, align_in_memory, open_workspace, refine, run_stage
 from emalign.pipeline.adapt import adapt_model, aligned_sample, longest_run, prealigned_sample
-from emalign.pipeline.estimate import break_threshold, find_breaks
+from emalign.pipeline.estimate import break_threshold, damaged_sections, find_breaks, matched_scores
 from emalign.pipeline.qc import COLUMNS
 from emalign.synth import demo_stack
 
@@ -639,6 +639,28 @@ def test_breaks_need_every_pair_across_the_gap_to_fail():
     assert find_breaks(scores, np.zeros(10, bool), 0.1) == []
 
 
+def test_a_section_whose_pairs_stand_clear_of_unrelated_content_at_some_scale_is_not_damaged():
+    scores = np.full((10, 3), 0.5)
+    scores[4, :] = scores[5, 0] = scores[6, 1] = scores[7, 2] = 0.02  # every pair of section 4 (fine scale)
+    margins = np.full((10, 3), 1.2)  # the pairs' best match at any scale over that scale's unrelated peak
+    good = np.ones(10, bool)
+    assert np.flatnonzero(damaged_sections(scores, matched_scores(scores, margins), good)).tolist() == [4]
+    margins[6, 1] = 3.0  # a strained section: 4 and 6 match clearly at a coarser scale
+    assert not damaged_sections(scores, matched_scores(scores, margins), good).any()
+    unmeasured = matched_scores(scores, np.full((10, 3), np.nan))  # no second opinions: the fine scores decide
+    assert np.flatnonzero(damaged_sections(scores, unmeasured, good)).tolist() == [4]
+
+
+def test_a_gap_that_a_pair_spans_clearly_at_a_coarser_scale_is_no_break():
+    scores = np.full((10, 3), 0.5)
+    scores[4, :] = scores[5, 1:] = scores[6, 2] = 0.02  # every pair across the gap 3 | 4, at the fine scale
+    margins = np.full((10, 3), np.nan)
+    margins[5, 1] = 1.5
+    assert find_breaks(matched_scores(scores, margins), np.zeros(10, bool), 0.1) == [4]
+    margins[5, 1] = 2.5  # 5 and 3 match clearly at a coarser scale: the content continues
+    assert find_breaks(matched_scores(scores, margins), np.zeros(10, bool), 0.1) == []
+
+
 def test_weak_neighbours_above_the_noise_floor_of_unrelated_sections_are_no_break():
     # 60 nm FlyEM: neighbours score 0.25 (weakest 0.12), sections against a turned neighbour 0.09 +- 0.007
     unrelated = 0.09 + 0.007 * np.random.default_rng(0).standard_normal(40)
@@ -662,7 +684,7 @@ def test_concurrent_prealign_blocks_do_not_lose_each_others_results(tmp_path):
     sequential, concurrent = results["sync"], results["threads:8"]
     stats = np.asarray(concurrent.array("sections/stats")[:])
     assert (stats[:, 0] > 0).all(), f"sections with lost statistics: {np.flatnonzero(stats[:, 0] == 0)}"
-    for name in ("sections/stats", "coarse/pairs", "coarse/matrices", "sections/flags"):
+    for name in ("sections/stats", "coarse/pairs", "coarse/margins", "coarse/matrices", "sections/flags"):
         np.testing.assert_array_equal(concurrent.array(name)[:], sequential.array(name)[:], err_msg=name)
 
 

@@ -237,6 +237,34 @@ def test_second_opinions_go_on_to_coarser_scales_while_the_sections_stay_wide_en
     assert worst(64) < 20  # 2x, 4x and 8x: the scale whose peak stands highest above its floor
 
 
+def test_margins_tell_pairs_that_match_only_at_a_coarser_scale_from_unrelated_sections():
+    # Shared structure of ~12 px under independent texture of ~2 px, 2x stronger: every pair's fine peak sits
+    # near the floor; coarser, related sections stand clear of it and unrelated ones (each its own image) do not.
+    rng = np.random.default_rng(0)
+
+    def texture() -> np.ndarray:
+        detail = ndimage.gaussian_filter(rng.standard_normal((512, 512)), 2)
+        return 2 * detail / detail.std()
+
+    def margins(stack: np.ndarray, second_opinion: float | None = 2.0) -> list[float]:
+        found: dict[tuple[int, int], float] = {}
+        rigid.pairwise_rigid(
+            stack,
+            (1, 2),
+            downsample=1,
+            max_rotation_deg=0,
+            second_opinion=second_opinion,
+            coarsest_side=64,
+            margins=found,
+        )
+        return list(found.values())
+
+    related, _ = shifted_copies(rng, 512, 12, 128, 60, 6, texture)
+    unrelated = np.stack([shifted_copies(rng, 512, 12, 128, 60, 1, texture)[0][0] for _ in range(6)])
+    assert min(margins(related)) > rigid.SECOND_OPINION_MARGIN > max(margins(unrelated))
+    assert margins(related, second_opinion=None) == []  # measured only where second opinions are asked
+
+
 def synthetic_pairs(
     transforms: np.ndarray, offsets: tuple[int, ...], noise: float, rng: np.random.Generator, shape: tuple[int, int]
 ) -> list[tuple[int, int, np.ndarray, float]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -63,6 +64,12 @@ are often noisy like the angles, and their accumulated wander is left alone.
 A stiffer trend corrects slightly more strain on misaligned stacks, but its jitter then keeps accumulated
 wander that the gain (:func:`emalign.affine.strain_gain`) reads as signal, and aligned stacks are moved
 (figures: benchmarks/results/design_choices.md)."""
+
+DAMAGED_SCORE = 0.25
+"""A section is damaged when its best pair scores under this share of the stack's typical best score and no pair
+of it stands clear of unrelated content at any scale (:func:`matched_scores`): strain across wide sections drags
+fine-scale scores to the floor while coarse structure still matches, and a damaged section is passed through
+unplaced (hundreds of px off in a stack that arrived that far off)."""
 
 MAX_DRIFT_STEPS = 4.0
 """The steepest straight drift along z that the prealignment keeps as content, in :data:`CONTENT_STEP_NM` per
@@ -231,6 +238,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
     sections = CoarseSections(stack, first, stop, step, user_mask(ws, stack))
     # one refinement step: the refine stage corrects what a second would (and more), at a third less time
     unrelated: dict[int, float] = {}
+    margins: dict[tuple[int, int], float] = {}
     coarse_pairs = rigid.pairwise_rigid(  # on the block means: matrices in their pixels
         sections,
         OFFSETS,
@@ -239,6 +247,7 @@ def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
         refine_steps=1,
         unrelated=unrelated,
         second_opinion=rigid.SECOND_OPINION_MARGIN,
+        margins=margins,
         device=dev,
     )
     pairs = [(z, j, rigid.upscale_matrix(matrix, step), score) for z, j, matrix, score in coarse_pairs]
@@ -252,17 +261,27 @@ def prealign_block(ws: Workspace, stack: Stack, index: int, device: str = "auto"
     ws.array("sections/contrast")[start:stop] = [sections.contrast[z] for z in range(start, stop)]
     ws.array("coarse/pairs")[start:stop] = pair_table(pairs, first, start, stop)
     ws.array("coarse/affine")[start:stop] = pair_table(refined, first, start, stop)
+    ws.array("coarse/margins")[start:stop] = offset_table(margins, first, start, stop)
     ws.mark_done("prealign", index)
 
 
 def pair_table(pairs: list[tuple[int, int, np.ndarray, float]], first: int, start: int, stop: int) -> np.ndarray:
     """``(stop - start, len(OFFSETS), 7)`` rows of :func:`solve_pairs`'s table from the output of
     :func:`emalign.rigid.pairwise_rigid` run on the sections ``first..stop`` (pairs before ``start`` dropped)."""
-    table = np.full((stop - start, len(OFFSETS), 7), np.nan)
-    for z, j, matrix, score in pairs:
+    return offset_table({(z, j): [*matrix.ravel(), score] for z, j, matrix, score in pairs}, first, start, stop, (7,))
+
+
+def offset_table(
+    values: dict[tuple[int, int], Sequence[float] | float], first: int, start: int, stop: int, shape: tuple = ()
+) -> np.ndarray:
+    """``(stop - start, len(OFFSETS), *shape)``: ``values[z, j]`` of the pairs of sections ``first + z`` and
+    ``first + j`` in the row of section ``first + z`` and the column of its offset; NaN where there is no pair,
+    pairs before ``start`` dropped."""
+    table = np.full((stop - start, len(OFFSETS), *shape), np.nan)
+    for (z, j), value in values.items():
         z, j = z + first, j + first
         if z >= start:
-            table[z - start, OFFSETS.index(z - j)] = [*matrix.ravel(), score]
+            table[z - start, OFFSETS.index(z - j)] = value
     return table
 
 
@@ -282,6 +301,21 @@ def _best_scores(scores: np.ndarray) -> np.ndarray:
         near += [scores[z + k, i] for i, k in enumerate(OFFSETS) if z + k < depth]
         best[z] = max(near, default=0.0)
     return best
+
+
+def matched_scores(scores: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """``scores`` ``(Z, len(OFFSETS))`` with the pairs whose kept match stands
+    :data:`emalign.rigid.SECOND_OPINION_MARGIN` times above unrelated content at its own scale (``margins``,
+    ``coarse/margins``; NaN: not measured) raised to infinity: they match, however low strain or wide spacing drags
+    their fine-scale score."""
+    return np.where(np.nan_to_num(margins) >= rigid.SECOND_OPINION_MARGIN, np.inf, scores)
+
+
+def damaged_sections(scores: np.ndarray, matched: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``(Z,)`` True for the ``candidates`` whose best pair in ``matched`` (:func:`matched_scores`) scores under
+    :data:`DAMAGED_SCORE` times the candidates' typical best pair score in ``scores`` (both ``(Z, len(OFFSETS))``)."""
+    typical = np.median(_best_scores(scores)[candidates]) if candidates.any() else 0.0
+    return candidates & (_best_scores(matched) < DAMAGED_SCORE * typical)
 
 
 def break_threshold(neighbours: float, unrelated: np.ndarray, bad: np.ndarray) -> float:
@@ -334,12 +368,11 @@ def solve_prealignment(ws: Workspace) -> np.ndarray:
     skipped = [z for z in ws.params.skip if 0 <= z < depth]
     flags[skipped] |= FLAG_SKIPPED
     scores = np.nan_to_num(table[..., 6])
-    best = _best_scores(scores)
-    typical = np.median(best[flags == 0]) if (flags == 0).any() else 0.0
-    flags[(flags == 0) & (best < 0.25 * typical)] |= FLAG_DAMAGED
+    matched = matched_scores(scores, np.asarray(ws.array("coarse/margins")[:]))
+    flags[damaged_sections(scores, matched, flags == 0)] |= FLAG_DAMAGED
     bad = flags != 0
     neighbours = adjacent_score(scores[:, 0], bad)
-    breaks = find_breaks(scores, bad, break_threshold(neighbours, stats[:, 2], bad)) if neighbours is not None else []
+    breaks = find_breaks(matched, bad, break_threshold(neighbours, stats[:, 2], bad)) if neighbours is not None else []
     flags[breaks] |= FLAG_BREAK
     strain = np.asarray(ws.array("coarse/affine")[:])
     shape, stiffness = ws.plan.shape[1:], ws.params.trend_stiffness

@@ -14,6 +14,8 @@ pipeline's arrays sit next to the levels, which validators and NGFF readers igno
                                every part of it read alone is masked against
     OUT/coarse/pairs           (Z, K, 7) float64: pairwise rigid matrix (6) + score per offset
     OUT/coarse/affine          (Z, K, 7) float64: the same pairs refined to affine matrices (as coarse/pairs)
+    OUT/coarse/margins         (Z, K) float64: how far each pair's kept match stands above unrelated content at
+                               its own scale (emalign.rigid.pairwise_rigid's margins; NaN where not asked)
     OUT/coarse/matrices        (Z, 2, 3) float64: prealignment (pull affine, working px)
     OUT/coarse/stiffness       (Z,) float64: stiffness of the prealignment's shift trend in each section's segment
     OUT/fields/relative        (Z, 2, gy, gx) float32: network field of each section vs its neighbours
@@ -173,6 +175,7 @@ def _array_specs(plan: Plan, voxel_size: tuple[float, float, float]) -> dict[str
         "sections/contrast": ((depth,), (4096,), np.float32, None),
         "coarse/pairs": (pair_shape, pair_chunks, np.float64, None),
         "coarse/affine": (pair_shape, pair_chunks, np.float64, None),
+        "coarse/margins": (pair_shape[:2], pair_chunks[:2], np.float64, None),
         "coarse/matrices": ((depth, 2, 3), (4096, 2, 3), np.float64, None),
         "coarse/stiffness": ((depth,), (4096,), np.float64, None),
         "refine/pairs": (pair_shape, pair_chunks, np.float64, None),
