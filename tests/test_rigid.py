@@ -198,6 +198,12 @@ def shifted_copies(
     return np.stack(sections).astype(np.float32), shifts
 
 
+def fine_detail(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
+    """``size``^2 texture of ~2 px with std ``strength``: detail of one section that does not carry to the next."""
+    detail = ndimage.gaussian_filter(rng.standard_normal((size, size)), 2)
+    return strength * detail / detail.std()
+
+
 def pair_errors(pairs: list, shifts: np.ndarray) -> np.ndarray:
     """Each translation-only pair's error, px: ``raw_j(p) ~ raw_z(p + s_j - s_z)``."""
     return np.array([np.abs(matrix[:, 2] - (shifts[j] - shifts[z])).max() for z, j, matrix, _ in pairs])
@@ -220,12 +226,7 @@ def test_second_opinions_go_on_to_coarser_scales_while_the_sections_stay_wide_en
     # carry from section to section): at the matching scale and 2x coarser the pairs lock onto the texture;
     # 4x and 8x coarser, where it has averaged out, they do not.
     rng = np.random.default_rng(0)
-
-    def texture() -> np.ndarray:
-        detail = ndimage.gaussian_filter(rng.standard_normal((512, 512)), 2)
-        return 4 * detail / detail.std()
-
-    stack, shifts = shifted_copies(rng, 512, 12, 128, 60, 6, texture)
+    stack, shifts = shifted_copies(rng, 512, 12, 128, 60, 6, lambda: fine_detail(rng, 512, 4))
 
     def worst(coarsest_side: int) -> float:
         pairs = rigid.pairwise_rigid(
@@ -243,8 +244,7 @@ def test_margins_tell_pairs_that_match_only_at_a_coarser_scale_from_unrelated_se
     rng = np.random.default_rng(0)
 
     def texture() -> np.ndarray:
-        detail = ndimage.gaussian_filter(rng.standard_normal((512, 512)), 2)
-        return 2 * detail / detail.std()
+        return fine_detail(rng, 512, 2)
 
     def margins(stack: np.ndarray, second_opinion: float | None = 2.0) -> list[float]:
         found: dict[tuple[int, int], float] = {}
