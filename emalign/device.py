@@ -86,19 +86,29 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (it has ``mallopt`` and ``malloc_trim``); None elsewhere (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both exist, or this is no glibc)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse rather than hand it back to the OS after every free.
 
     A CPU forward pass allocates and frees tens of MB per layer; glibc serves blocks that large
     with fresh ``mmap`` calls (always, in the per-thread arenas), and the page faults of touching
     them again cost about a third of the pass. One arena with raised mmap and trim thresholds
-    keeps them on the heap: peak memory is unchanged, resident memory no longer shrinks between
-    passes. Call it before worker threads start (threads keep the arena they first used). Runs
-    once per process; False where there is no glibc ``mallopt`` (macOS, Windows, musl).
+    keeps them on the heap, at the price of a heap that never shrinks by itself
+    (:func:`release_freed_memory` after each task does that). Call it before worker threads start (threads
+    keep the arena they first used). Runs once per process; False without glibc.
     """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
     settings = (
         (_M_ARENA_MAX, 1),
@@ -106,4 +116,12 @@ def reuse_freed_memory() -> bool:
         (_M_TRIM_THRESHOLD, 2**31 - 1),
         (_M_TOP_PAD, 256 << 20),
     )
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    return all(libc.mallopt(option, value) == 1 for option, value in settings)
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages of glibc's heap back to the OS (``malloc_trim``), so that what one task freed does not
+    stay resident, fragmented, through the next tasks and stages; a no-op without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -252,7 +252,9 @@ def _irfft2(spectra: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def whitened_spectra(
-    images: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray | None, lowpass: float | None
+    images: torch.Tensor | np.ndarray | Sequence[torch.Tensor],
+    weights: torch.Tensor | np.ndarray | Sequence[torch.Tensor] | None,
+    lowpass: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Whitened, low-pass weighted spectra of a batch of images, ready for phase correlation.
 
@@ -260,11 +262,12 @@ def whitened_spectra(
     is multiplied by a Tukey window and the soft validity ``weights``. The spectrum is divided by
     its magnitude and multiplied by ``sqrt(w / mean(w))``, ``w = exp(-k^2 / (2 lowpass^2))``, so
     that the correlation of an image with itself peaks at exactly 1. Computed on the device of
-    ``images`` (a numpy array: the CPU).
+    ``images`` (a numpy array: the CPU), :data:`PASS_PIXELS` at a time.
 
     Args:
-        images: ``(B, Y, X)``.
-        weights: ``(B, Y, X)`` from :func:`soft_mask`, or None to compute them from the zeros (on the CPU).
+        images: ``(B, Y, X)``, or a sequence of ``B`` ``(Y, X)`` tensors (views, e.g. patches of one image: only a
+            pass's worth is copied at a time).
+        weights: like ``images``, from :func:`soft_mask`; or None to compute them from the zeros (on the CPU).
         lowpass: Gaussian sigma in cycles per pixel; None for flat (pure phase correlation).
 
     Returns:
@@ -272,10 +275,55 @@ def whitened_spectra(
         (float32) tensors on the images' device, on the real FFT's half grid ``(B, Y, X // 2 + 1)``;
         ``blank`` numpy bool.
     """
-    images = torch.as_tensor(images, dtype=torch.float32)
-    if weights is None:
-        weights = np.stack([soft_mask(image) for image in images.cpu().numpy()])
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=images.device)
+    images = _as_batch(images)
+    batch, (height, width), device = len(images), tuple(images[0].shape), images[0].device
+    weights = None if weights is None else _as_batch(weights, device)
+    spectra = torch.empty((batch, height, width // 2 + 1), dtype=torch.complex64, device=device)
+    magnitude = torch.empty(spectra.shape, dtype=torch.float32, device=device)
+    blank = np.zeros(batch, bool)
+    for part in batch_passes(batch, height * width):
+        chunk = _stacked(images, part)
+        if weights is None:
+            chunk_weights = np.stack([soft_mask(image) for image in chunk.cpu().numpy()])
+        else:
+            chunk_weights = _stacked(weights, part)
+        spectra[part], magnitude[part], blank[part] = _whitened(
+            chunk, torch.as_tensor(chunk_weights, dtype=torch.float32, device=device), lowpass
+        )
+    return spectra, magnitude, blank
+
+
+PASS_PIXELS = 1 << 22
+"""Image pixels that one pass of :func:`whitened_spectra` or :func:`correlation_peaks` takes (a batch goes in passes of
+as many whole images, at least one): a pass's temporaries are several times its size."""
+
+
+def batch_passes(batch: int, pixels: int) -> list[slice]:
+    """The passes (slices of a batch of ``batch`` images of ``pixels`` each) of :data:`PASS_PIXELS` at most."""
+    step = max(1, PASS_PIXELS // pixels)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _as_batch(
+    images: torch.Tensor | np.ndarray | Sequence[torch.Tensor], device: torch.device | None = None
+) -> torch.Tensor | Sequence[torch.Tensor]:
+    """A batch as :func:`whitened_spectra` takes it: a sequence of tensors as it is, anything else as one float32
+    tensor (on ``device``, if given)."""
+    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
+        return images
+    return torch.as_tensor(images, dtype=torch.float32, device=device)
+
+
+def _stacked(images: torch.Tensor | Sequence[torch.Tensor], part: slice) -> torch.Tensor:
+    """The images ``part`` of a batch, as one ``(b, Y, X)`` float32 tensor."""
+    chunk = images[part]
+    return chunk if isinstance(chunk, torch.Tensor) else torch.stack(list(chunk)).float()
+
+
+def _whitened(
+    images: torch.Tensor, weights: torch.Tensor, lowpass: float | None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """:func:`whitened_spectra` of one pass: ``images`` and ``weights`` ``(b, Y, X)`` float32 on one device."""
     valid = weights > 0
     count = valid.sum(dim=(1, 2))
     # sums in float64: the same float32 result whatever the order (threads) a device sums in
@@ -326,13 +374,17 @@ def correlation_peaks(
         ``(shifts (B, 2), peaks (B,))`` numpy float64: pull shifts ``moving(p + shift) ~ fixed(p)`` and
         peak heights.
     """
-    surface = _irfft2(fixed.conj() * moving, tuple(shape))
-    batch, ny, nx = surface.shape
-    flat = surface.reshape(batch, -1).argmax(dim=1, keepdim=True)
-    window = torch.arange(-_CROP, _CROP + 1, device=surface.device)
-    rows, cols = (flat // nx + window) % ny, (flat % nx + window) % nx
-    crops = surface[torch.arange(batch, device=surface.device)[:, None, None], rows[:, :, None], cols[:, None]]
-    crops, (iy, ix) = crops.cpu().numpy(), np.divmod(flat[:, 0].cpu().numpy(), nx)
+    batch, (ny, nx) = max(len(fixed), len(moving)), shape
+    window = torch.arange(-_CROP, _CROP + 1, device=fixed.device)
+    crops, flat = [], []
+    for part in batch_passes(batch, ny * nx):
+        surface = _irfft2(_batch_part(fixed, part).conj() * _batch_part(moving, part), tuple(shape))
+        peak = surface.reshape(len(surface), -1).argmax(dim=1, keepdim=True)
+        rows, cols = (peak // nx + window) % ny, (peak % nx + window) % nx
+        index = torch.arange(len(surface), device=surface.device)[:, None, None]
+        crops.append(surface[index, rows[:, :, None], cols[:, None]])
+        flat.append(peak[:, 0])
+    crops, (iy, ix) = torch.cat(crops).cpu().numpy(), np.divmod(torch.cat(flat).cpu().numpy(), nx)
     b = np.arange(batch)
     size = np.array([ny, nx])
     coarse = (np.stack([iy, ix], axis=1) + size // 2) % size - size // 2
@@ -347,6 +399,11 @@ def correlation_peaks(
     dx = np.where(j == jc, _parabola(fine[b, i, jc - 1], fine[b, i, j], fine[b, i, jc + 1]), 0.0)
     shifts = coarse + (np.stack([i + dy, j + dx], axis=1) - half) / upsample
     return shifts, np.maximum(fine[b, i, j], 0.0)
+
+
+def _batch_part(spectra: torch.Tensor, part: slice) -> torch.Tensor:
+    """The spectra ``part`` of a batch, or the one spectrum a batch of one broadcasts."""
+    return spectra if len(spectra) == 1 else spectra[part]
 
 
 def phase_correlation(
@@ -442,9 +499,7 @@ def patch_spectra(
     """:func:`whitened_spectra` of the patches ``slices`` of one ``(Y, X)`` image, ``(P, py, px // 2 + 1)``, on the
     image's device; ``weights``: the whole image's :func:`soft_mask`, cut like the image (no-data edges carry
     over)."""
-    return whitened_spectra(
-        torch.stack([image[s] for s in slices]), torch.stack([weights[s] for s in slices]), lowpass
-    )[0]
+    return whitened_spectra([image[s] for s in slices], [weights[s] for s in slices], lowpass)[0]
 
 
 class _Section:

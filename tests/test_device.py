@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emalign import models
-from emalign.device import worker_device
+from emalign.device import release_freed_memory, reuse_freed_memory, worker_device
 from emalign.inference import predict_windows
 from emalign.synth import demo_stack
 
@@ -39,3 +39,17 @@ def test_reading_the_next_windows_ahead_gives_the_same_fields():
     inline = predict_windows(model, windows, cpu, tile=96, halo=16, batch=2, prefetch=False)
     assert ahead.shape == (3, 2, 160, 160)
     np.testing.assert_array_equal(ahead, inline)
+
+
+@pytest.mark.skipif(not reuse_freed_memory(), reason="needs glibc's mallopt (Linux)")
+def test_the_heap_a_task_freed_is_handed_back_to_the_os():
+    def resident_mib() -> float:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("RssAnon:")[1].split()[0]) / 1024
+
+    blocks = [np.ones(2**20) for _ in range(64)]  # 512 MiB in 8 MiB blocks: kept on the heap when freed
+    keep = np.ones(16)  # allocated last, above the freed blocks: the heap cannot just shrink from its top
+    del blocks
+    before = resident_mib()
+    release_freed_memory()
+    assert before - resident_mib() > 400 and keep.sum() == 16

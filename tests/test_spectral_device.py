@@ -72,3 +72,17 @@ def test_matches_on_the_cpu_do_not_depend_on_the_threads_of_their_task():
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_spectra_and_peaks_taken_in_passes_equal_those_taken_at_once(monkeypatch):
+    images = torch.as_tensor(em_texture((5, 64, 64), seed=2).astype(np.float32))
+    images[3] = 0  # a blank image among them
+    weights = torch.as_tensor(np.stack([rigid.soft_mask(image) for image in images.numpy()]))
+    at_once = rigid.whitened_spectra(images, weights, rigid.LOWPASS)
+    peaks_at_once = rigid.correlation_peaks(at_once[0][:1], at_once[0], (64, 64), 10)
+    monkeypatch.setattr(rigid, "PASS_PIXELS", 2 * 64 * 64)  # passes of two images, the last of one
+    in_passes = rigid.whitened_spectra(list(images), list(weights), rigid.LOWPASS)
+    assert torch.equal(in_passes[0], at_once[0]) and torch.equal(in_passes[1], at_once[1])
+    assert np.array_equal(in_passes[2], at_once[2]) and in_passes[2].tolist() == [False, False, False, True, False]
+    peaks_in_passes = rigid.correlation_peaks(in_passes[0][:1], in_passes[0], (64, 64), 10)
+    assert all(np.array_equal(a, b) for a, b in zip(peaks_in_passes, peaks_at_once, strict=True))

@@ -1,8 +1,8 @@
 """Stage 6: warp every section by its global field and write the aligned OME-Zarr.
 
-Each section is rendered in output tiles (one shard each): the field is upsampled for the tile only,
-only the part of the raw section the tile pulls from is read, and the tile is written with its
-pyramid before the next, so memory is bounded by the tile, not by the section.
+Each section is rendered in output tiles (one shard each), each tile in row strips: the field is upsampled for
+the strip only, only the part of the raw section the strip pulls from is read, and the tile is written with its
+pyramid before the next, so memory is bounded by the tile's pixels and a strip's temporaries, not by the section.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def read_region(stack: Stack, z: int, region: tuple[slice, slice]) -> np.ndarray
     return check_chunk(stack, z, require_finite=False, region=region).astype(np.float32)
 
 
+RENDER_PIXELS = 1 << 22
+"""Output pixels :func:`render_region` warps at once: a larger region goes in row strips of about this many (the
+warp's temporaries are some tens of bytes per pixel, so an output tile of one shard would otherwise take a GiB)."""
+
+
 def render_region(
     stack: Stack,
     z: int,
@@ -38,10 +43,31 @@ def render_region(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """The ``shape`` region at ``origin`` (y0, x0) of section ``z`` pulled by ``field (2, gy, gx)``, float32;
-    the field's upsampling and the warp run on ``device``.
+    the field's upsampling and the warp run on ``device``, in row strips of :data:`RENDER_PIXELS` at most.
 
-    Only the part of the raw section the region pulls from is read (by ``read``); pixels pulled from outside are 0.
+    Only the part of the raw section each strip pulls from is read (by ``read``); pixels pulled from outside are 0.
     """
+    rows = max(1, RENDER_PIXELS // shape[1])
+    out = np.empty(shape, np.float32)
+    for top in range(0, shape[0], rows):
+        strip = (min(rows, shape[0] - top), shape[1])
+        out[top : top + strip[0]] = _render_strip(
+            stack, z, field, stride, (origin[0] + top, origin[1]), strip, read, device
+        )
+    return out
+
+
+def _render_strip(
+    stack: Stack,
+    z: int,
+    field: np.ndarray,
+    stride: int,
+    origin: tuple[int, int],
+    shape: tuple[int, int],
+    read: RegionReader,
+    device: torch.device | str,
+) -> np.ndarray:
+    """:func:`render_region` of one strip, at once."""
     height, width = stack.shape[1:]
     y0, x0 = origin
     coords = resample(field, stride, 1, shape, origin=origin, device=device)

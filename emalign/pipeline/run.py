@@ -19,7 +19,7 @@ import torch
 
 from emalign import models, stores
 from emalign.cluster import check_scheduler, cores, run_tasks, scheduler
-from emalign.device import resolve_device, reuse_freed_memory, task_device
+from emalign.device import release_freed_memory, resolve_device, reuse_freed_memory, task_device
 from emalign.fields import resample, warp
 from emalign.io import Stack, cast_to_dtype, create_array, open_stack
 from emalign.models.faemreg import FAEMReg
@@ -58,9 +58,16 @@ def _task(out: str, stage: str, index: int, tile: int, device: str, threads: int
     if spec.unit in BLOCK_UNITS:
         reuse_freed_memory()
         torch.set_num_threads(threads)
-    ws = Workspace(out)
+    try:
+        _run_task(Workspace(out), spec, index, tile, device, progress)
+    finally:
+        release_freed_memory()
+
+
+def _run_task(ws: Workspace, spec: Stage, index: int, tile: int, device: str, progress: bool) -> None:
+    """:func:`_task` once its device and threads are set."""
     marker = {BLOCK: index, BLOCK_TILE: ws.plan.task_index(index, tile), TILE: tile, ONE: 0}[spec.unit]
-    if spec.markers != SECTION and _finished(ws, stage, marker):
+    if spec.markers != SECTION and _finished(ws, spec.name, marker):
         return
     task = stages.function(spec.task)
     if spec.unit == TILE:
