@@ -47,41 +47,28 @@ def render_region(
 
     Only the part of the raw section each strip pulls from is read (by ``read``); pixels pulled from outside are 0.
     """
-    rows = max(1, RENDER_PIXELS // shape[1])
-    out = np.empty(shape, np.float32)
-    for top in range(0, shape[0], rows):
-        strip = (min(rows, shape[0] - top), shape[1])
-        out[top : top + strip[0]] = _render_strip(
-            stack, z, field, stride, (origin[0] + top, origin[1]), strip, read, device
-        )
-    return out
-
-
-def _render_strip(
-    stack: Stack,
-    z: int,
-    field: np.ndarray,
-    stride: int,
-    origin: tuple[int, int],
-    shape: tuple[int, int],
-    read: RegionReader,
-    device: torch.device | str,
-) -> np.ndarray:
-    """:func:`render_region` of one strip, at once."""
     height, width = stack.shape[1:]
-    y0, x0 = origin
-    coords = resample(field, stride, 1, shape, origin=origin, device=device)
-    coords[0] += np.arange(y0, y0 + shape[0], dtype=np.float32)[:, None]
-    coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
-    lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
-    hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + 2
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
-    if np.any(hi <= lo):
-        return np.zeros(shape, np.float32)
-    region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    source = read(stack, z, region)
-    coords -= lo.reshape(2, 1, 1).astype(np.float32)
-    return sample(source, coords, device=device)
+
+    def strip(y0: int, rows: int) -> np.ndarray:
+        """Rows ``y0..y0 + rows`` (section coordinates) of the region."""
+        x0, size = origin[1], (rows, shape[1])
+        coords = resample(field, stride, 1, size, origin=(y0, x0), device=device)
+        coords[0] += np.arange(y0, y0 + rows, dtype=np.float32)[:, None]
+        coords[1] += np.arange(x0, x0 + shape[1], dtype=np.float32)[None, :]
+        lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - 1
+        hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + 2
+        lo, hi = np.maximum(lo, 0), np.minimum(hi, (height, width))
+        if np.any(hi <= lo):
+            return np.zeros(size, np.float32)
+        source = read(stack, z, (slice(lo[0], hi[0]), slice(lo[1], hi[1])))
+        coords -= lo.reshape(2, 1, 1).astype(np.float32)
+        return sample(source, coords, device=device)
+
+    step = max(1, RENDER_PIXELS // shape[1])
+    out = np.empty(shape, np.float32)
+    for top in range(0, shape[0], step):
+        out[top : top + step] = strip(origin[0] + top, min(step, shape[0] - top))
+    return out
 
 
 def render_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") -> None:
