@@ -124,8 +124,8 @@ def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(esti
 
 def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, monkeypatch):
     """prealign, estimate, refine, polish and render read their sections part by part (parts of 32 px here; the estimate
-    in task tiles of 64 px; the polish in bands of patch-grid nodes; the render one 32 px shard at a time), never a
-    whole 224 x 224 section."""
+    in task tiles of 64 px, warped in strips of 32^2 px; the polish in bands of patch-grid nodes; the render one 32 px
+    shard at a time), never a whole 224 x 224 section."""
     import emalign.io as io
     import emalign.pipeline.polish as polish
     import emalign.pipeline.render as render
@@ -135,6 +135,7 @@ def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, m
     tifffile.imwrite(path, demo_stack(shape, seed=2)[1].stack, photometric="minisblack")
     monkeypatch.setattr(io, "SECTION_CHUNKS", (1, 16, 16))
     monkeypatch.setattr(estimate, "COARSE_TILE", 32)
+    monkeypatch.setattr(render, "RENDER_PIXELS", 32 * 32)
     monkeypatch.setattr(polish, "POLISH_NODES", 2)
     reads = []
 

@@ -545,8 +545,8 @@ def _piece_field(
 class PrealignedRegions:
     """One xy region of sections warped by their prealignment (``coarse/matrices``), invalid pixels 0 (judged
     against each section's contrast: ``sections/contrast``, so a region's pixels equal the whole section's),
-    excluded sections all 0; each is read once, a part of :data:`COARSE_TILE` px at a time (only the part of the
-    raw section that part pulls from, warped on ``device``), and kept until :meth:`keep_only` drops it."""
+    excluded sections all 0; each is read once, in :func:`emalign.pipeline.render.render_region`'s strips (only the
+    part of the raw section a strip pulls from, warped on ``device``), and kept until :meth:`keep_only` drops it."""
 
     def __init__(
         self,
@@ -566,18 +566,14 @@ class PrealignedRegions:
         self.sections: dict[int, np.ndarray] = {}
 
     def __getitem__(self, z: int) -> np.ndarray:
-        if z not in self.sections:
-            section = np.zeros(self.shape, np.float32)
-            if not self.excluded[z]:
-                field = affine_field(self.matrices[z], self.grid, stride=AFFINE_STRIDE)
-                read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
-                for rows, cols in _tiles(self.shape, 1):
-                    origin = (self.origin[0] + rows.start, self.origin[1] + cols.start)
-                    shape = (rows.stop - rows.start, cols.stop - cols.start)
-                    section[rows, cols] = render_region(
-                        self.stack, z, field, AFFINE_STRIDE, origin, shape, read=read, device=self.device
-                    )
-            self.sections[z] = section
+        if z not in self.sections and self.excluded[z]:
+            self.sections[z] = np.zeros(self.shape, np.float32)
+        elif z not in self.sections:
+            field = affine_field(self.matrices[z], self.grid, stride=AFFINE_STRIDE)
+            read = functools.partial(read_masked_region, mask=self.mask, typical=self.contrast[z])
+            self.sections[z] = render_region(
+                self.stack, z, field, AFFINE_STRIDE, self.origin, self.shape, read=read, device=self.device
+            )
         return self.sections[z]
 
     def window(self, indices: list[int]) -> np.ndarray:
