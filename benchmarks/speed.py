@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -138,10 +139,14 @@ def time_rigid_chain(src: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_align(src: Path, out: Path, extra: list[str]) -> tuple[float, float, float]:
-    """Pipeline seconds (as `align` prints them), process seconds and peak RSS (MiB) of one `emalign align`."""
+def run_align(src: Path, out: Path, extra: list[str], pythonpath: str | None = None) -> tuple[float, float, float]:
+    """Pipeline seconds (as `align` prints them), process seconds and peak RSS (MiB) of one `emalign align` (of the
+    package at ``pythonpath`` when given), run in ``out``'s folder."""
     cmd = [sys.executable, "-m", "emalign.cli", "align", str(src), str(out), "--overwrite", "--quiet", *extra]
-    output = subprocess.run([sys.executable, "-c", _CHILD, *cmd], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    output = subprocess.run(
+        [sys.executable, "-c", _CHILD, *cmd], capture_output=True, text=True, check=True, env=env, cwd=out.parent
+    ).stdout
     seconds, rss_kib, code = output.splitlines()[-1].split()
     if int(code) != 0:
         raise RuntimeError(f"emalign align failed ({code}) on {src}")

@@ -74,6 +74,9 @@ class Stack:
     """Names the file or the damaged chunk(s) of section z, for read errors (a picklable callable, or None)."""
     voxel_known: bool = False
     """True when `voxel_size` and `unit` come from the file's metadata (False: defaults)."""
+    read_part: Callable[[int, slice, slice], np.ndarray] | None = None
+    """``read_part(z, rows, cols)``: that part of section z, reading only the Zarr chunks or TIFF strips and tiles it
+    covers (`data`'s dask chunks are read whole); None: parts are cut from `data`."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -170,52 +173,149 @@ def _kept_axes(path: str, shape: Sequence[int], dtype: Any, names: Sequence[str]
     return keep
 
 
-def _sections(reader: Callable[[int], np.ndarray], shape: tuple[int, int, int], dtype: np.dtype) -> da.Array:
-    """A dask array with one chunk per section, section z produced by `reader(z)` (picklable for distributed)."""
+def _sections(
+    reader: Callable[[int, slice, slice], np.ndarray],
+    shape: tuple[int, int, int],
+    dtype: np.dtype,
+    chunks: tuple[int, int] | None = None,
+) -> da.Array:
+    """A dask array of ``shape`` (z, y, x) in chunks of one section by ``chunks`` (y, x; default whole sections), the
+    chunk at (z, rows, cols) read by ``reader(z, rows, cols)`` (picklable for distributed)."""
+    chunks = chunks or shape[1:]
     return da.map_blocks(
-        functools.partial(_section_block, reader),
-        chunks=((1,) * shape[0], (shape[1],), (shape[2],)),
+        functools.partial(_section_block, reader, shape[1:], chunks),
+        chunks=da.core.normalize_chunks((1, *chunks), shape),
         dtype=dtype,
         meta=np.empty((0, 0, 0), dtype),
     )
 
 
-def _section_block(reader: Callable[[int], np.ndarray], block_id: tuple[int, ...]) -> np.ndarray:
-    return reader(block_id[0])[None]
+def _section_block(
+    reader: Callable[[int, slice, slice], np.ndarray],
+    shape: tuple[int, int],
+    chunks: tuple[int, int],
+    block_id: tuple[int, int, int],
+) -> np.ndarray:
+    z, *index = block_id
+    rows, cols = (slice(i * c, min(s, (i + 1) * c)) for i, c, s in zip(index, chunks, shape, strict=True))
+    return reader(z, rows, cols)[None]
 
 
-def _read_raw_section(path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], z: int) -> np.ndarray:
-    """Section z of uncompressed contiguous image data starting at `offset` (any byte order)."""
-    count = shape[0] * shape[1]
-    section = np.fromfile(path, dtype=dtype, count=count, offset=offset + z * count * dtype.itemsize)
-    if section.size != count:
+def _read_chunks(pieces: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """(y, x) of the dask chunks over sections of ``shape`` stored in ``pieces`` (rows, cols: TIFF tiles or strips;
+    (1, 1) for uncompressed data read in place): whole pieces, about :data:`DASK_XY` on a side, and for strips as
+    wide as the section bands of whole strips of about ``DASK_XY^2`` px (a strip is decoded whole)."""
+    rows, cols = pieces
+    if cols >= shape[1]:
+        return min(shape[0], rows * max(1, DASK_XY * DASK_XY // (rows * shape[1]))), shape[1]
+    return min(shape[0], rows * max(1, DASK_XY // rows)), min(shape[1], cols * max(1, DASK_XY // cols))
+
+
+def _read_raw_region(
+    path: str, offset: int, dtype: np.dtype, shape: tuple[int, int], z: int, rows: slice, cols: slice
+) -> np.ndarray:
+    """Part (rows, cols) of section z of uncompressed contiguous (z, y, x) image data of sections ``shape`` starting
+    at byte ``offset`` (any byte order), memory-mapped: only that part is read."""
+    start = offset + z * shape[0] * shape[1] * dtype.itemsize
+    if os.path.getsize(path) < start + shape[0] * shape[1] * dtype.itemsize:
         raise OSError(f"file ends inside section {z}")
-    return section.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    mapped = np.memmap(path, dtype, "r", start, shape)
+    return np.array(mapped[rows, cols], dtype.newbyteorder("="))
 
 
-def _read_tiff_section(path: str, level: int, lead: tuple[int, ...], shape: tuple[int, int], z: int) -> np.ndarray:
-    """Section z of a TIFF series (`lead`: indices of dropped singleton axes before Z)."""
+TIFF_FILES_OPEN = 4
+"""TIFF files each thread keeps open between reads (a multi-page file's pages are parsed once per thread)."""
+_open_tiffs = threading.local()
+
+
+def _tiff_file(path: str) -> tifffile.TiffFile:
+    """``path`` opened for this thread of this process, kept open for its next reads while the file's size and
+    modification time stay the same (a forked process, which would share its parent's file offsets, opens its own)."""
+    pid, files = getattr(_open_tiffs, "files", (None, {}))
+    if pid != os.getpid():
+        files = {}
+        _open_tiffs.files = (os.getpid(), files)
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    tif = files.pop(key, None)
+    files[key] = tif = tifffile.TiffFile(path) if tif is None else tif  # the most recently used last
+    if len(files) > TIFF_FILES_OPEN:
+        files.pop(next(iter(files))).close()
+    return tif
+
+
+def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of page z of series 0's pyramid ``level`` of TIFF ``path``, a 2D single-sample page: only
+    the strips or tiles it covers are read and decoded (an uncompressed contiguous page: only the part, mapped)."""
     with _tiff_messages():
-        return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)
+        tif = _tiff_file(path)
+        page = tif.series[0].levels[level].pages[z]
+        keyframe = page.keyframe
+        if page.is_contiguous:
+            dtype = keyframe.dtype.newbyteorder(tif.byteorder)
+            mapped = np.memmap(path, dtype, "r", page.dataoffsets[0], keyframe.shape)
+            return np.array(mapped[rows, cols], dtype.newbyteorder("="))
+        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
+        (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
+        for row, col in itertools.product(
+            range(rows.start // height, min(down, -(-rows.stop // height))),
+            range(cols.start // width, min(across, -(-cols.stop // width))),
+        ):
+            index = row * across + col
+            data = None
+            if page.databytecounts[index]:  # a tile never written reads as 0
+                tif.filehandle.seek(page.dataoffsets[index])
+                data = tif.filehandle.read(page.databytecounts[index])
+            piece, (*_, y0, x0, _), _ = keyframe.decode(
+                data, index, jpegtables=page.jpegtables, jpegheader=keyframe.jpegheader
+            )
+            if piece is None:
+                continue
+            piece = piece.reshape(piece.shape[-3:-1])
+            ys = slice(max(y0, rows.start), min(y0 + piece.shape[0], rows.stop))
+            xs = slice(max(x0, cols.start), min(x0 + piece.shape[1], cols.stop))
+            out[ys.start - rows.start : ys.stop - rows.start, xs.start - cols.start : xs.stop - cols.start] = piece[
+                ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0
+            ]
+        return out
 
 
-def _read_tiff_file(files: tuple[str, ...], shape: tuple[int, int], z: int) -> np.ndarray:
+def _read_tiff_section(
+    path: str, level: int, lead: tuple[int, ...], shape: tuple[int, int], z: int, rows: slice, cols: slice
+) -> np.ndarray:
+    """Part (rows, cols) of section z of a TIFF series whose sections are not one plain page each (``lead``: indices
+    of dropped singleton axes before Z): the section is decoded whole."""
     with _tiff_messages():
-        return tifffile.imread(files[z]).reshape(shape)
+        return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)[rows, cols]
+
+
+def _read_tiff_file(files: tuple[str, ...], z: int, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of the section in ``files[z]``, a one-page TIFF."""
+    return _read_page_region(files[z], 0, 0, rows, cols)
 
 
 def _tiff_file_name(files: tuple[str, ...], z: int) -> str:
     return Path(files[z]).name
 
 
+def _pieces(level: tifffile.TiffPageSeries) -> tuple[int, int] | None:
+    """(rows, cols) of the strips or tiles a series level's pages are stored in, when each page is one plain 2D
+    single-sample section (so that a part of it can be read alone: :func:`_read_page_region`), else None."""
+    keyframe = level.keyframe
+    plain = keyframe.samplesperpixel == 1 and keyframe.imagedepth == 1 and len(keyframe.chunked) == 2
+    if not plain or keyframe.shape != tuple(level.shape[-2:]) or len(level.pages) != math.prod(level.shape[:-2]):
+        return None
+    return (1, 1) if keyframe.is_contiguous else tuple(keyframe.chunks)
+
+
 def _tiff_header(
     path: Path,
-) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None]], str, tuple, str, bool]:
-    """From the header only: per pyramid level (shape, dtype, contiguous data offset or None), byte order,
-    voxel size and unit (from ImageJ calibration when present), and whether they were present."""
+) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None, tuple[int, int] | None]], str, tuple, str, bool]:
+    """From the header only: per pyramid level (shape, dtype, contiguous data offset or None, :func:`_pieces`),
+    byte order, voxel size and unit (from ImageJ calibration when present), and whether they were present."""
     try:
         with _tiff_messages() as messages, tifffile.TiffFile(path) as tif:
-            levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset) for s in tif.series[0].levels]
+            levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset, _pieces(s)) for s in tif.series[0].levels]
             damaged = [m for m in messages if "failed" in m]  # e.g. "shaped series failed to reshape": pages lost
             if damaged:
                 raise _err(path, f"is truncated or damaged (tifffile: {re.sub(r'^<[^>]*> *', '', damaged[0])[:200]})")
@@ -235,14 +335,18 @@ def _open_tiff(path: Path, level: int) -> Stack:
     levels, byteorder, voxel_size, unit, known = _tiff_header(path)
     if not 0 <= level < len(levels):
         raise _err(path, f"level {level} out of range (the TIFF has {len(levels)} level(s))")
-    shape, dtype, offset = levels[level]
+    shape, dtype, offset, pieces = levels[level]
     keep = _kept_axes(str(path), shape, dtype)
     shape3 = tuple(shape[axis] for axis in keep)
     if offset is not None:
-        reader = functools.partial(_read_raw_section, str(path), offset, dtype.newbyteorder(byteorder), shape3[1:])
+        reader = functools.partial(_read_raw_region, str(path), offset, dtype.newbyteorder(byteorder), shape3[1:])
+        pieces = (1, 1)
+    elif pieces is not None:
+        reader = functools.partial(_read_page_region, str(path), level)
     else:
         reader = functools.partial(_read_tiff_section, str(path), level, (0,) * keep[0], shape3[1:])
-    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, voxel_known=known)
+    data = _sections(reader, shape3, dtype, pieces and _read_chunks(pieces, shape3[1:]))
+    return Stack(data, str(path), voxel_size, unit, level, voxel_known=known, read_part=reader)
 
 
 def _open_tiff_folder(path: Path, level: int) -> Stack:
@@ -257,10 +361,12 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
     headers = [_tiff_header(file) for file in files]
     expected = None
     for file, (levels, *_) in zip(files, headers, strict=True):
-        shape, dtype, _ = levels[0]
+        shape, dtype, _, pieces = levels[0]
         shape2 = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
         if len(shape2) != 2:
             raise _err(path, f"{file.name} has shape {tuple(shape)}; each file must hold one 2D section")
+        if pieces is None:
+            raise _err(path, f"{file.name} does not hold its section as one grey-level page (multi-sample or 3D tiles)")
         if expected is None:
             expected = (shape2, dtype)
         elif (shape2, dtype) != expected:
@@ -273,10 +379,11 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
     shape3 = (len(files), *shape2)
     _kept_axes(str(path), shape3, dtype)
     names = tuple(str(f) for f in files)
-    reader = functools.partial(_read_tiff_file, names, shape2)
-    _, _, voxel_size, unit, known = headers[0]
+    reader = functools.partial(_read_tiff_file, names)
+    (first, *_), _, voxel_size, unit, known = headers[0]
     locate = functools.partial(_tiff_file_name, names)
-    return Stack(_sections(reader, shape3, dtype), str(path), voxel_size, unit, level, locate, known)
+    data = _sections(reader, shape3, dtype, _read_chunks(first[3], shape2))
+    return Stack(data, str(path), voxel_size, unit, level, locate, known, reader)
 
 
 def _multiscales(attrs: Any) -> dict | None:
@@ -333,7 +440,15 @@ def _open_zarr(path: str | os.PathLike, level: int, dataset: str | None) -> Stac
     data = da.from_zarr(array, chunks=tuple(chunks))[tuple(slice(None) if a in keep else 0 for a in range(array.ndim))]
     voxel_size = tuple(float(scale[a]) for a in keep) if scale is not None else (1.0, 1.0, 1.0)
     locate = functools.partial(_bad_zarr_chunks, array, keep[0])
-    return Stack(data, str(path), voxel_size, unit, level, locate, scale is not None)
+    read_part = functools.partial(_read_zarr_part, array, tuple(keep))
+    return Stack(data, str(path), voxel_size, unit, level, locate, scale is not None, read_part)
+
+
+def _read_zarr_part(array: zarr.Array, keep: tuple[int, int, int], z: int, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of section z of ``array`` whose (z, y, x) are axes ``keep`` (0 on the others)."""
+    key = [0] * array.ndim
+    key[keep[0]], key[keep[1]], key[keep[2]] = z, rows, cols
+    return np.asarray(array[tuple(key)])
 
 
 def _bad_zarr_chunks(array: zarr.Array, z_axis: int, z: int) -> str:
@@ -437,9 +552,12 @@ def check_chunk(
         raise _err(stack.path, f"section {z} out of range (the stack has {stack.shape[0]} sections)")
     # a strided region is read whole and subsampled here: dask's strided slicing is several times slower
     steps = tuple(slice(None, None, r.step) for r in region or ())
-    window = None if region is None else tuple(slice(r.start, r.stop) for r in region)
+    window = None if region is None else tuple(_bounds(r, n) for r, n in zip(region, stack.shape[1:], strict=True))
     try:
-        section = np.asarray((stack.data[z] if window is None else stack.data[z][window]).compute(scheduler="sync"))
+        if window is not None and stack.read_part is not None:
+            section = stack.read_part(z, *window)
+        else:
+            section = np.asarray((stack.data[z] if window is None else stack.data[z][window]).compute(scheduler="sync"))
         section = section[steps]
     except Exception as exc:
         where = ""
@@ -451,6 +569,19 @@ def check_chunk(
     if require_finite:
         check_finite(section, stack.path, z)
     return section
+
+
+def read_tile(stack: Stack, z: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The ``shape`` (y, x) part at ``origin`` of section z of ``stack`` as read (:func:`check_chunk`, no finiteness
+    check): the tiles :meth:`OmeZarrWriter.write_tiled` asks for, when a section is copied as it is."""
+    region = (slice(origin[0], origin[0] + shape[0]), slice(origin[1], origin[1] + shape[1]))
+    return check_chunk(stack, z, require_finite=False, region=region)
+
+
+def _bounds(part: slice, length: int) -> slice:
+    """``part``'s start and stop clipped to an axis of ``length`` (stop >= start; no step)."""
+    start, stop, _ = slice(part.start, part.stop).indices(length)
+    return slice(start, max(start, stop))
 
 
 def _shard_shape(shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int]) -> tuple[int, ...]:
@@ -562,7 +693,7 @@ def downsampled(stack: Stack, factor: int) -> Stack:
         dtype=stack.dtype,
     )
     voxel = (stack.voxel_size[0], stack.voxel_size[1] * factor, stack.voxel_size[2] * factor)
-    return replace(stack, data=means, voxel_size=voxel)
+    return replace(stack, data=means, voxel_size=voxel, read_part=None)
 
 
 def downsample2(section: np.ndarray) -> np.ndarray:
@@ -860,7 +991,8 @@ def import_stack(
     ngff: str = NGFF_VERSIONS[0],
     shard: int = SHARD_XY,
 ) -> str:
-    """Stream any readable stack into an OME-Zarr at `dst`, one section at a time; resumes a partial import.
+    """Stream any readable stack into an OME-Zarr at `dst`, a section at a time, tile by tile; resumes a partial
+    import.
 
     `ngff`, `shard`: the output layout (see :meth:`OmeZarrWriter.create`)."""
     stack = open_stack(src, level=level, dataset=dataset)
@@ -894,6 +1026,6 @@ def import_stack(
     for z in tqdm(
         todo, f"import {Path(src).name}", total, initial=total - todo.size, unit="section", disable=not progress
     ):
-        writer.write_section(int(z), check_chunk(stack, int(z), require_finite=False))
+        writer.write_tiled(int(z), functools.partial(read_tile, stack, int(z)))
     writer.mark_complete()
     return str(dst)

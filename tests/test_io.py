@@ -49,30 +49,89 @@ def write_ome_zarr(path: Path, levels: list[np.ndarray], version: str, axes: str
 
 
 TIFF_CASES = {
-    "contiguous": ({}, "_read_raw_section"),
-    "big-endian": ({"byteorder": ">"}, "_read_raw_section"),
-    "compressed": ({"compression": "zlib"}, "_read_tiff_section"),
-    "tiled": ({"tile": (16, 16)}, "_read_tiff_section"),
+    "contiguous": ({}, "_read_raw_region"),
+    "big-endian": ({"byteorder": ">"}, "_read_raw_region"),
+    "compressed": ({"compression": "zlib"}, "_read_page_region"),
+    "tiled": ({"tile": (16, 16)}, "_read_page_region"),
+    "big-endian-tiled": ({"tile": (16, 16), "compression": "zlib", "byteorder": ">"}, "_read_page_region"),
+    "sections-as-planes-of-one-page": (
+        {"photometric": "rgb", "planarconfig": "separate", "compression": "zlib"},
+        "_read_tiff_section",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", TIFF_CASES)
 def test_open_tiff_stack_is_lazy_and_matches(tmp_path, monkeypatch, case):
     kwargs, reader = TIFF_CASES[case]
-    data = ramp((5, 30, 40))
+    data = ramp((3, 30, 40), np.uint8 if "planes" in case else np.uint16)
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, data, photometric="minisblack", **kwargs)
+    tifffile.imwrite(path, data, **{"photometric": "minisblack", **kwargs})
     calls = []
     original = getattr(io, reader)
-    monkeypatch.setattr(io, reader, lambda *args: calls.append(args[-1]) or original(*args))
+    monkeypatch.setattr(io, reader, lambda *args: calls.append(args[-3]) or original(*args))
 
     stack = open_stack(path)
-    assert isinstance(stack.data, da.Array) and stack.data.numblocks == (5, 1, 1)
+    assert isinstance(stack.data, da.Array) and stack.data.numblocks == (3, 1, 1)
     assert calls == []  # opening reads headers only
-    np.testing.assert_array_equal(check_chunk(stack, 3), data[3])
-    assert calls == [3]
+    np.testing.assert_array_equal(check_chunk(stack, 2), data[2])
+    assert calls == [2]
     np.testing.assert_array_equal(stack.data.compute(), data)
-    assert stack.data.dtype == np.uint16 and stack.voxel_size == (1.0, 1.0, 1.0) and stack.unit == "nanometer"
+    assert stack.data.dtype == data.dtype and stack.voxel_size == (1.0, 1.0, 1.0) and stack.unit == "nanometer"
+
+
+LARGE_SECTION_LAYOUTS = {  # how a TIFF stores its sections -> the chunks (y, x) it is read in at DASK_XY = 64
+    "strips": ({"compression": "zlib", "rowsperstrip": 8}, (16, 200)),
+    "tiles": ({"compression": "zlib", "tile": (16, 32)}, (64, 64)),
+    "uncompressed": ({}, (64, 64)),
+    "folder-of-tiled-files": ({"compression": "zlib", "tile": (32, 32)}, (64, 64)),
+}
+
+
+def write_layout(path: Path, data: np.ndarray, layout: str) -> Path:
+    """``data`` as a multi-page TIFF at ``path`` (a folder of one-section files for the folder layout)."""
+    kwargs = {"photometric": "minisblack", **LARGE_SECTION_LAYOUTS[layout][0]}
+    if not layout.startswith("folder"):
+        tifffile.imwrite(path, data, **kwargs)
+        return path
+    path.mkdir()
+    for z, section in enumerate(data):
+        tifffile.imwrite(path / f"s{z}.tif", section, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("layout", LARGE_SECTION_LAYOUTS)
+def test_a_tiff_is_chunked_in_whole_strips_or_tiles_and_a_part_reads_only_those_it_covers(
+    tmp_path, monkeypatch, layout
+):
+    monkeypatch.setattr(io, "DASK_XY", 64)
+    data = RNG.integers(0, 65535, (3, 150, 200), dtype=np.uint16)  # incompressible: bytes read ~ pixels decoded
+    stack = open_stack(write_layout(tmp_path / "stack.tif", data, layout))
+    assert stack.data.chunksize[1:] == LARGE_SECTION_LAYOUTS[layout][1]
+    check_chunk(stack, 1, region=(slice(0, 1), slice(0, 1)))  # opens (and keeps open) the file: its headers read
+    read = []
+    unpatched = tifffile.FileHandle.read
+    monkeypatch.setattr(tifffile.FileHandle, "read", lambda fh, size=-1: read.append(size) or unpatched(fh, size))
+    region = (slice(40, 60), slice(70, 100))
+    np.testing.assert_array_equal(check_chunk(stack, 1, region=region), data[1][region])
+    # the pixels of the strips or tiles the part covers, of the section's 30000 (and of the dask chunks' 4096 to
+    # 6400); an uncompressed page is mapped, not read
+    covered = {"strips": 3 * 8 * 200, "tiles": 4 * 16 * 32, "uncompressed": 0, "folder-of-tiled-files": 2 * 32 * 32}
+    assert (covered[layout] > 0) == (sum(read) > 0) and sum(read) <= 1.1 * covered[layout] * data.itemsize
+    np.testing.assert_array_equal(stack.data.compute(), data)
+
+
+def test_a_tiff_rewritten_after_a_read_is_read_as_it_now_is(tmp_path):
+    path = tmp_path / "stack.tif"
+    first, second = ramp((2, 40, 30), np.uint8), ramp((2, 40, 30), np.uint8)[:, ::-1]
+    tifffile.imwrite(path, first, photometric="minisblack", compression="zlib", tile=(16, 16))
+    np.testing.assert_array_equal(
+        check_chunk(open_stack(path), 1, region=(slice(0, 20), slice(0, 20))), first[1, :20, :20]
+    )
+    tifffile.imwrite(path, second, photometric="minisblack", compression="zlib", rowsperstrip=4)  # the file kept open
+    np.testing.assert_array_equal(
+        check_chunk(open_stack(path), 1, region=(slice(0, 20), slice(0, 20))), second[1, :20, :20]
+    )
 
 
 def test_open_tiff_reads_imagej_calibration(tmp_path):
@@ -359,6 +418,23 @@ def test_import_roundtrip_uint16(tmp_path):
 
     override = import_stack(src, tmp_path / "um.zarr", progress=False, voxel_size=(0.05, 0.01, 0.01), unit="micrometer")
     assert open_stack(override).voxel_size == (0.05, 0.01, 0.01) and open_stack(override).unit == "micrometer"
+
+
+def test_import_copies_a_section_tile_by_tile_reading_only_each_tiles_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "DASK_XY", 32)
+    monkeypatch.setattr(io, "WRITE_TILE", 32)
+    data = RNG.integers(0, 255, (2, 100, 70), dtype=np.uint8)
+    src = write_layout(tmp_path / "stack.tif", data, "tiles")
+    parts = []
+    unpatched = io._read_page_region
+    monkeypatch.setattr(
+        io,
+        "_read_page_region",
+        lambda *args: parts.append(args[-2:]) or unpatched(*args),  # (rows, cols)
+    )
+    dst = import_stack(src, tmp_path / "raw.zarr", chunks=(1, 16, 16), progress=False, ngff="0.4")
+    np.testing.assert_array_equal(open_stack(dst).data.compute(), data)
+    assert max((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in parts) == 32 * 32
 
 
 def test_a_section_written_tile_by_tile_gives_its_whole_pyramid_and_writes_every_shard_once(tmp_path, monkeypatch):

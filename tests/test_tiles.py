@@ -123,37 +123,49 @@ def test_a_tiled_estimate_resumes_with_only_its_unfinished_block_tile_tasks(esti
 
 
 def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, monkeypatch):
-    """prealign, estimate, refine, polish and render read their sections part by part (parts of 32 px here; the estimate
-    in task tiles of 64 px, warped in strips of 32^2 px; the polish in bands of patch-grid nodes; the render one 32 px
-    shard at a time), never a whole 224 x 224 section."""
+    """prealign, estimate, refine, polish, render and qc read their sections part by part (parts of 32 px here; the
+    estimate in task tiles of 64 px, warped in strips of 32^2 px; the polish in bands of patch-grid nodes; the render
+    one 32 px shard at a time; the qc in bands of 16 rows), never a whole 224 x 224 section, and only those parts are
+    read from the TIFF holding them."""
     import emalign.io as io
     import emalign.pipeline.polish as polish
+    import emalign.pipeline.qc as qc
     import emalign.pipeline.render as render
 
     shape = (3, 224, 224)
     path = tmp_path / "stack.tif"
     tifffile.imwrite(path, demo_stack(shape, seed=2)[1].stack, photometric="minisblack")
     monkeypatch.setattr(io, "SECTION_CHUNKS", (1, 16, 16))
+    monkeypatch.setattr(io, "DASK_XY", 32)
     monkeypatch.setattr(estimate, "COARSE_TILE", 32)
     monkeypatch.setattr(render, "RENDER_PIXELS", 32 * 32)
     monkeypatch.setattr(polish, "POLISH_NODES", 2)
-    reads = []
+    monkeypatch.setattr(qc, "QC_BAND", 16 * 224)
+    asked, read = [], []
 
-    def recording(stack, z, require_finite=True, region=None):
-        assert region is not None, "a whole section was read"
-        reads.append((region[0].stop - region[0].start) * (region[1].stop - region[1].start))
-        return unpatched(stack, z, require_finite, region)
+    def asking(stack, z, require_finite=True, region=None):
+        assert region is not None, "a whole section was asked for"
+        asked.append((region[0].stop - region[0].start) * (region[1].stop - region[1].start))
+        return check_chunk(stack, z, require_finite, region)
 
-    unpatched = estimate.check_chunk
-    for module in (estimate, render):
-        monkeypatch.setattr(module, "check_chunk", recording)
+    def reading(*args):
+        rows, cols = args[-2:]
+        read.append((rows.stop - rows.start) * (cols.stop - cols.start))
+        return read_raw_region(*args)
+
+    check_chunk, read_raw_region = estimate.check_chunk, io._read_raw_region
+    for module in (estimate, render, qc):
+        monkeypatch.setattr(module, "check_chunk", asking)
+    monkeypatch.setattr(io, "_read_raw_region", reading)  # what is read from the file
     params = AlignParams(block=2, tile=32, halo=4, smoothing=4.0, task_tile=64, shard=32, polish="on", polish_patch=16)
     ws = Workspace.create(open_stack(path), tmp_path / "out.zarr", params)
-    for stage in ("prealign", "estimate", "stitch", "refine", "polish", "render"):
+    read.clear()  # the pixel size's estimate reads central crops of at most ESTIMATE_CROP px, whole here
+    for stage in ("prealign", "estimate", "stitch", "refine", "polish", "render", "qc"):
         run_stage(stage, ws, **STAGE)
     assert ws.writer.done_sections().all() and ws.writer.tile_side() == 32
     # a part and what it pulls from, widened to whole 32 px contrast blocks and a few px (estimate._widened)
-    assert max(reads) < shape[1] * shape[2] / 2
+    assert max(asked) < shape[1] * shape[2] / 2
+    assert max(read) < shape[1] * shape[2] / 2 and sum(read) > shape[0] * shape[1] * shape[2]
 
 
 @pytest.mark.parametrize("factor", [1, 2, 3])

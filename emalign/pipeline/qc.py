@@ -1,8 +1,8 @@
 """Stage 7: per-section quality table, a summary plot and a printed summary.
 
 Columns of ``qc.csv``: ``z``, ``flags`` (blank/damaged/skipped), ``corr_before`` and
-``corr_after`` (Pearson correlation with the previous section, on a 4x-subsampled grid,
-raw vs aligned), ``field_rms_px`` (RMS length of the section's global field),
+``corr_after`` (Pearson correlation with the previous section, on a grid of every 4th pixel, sparser on
+sections over 8192 px, raw vs aligned), ``field_rms_px`` (RMS length of the section's global field),
 ``folding_pct`` (% of field grid points with Jacobian determinant <= 0).
 """
 
@@ -20,6 +20,11 @@ from emalign.metrics import adjacent_correlation
 from emalign.pipeline.store import Workspace, flag_text
 
 QC_STEP = 4
+QC_SIDE = 2048
+"""Most grid points a side the correlations are taken on: a section wider than ``QC_STEP * QC_SIDE`` px is sampled
+more sparsely (:func:`sample_step`)."""
+QC_BAND = 1 << 24
+"""Raw pixels read at once, in a band of whole rows (:func:`sampled`)."""
 COLUMNS = ("z", "flags", "corr_before", "corr_after", "field_rms_px", "folding_pct")
 
 
@@ -32,15 +37,31 @@ def _neighbour_correlation(sections) -> list[float]:
     return values
 
 
+def sample_step(shape: tuple[int, ...]) -> int:
+    """Step (px) of the QC grid over sections of ``shape`` (.., y, x): :data:`QC_STEP`, or more, so that the grid
+    has at most :data:`QC_SIDE` points a side."""
+    return max(QC_STEP, -(-max(shape[-2:]) // QC_SIDE))
+
+
+def sampled(stack: Stack, z: int, step: int) -> np.ndarray:
+    """Every ``step``-th pixel along y and x of section ``z`` of ``stack`` (as read), read in bands of whole rows of
+    about :data:`QC_BAND` px, so that a large section is never held whole."""
+    height, width = stack.shape[1:]
+    rows = max(step, QC_BAND // width // step * step)
+    columns = slice(0, width, step)
+    bands = (slice(y, min(y + rows, height), step) for y in range(0, height, rows))
+    return np.concatenate([check_chunk(stack, z, require_finite=False, region=(band, columns)) for band in bands])
+
+
 def quality_table(ws: Workspace, stack: Stack) -> list[dict]:
     """The per-section QC rows (streams the full-resolution raw ``stack`` and the aligned one once, subsampled)."""
     depth = ws.plan.shape[0]
     aligned = ws.writer.arrays[0]
     flags = ws.flags()
     fields = ws.array("fields/global")
-    grid = (slice(None, None, QC_STEP),) * 2
-    before = _neighbour_correlation(check_chunk(stack, z, require_finite=False, region=grid) for z in range(depth))
-    after = _neighbour_correlation(np.asarray(aligned[z, ::QC_STEP, ::QC_STEP]) for z in range(depth))
+    step = sample_step(aligned.shape)
+    before = _neighbour_correlation(sampled(stack, z, step) for z in range(depth))
+    after = _neighbour_correlation(np.asarray(aligned[z, ::step, ::step]) for z in range(depth))
     rows = []
     for z in range(depth):
         field = np.asarray(fields[z])

@@ -15,7 +15,7 @@ import torch
 
 from emalign.device import resolve_device
 from emalign.fields import resample, sample
-from emalign.io import Stack, check_chunk
+from emalign.io import Stack, check_chunk, read_tile
 from emalign.pipeline.store import Workspace
 
 RegionReader = Callable[[Stack, int, tuple[slice, slice]], np.ndarray]
@@ -84,13 +84,7 @@ def render_block(ws: Workspace, stack: Stack, index: int, device: str = "auto") 
         if done[z - start]:
             continue
         if excluded[z]:
-            ws.writer.write_tiled(z, functools.partial(_raw_tile, stack, z))
+            ws.writer.write_tiled(z, functools.partial(read_tile, stack, z))
         else:
             field, stride = factor * np.asarray(fields[z]), factor * ws.params.stride
             ws.writer.write_tiled(z, functools.partial(render_region, stack, z, field, stride, device=dev))
-
-
-def _raw_tile(stack: Stack, z: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """The ``shape`` region at ``origin`` of section ``z`` as read (a flagged section, passed through)."""
-    region = (slice(origin[0], origin[0] + shape[0]), slice(origin[1], origin[1] + shape[1]))
-    return check_chunk(stack, z, require_finite=False, region=region)
