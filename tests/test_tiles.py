@@ -168,6 +168,16 @@ def test_no_stage_reads_more_than_a_bounded_part_of_a_larger_section(tmp_path, m
     assert max(read) < shape[1] * shape[2] / 2 and sum(read) > shape[0] * shape[1] * shape[2]
 
 
+def test_the_qc_grid_is_every_4th_pixel_to_8192_px_then_2048_points_a_side_read_in_bands_of_rows(tmp_path, monkeypatch):
+    import emalign.pipeline.qc as qc
+
+    assert [qc.sample_step((3, side, 500)) for side in (448, 8192, 8193, 32768)] == [4, 4, 5, 16]
+    data = np.random.default_rng(0).integers(0, 255, (2, 101, 70), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", data, photometric="minisblack", compression="zlib", rowsperstrip=8)
+    monkeypatch.setattr(qc, "QC_BAND", 20 * 70)  # bands of 20 rows, a multiple of the step
+    np.testing.assert_array_equal(qc.sampled(open_stack(tmp_path / "stack.tif"), 1, 5), data[1, ::5, ::5])
+
+
 @pytest.mark.parametrize("factor", [1, 2, 3])
 def test_a_section_read_in_parts_gives_the_whole_sections_block_means_and_statistics(tmp_path, monkeypatch, factor):
     import zarr
