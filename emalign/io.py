@@ -253,8 +253,7 @@ def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -
         keyframe = page.keyframe
         if page.is_contiguous:
             dtype = keyframe.dtype.newbyteorder(tif.byteorder)
-            mapped = np.memmap(path, dtype, "r", page.dataoffsets[0], keyframe.shape)
-            return np.array(mapped[rows, cols], dtype.newbyteorder("="))
+            return _read_raw_region(path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
         out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
         (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
         for row, col in itertools.product(
