@@ -1,7 +1,7 @@
 """Reading large sections from each input format: the time and memory of the reads the stages make.
 
     python benchmarks/input_formats.py [--sizes 8192,16384,32768] [--formats zarr,tiff,...] [--baseline DIR]
-                                       [--align 8192:4]
+                                       [--align 8192:4 [--align-formats tiff-tiles,tiff-one-strip]]
 
 For every section side and format, a 2-section stack of the procedural texture (a 1024^2 `synth.em_texture`
 volume tiled periodically) is written as:
@@ -9,6 +9,8 @@ volume tiled periodically) is written as:
 - ``zarr``: OME-Zarr as `emalign import` writes it (512^2 chunks in 4096^2 shards), imported from ``tiff``;
 - ``tiff``: a multi-page TIFF, uncompressed and contiguous (as ImageJ and tifffile write it by default);
 - ``tiff-strips``: zlib in strips of 16 rows, a section per page (as most microscope software writes);
+- ``tiff-lzw``: LZW with horizontal differencing in strips of 16 rows (as Bio-Formats, Pillow, Photoshop save LZW);
+- ``tiff-one-strip``: zlib with horizontal differencing, a section per strip (as some exporters write a page);
 - ``tiff-tiles``: zlib in 512^2 tiles;
 - ``tiff-folder``: a folder of one-section TIFFs in zlib 512^2 tiles.
 
@@ -22,10 +24,10 @@ Each operation then runs in a fresh process (so that one's heap does not carry i
 and reports its seconds and its peak memory above what the process held before it (VmHWM reset through
 /proc/self/clear_refs once the stack is open). ``--baseline DIR`` also runs every operation with ``PYTHONPATH=DIR``
 (an older checkout's package, e.g. from `git archive`) and gives its figures beside. ``--align SIZE:SECTIONS`` also
-runs `emalign align` end to end on a misaligned stack of that size (speed.py's tiled sections), given as Zarr and as
-a zlib-tiled TIFF, with this code and the baseline's: pipeline seconds, MPx/s, peak memory of the process, and how
-far each output's fields and level-0 pixels are from this code's on the Zarr. Writes
-benchmarks/results/input_formats.md; prints each row as it comes.
+runs `emalign align` end to end on a misaligned stack of that size (speed.py's tiled sections), given as Zarr and in
+each of ``--align-formats`` (default: the zlib-tiled TIFF), with this code and the baseline's: pipeline seconds,
+MPx/s, peak memory of the process, and how far each output's fields and level-0 pixels are from this code's on the
+Zarr. Writes benchmarks/results/input_formats.md; prints each row as it comes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,12 @@ from emalign import synth
 from emalign.io import import_stack
 
 RESULTS = Path(__file__).parent / "results"
-FORMATS = ("zarr", "tiff", "tiff-strips", "tiff-tiles", "tiff-folder")
+FORMATS = ("zarr", "tiff", "tiff-strips", "tiff-lzw", "tiff-one-strip", "tiff-tiles", "tiff-folder")
+STRIP_CODECS = {  # tifffile's arguments, rowsperstrip 0: the section's height
+    "tiff-strips": {"compression": "zlib", "rowsperstrip": 16},
+    "tiff-lzw": {"compression": "lzw", "predictor": True, "rowsperstrip": 16},
+    "tiff-one-strip": {"compression": "zlib", "predictor": True, "rowsperstrip": 0},
+}
 OPERATIONS = ("part", "means", "import")
 SECTIONS = 2
 TEXTURE = 1024
@@ -115,6 +122,15 @@ def write_tiled_tiff(path: Path, part: Callable[[int, int, int], np.ndarray], se
     return path
 
 
+def write_strip_tiff(path: Path, sections: Iterable[np.ndarray], name: str) -> Path:
+    """A multi-page TIFF of ``sections`` in strips of :data:`STRIP_CODECS` ``[name]``."""
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        for section in sections:
+            codec = {**STRIP_CODECS[name], "rowsperstrip": STRIP_CODECS[name]["rowsperstrip"] or len(section)}
+            writer.write(section, metadata=None, photometric="minisblack", **codec)
+    return path
+
+
 def write_inputs(folder: Path, size: int, formats: list[str]) -> dict[str, Path]:
     """Each of ``formats`` holding the same SECTIONS x size x size stack, in ``folder``."""
     base = synth.em_texture((SECTIONS, TEXTURE, TEXTURE), seed=0, z_step=4.0)
@@ -131,12 +147,9 @@ def write_inputs(folder: Path, size: int, formats: list[str]) -> dict[str, Path]
     paths["tiff"] = raw
     if "zarr" in formats:
         paths["zarr"] = Path(import_stack(raw, folder / "stack.zarr", progress=False))
-    if "tiff-strips" in formats:
-        paths["tiff-strips"] = folder / "strips.tif"
-        with tifffile.TiffWriter(paths["tiff-strips"], bigtiff=True) as writer:
-            for z in range(SECTIONS):
-                section = _texture_part(base[z], 0, 0, (size, size))
-                writer.write(section, compression="zlib", rowsperstrip=16, metadata=None, **grey)
+    for name in set(STRIP_CODECS) & set(formats):
+        sections = (_texture_part(base[z], 0, 0, (size, size)) for z in range(SECTIONS))
+        paths[name] = write_strip_tiff(folder / f"{name}.tif", sections, name)
 
     def part(z: int, y0: int, x0: int) -> np.ndarray:
         return _texture_part(base[z], y0, x0, (TILE, TILE))
@@ -179,9 +192,12 @@ def _difference(out: Path, reference: Path) -> tuple[float, int]:
     return fields, differing
 
 
-def align_end_to_end(scratch: Path, size: int, sections: int, baseline: str | None) -> list[dict]:
-    """`emalign align` of one misaligned stack (speed.py's tiled sections) given as Zarr and as a zlib-tiled TIFF, by
-    this code and the baseline's: seconds, MPx/s, peak memory, and how far each output is from this code's on Zarr."""
+def align_end_to_end(
+    scratch: Path, size: int, sections: int, baseline: str | None, formats: Sequence[str] = ("tiff-tiles",)
+) -> list[dict]:
+    """`emalign align` of one misaligned stack (speed.py's tiled sections) given as Zarr and in each TIFF format of
+    ``formats`` (tiff-tiles or a strip one), by this code and the baseline's: seconds, MPx/s, peak memory, and how far
+    each output is from this code's on Zarr."""
     src = scratch / "misaligned.zarr"
     make_tiled_input(src, sections, size)
     array = zarr.open_array(str(src), mode="r")
@@ -189,10 +205,16 @@ def align_end_to_end(scratch: Path, size: int, sections: int, baseline: str | No
     def part(z: int, y0: int, x0: int) -> np.ndarray:
         return np.asarray(array[z, y0 : y0 + TILE, x0 : x0 + TILE])
 
-    tif = write_tiled_tiff(scratch / "misaligned.tif", part, sections, size)
+    inputs = {"zarr": src}
+    for name in formats:
+        path = scratch / f"misaligned-{name}.tif"
+        if name == "tiff-tiles":
+            inputs[name] = write_tiled_tiff(path, part, sections, size)
+        else:
+            inputs[name] = write_strip_tiff(path, (np.asarray(array[z]) for z in range(sections)), name)
     codes = [("this", None), *([("baseline", baseline)] if baseline else [])]
     rows, reference = [], None
-    for name, path in (("zarr", src), ("tiff-tiles", tif)):
+    for name, path in inputs.items():
         for code, pythonpath in codes:
             out = scratch / f"aligned-{name}-{code}.zarr"
             seconds, _, peak = run_align(path, out, [], pythonpath)
@@ -245,7 +267,12 @@ def main() -> None:
     parser.add_argument(
         "--align",
         default="",
-        help="SIZE:SECTIONS: also align a misaligned stack, as Zarr and as tiled TIFF, end to end",
+        help="SIZE:SECTIONS: also align a misaligned stack, as Zarr and as TIFF, end to end",
+    )
+    parser.add_argument(
+        "--align-formats",
+        default="tiff-tiles",
+        help=f"the TIFF formats --align gives the stack in besides Zarr: tiff-tiles, {', '.join(STRIP_CODECS)}",
     )
     parser.add_argument("--out", default=str(RESULTS / "input_formats.md"))
     args = parser.parse_args()
@@ -258,8 +285,8 @@ def main() -> None:
     if args.align:
         size, sections = (int(n) for n in args.align.split(":"))
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-            aligned = align_end_to_end(Path(scratch), size, sections, args.baseline)
-    for size in (int(s) for s in args.sizes.split(",")):
+            aligned = align_end_to_end(Path(scratch), size, sections, args.baseline, args.align_formats.split(","))
+    for size in (int(s) for s in args.sizes.split(",") if s):
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
             made = time.perf_counter()
             inputs = write_inputs(Path(scratch), size, formats)
@@ -281,7 +308,7 @@ def main() -> None:
     if aligned:
         text += (
             "\n`emalign align` end to end (defaults, two threads), one misaligned stack of speed.py's tiled sections "
-            "given as Zarr and as a zlib-tiled TIFF; fields and pixels against this code's run on the Zarr:\n\n"
+            "given as Zarr and as TIFF; fields and pixels against this code's run on the Zarr:\n\n"
             + align_table(aligned)
             + "\n"
         )

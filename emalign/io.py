@@ -32,6 +32,7 @@ from zarr.codecs import BloscCodec
 from emalign import stores
 from emalign.downsample import block_mean
 from emalign.errors import EmalignError, IncompleteOutputWarning
+from emalign.inflate import inflate_range
 from emalign.layout import NGFF_VERSIONS, SHARD_XY
 from emalign.ngff import AXES, image_attrs
 
@@ -244,9 +245,57 @@ def _tiff_file(path: str) -> tifffile.TiffFile:
     return tif
 
 
+INFLATED_STRIP_BYTES = 2**24
+"""Deflate strips that decode to more than this are read by their rows (:func:`emalign.inflate.inflate_range`)."""
+_DEFLATE = (8, 32946)  # TIFF compression codes of zlib streams (Adobe Deflate, Deflate)
+
+
+def _inflated_by_rows(keyframe: tifffile.TiffPage) -> bool:
+    """Whether a page's strips are large Deflate streams whose rows are decoded alone (no predictor, or horizontal
+    differencing of integer samples, which undoes row by row)."""
+    height, width = keyframe.chunks
+    return (
+        keyframe.compression in _DEFLATE
+        and keyframe.chunked[1] == 1
+        and keyframe.fillorder == 1
+        and keyframe.bitspersample == 8 * keyframe.dtype.itemsize
+        and (keyframe.predictor == 1 or (keyframe.predictor == 2 and keyframe.dtype.kind in "iu"))
+        and height * width * keyframe.dtype.itemsize > INFLATED_STRIP_BYTES
+    )
+
+
+def _read_inflated_rows(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of a page of large Deflate strips (:func:`_inflated_by_rows`): only its rows are decoded,
+    from the strips' saved decoder states, a few MiB at a time."""
+    keyframe, handle = page.keyframe, tif.filehandle
+    (height, width), dtype = keyframe.chunks, keyframe.dtype.newbyteorder(tif.byteorder)
+    row_bytes, stat = width * dtype.itemsize, os.fstat(handle.fileno())
+    out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
+    for strip in range(rows.start // height, -(-rows.stop // height)):
+        offset, length, y0 = page.dataoffsets[strip], page.databytecounts[strip], strip * height
+        if not length:  # a strip never written reads as 0
+            continue
+
+        def read(at: int, size: int, offset: int = offset) -> bytes:
+            handle.seek(offset + at)
+            return handle.read(size)
+
+        key = (handle.path, stat.st_size, stat.st_mtime_ns, offset)
+        row, stop, carry = max(rows.start, y0), min(rows.stop, y0 + height), b""
+        for piece in inflate_range(read, length, key, (row - y0) * row_bytes, (stop - y0) * row_bytes):
+            data, count = carry + piece, (len(carry) + len(piece)) // row_bytes
+            band = np.frombuffer(data, dtype, count * width).reshape(count, width)
+            if keyframe.predictor == 2:
+                band = np.cumsum(band, axis=1, dtype=keyframe.dtype)
+            out[row - rows.start : row - rows.start + count] = band[:, cols]
+            row, carry = row + count, data[count * row_bytes :]
+    return out
+
+
 def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -> np.ndarray:
     """Part (rows, cols) of page z of series 0's pyramid ``level`` of TIFF ``path``, a 2D single-sample page: only
-    the strips or tiles it covers are read and decoded (an uncompressed contiguous page: only the part, mapped)."""
+    the strips or tiles it covers are read and decoded (an uncompressed contiguous page: only the part, mapped; large
+    Deflate strips: only the part's rows)."""
     with _tiff_messages():
         tif = _tiff_file(path)
         page = tif.series[0].levels[level].pages[z]
@@ -254,6 +303,8 @@ def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -
         if page.is_contiguous:
             dtype = keyframe.dtype.newbyteorder(tif.byteorder)
             return _read_raw_region(path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
+        if _inflated_by_rows(keyframe):
+            return _read_inflated_rows(tif, page, rows, cols)
         out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
         (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
         for row, col in itertools.product(
@@ -304,7 +355,9 @@ def _pieces(level: tifffile.TiffPageSeries) -> tuple[int, int] | None:
     plain = keyframe.samplesperpixel == 1 and keyframe.imagedepth == 1 and len(keyframe.chunked) == 2
     if not plain or keyframe.shape != tuple(level.shape[-2:]) or len(level.pages) != math.prod(level.shape[:-2]):
         return None
-    return (1, 1) if keyframe.is_contiguous else tuple(keyframe.chunks)
+    if keyframe.is_contiguous:
+        return 1, 1
+    return (1, keyframe.chunks[1]) if _inflated_by_rows(keyframe) else tuple(keyframe.chunks)
 
 
 def _tiff_header(

@@ -9,7 +9,7 @@ import tifffile
 import zarr
 from helpers import one_line_error
 
-from emalign import io
+from emalign import inflate, io
 from emalign.io import OmeZarrWriter, check_chunk, create_array, import_stack, is_complete, open_stack
 
 RNG = np.random.default_rng(0)
@@ -119,6 +119,77 @@ def test_a_tiff_is_chunked_in_whole_strips_or_tiles_and_a_part_reads_only_those_
     covered = {"strips": 3 * 8 * 200, "tiles": 4 * 16 * 32, "uncompressed": 0, "folder-of-tiled-files": 2 * 32 * 32}
     assert (covered[layout] > 0) == (sum(read) > 0) and sum(read) <= 1.1 * covered[layout] * data.itemsize
     np.testing.assert_array_equal(stack.data.compute(), data)
+
+
+COMPRESSIONS = {  # how labs' tools save TIFFs (tifffile arguments), read through imagecodecs
+    "lzw-strips-with-predictor": {"compression": "lzw", "predictor": True, "rowsperstrip": 8},
+    "packbits-strips": {"compression": "packbits", "rowsperstrip": 8},
+    "jpeg-tiles": {"compression": "jpeg", "tile": (32, 32)},
+    "zstd-tiles": {"compression": "zstd", "tile": (32, 32)},
+    "jpeg2000-tiles": {"compression": "jpeg2000", "tile": (32, 32)},
+}
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_tiff_in_a_common_compression_is_read_in_parts_as_tifffile_decodes_it_whole(tmp_path, compression):
+    data = ramp((2, 70, 90), np.uint8) // 3 + RNG.integers(0, 40, (2, 70, 90), dtype=np.uint8)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", **COMPRESSIONS[compression])
+    whole = tifffile.imread(path)  # jpeg is lossy: the reference is tifffile's own decode
+    stack = open_stack(path)
+    region = (slice(20, 45), slice(33, 70))
+    np.testing.assert_array_equal(check_chunk(stack, 1, region=region), whole[1][region])
+    np.testing.assert_array_equal(stack.data.compute(), whole)
+
+
+def test_a_folder_of_lzw_tiffs_saved_by_pillow_is_read(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    data = RNG.integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    for z, section in enumerate(data):
+        image.fromarray(section).save(tmp_path / f"s{z}.tif", compression="tiff_lzw")
+    np.testing.assert_array_equal(open_stack(tmp_path).data.compute(), data)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"predictor": True, "byteorder": ">"}, {"predictor": True, "rowsperstrip": 90}],
+    ids=["one-strip", "one-strip-big-endian-with-predictor", "two-strips-with-predictor"],
+)
+def test_a_large_deflate_strip_is_read_by_its_rows_from_the_nearest_saved_decoder_state(tmp_path, monkeypatch, options):
+    monkeypatch.setattr(io, "INFLATED_STRIP_BYTES", 4096)
+    monkeypatch.setattr(io, "DASK_XY", 64)
+    monkeypatch.setattr(inflate, "STATE_EVERY", 2000)
+    monkeypatch.setattr(inflate, "READ_BYTES", 256)
+    monkeypatch.setattr(inflate, "_states", type(inflate._states)())
+    data = RNG.integers(0, 65535, (2, 150, 200), dtype=np.uint16)  # incompressible: bytes read ~ bytes decoded
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", compression="zlib", **{"rowsperstrip": 150, **options})
+    stack = open_stack(path)
+    assert stack.data.chunksize[1:] == (20, 200)  # bands of about DASK_XY^2 px, not whole strips
+    np.testing.assert_array_equal(stack.data.compute(), data)  # the first pass saves the decoder's states
+    check_chunk(stack, 1, region=(slice(0, 1), slice(0, 1)))  # opens (and keeps open) the file in this thread
+    read = []
+    unpatched = tifffile.FileHandle.read
+    monkeypatch.setattr(tifffile.FileHandle, "read", lambda fh, size=-1: read.append(size) or unpatched(fh, size))
+    region = (slice(80, 85), slice(70, 100))
+    np.testing.assert_array_equal(check_chunk(stack, 1, region=region), data[1][region])
+    # 5 rows of 400 bytes, decoded from the state saved at most 2000 bytes before (of the strip's 60000 or 36000)
+    assert 0 < sum(read) <= 1.1 * (5 * 400 + 2000) + 256
+
+
+def test_a_corrupt_deflate_strip_is_a_one_line_error_naming_the_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "INFLATED_STRIP_BYTES", 4096)
+    data = RNG.integers(0, 255, (2, 150, 200), dtype=np.uint8)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", compression="zlib", rowsperstrip=150)
+    with tifffile.TiffFile(path) as tif:
+        middle = tif.pages[1].dataoffsets[0] + tif.pages[1].databytecounts[0] // 2
+    with open(path, "r+b") as handle:
+        handle.seek(middle)
+        handle.write(bytes(200))
+    stack = open_stack(path)
+    np.testing.assert_array_equal(check_chunk(stack, 1, region=(slice(0, 10), slice(0, 200))), data[1, :10])
+    one_line_error(path, check_chunk, stack, 1, match="section 1 could not be read .*Deflate")
 
 
 def test_a_tiff_rewritten_after_a_read_is_read_as_it_now_is(tmp_path):
