@@ -158,7 +158,7 @@ def _stage_command(stage: str, help_text: str):
         parse_z_range(z_range, stack.shape[0])
         ws = Workspace.create(stack, output_path, params)
         if not opts["quiet"]:
-            click.echo(ws.resolution.describe())
+            click.echo("\n".join(filter(None, (stack.layout, ws.resolution.describe()))))
         with scheduler(opts["scheduler"], _jobqueue(opts)) as compute:
             click.echo(run_stage(stage, ws, z_range, compute, opts["device"], not opts["quiet"]))
 

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask.array as da
 import numcodecs
@@ -78,6 +78,9 @@ class Stack:
     read_part: Callable[[int, slice, slice], np.ndarray] | None = None
     """``read_part(z, rows, cols)``: that part of section z, reading only the Zarr chunks or TIFF strips and tiles it
     covers (`data`'s dask chunks are read whole); None: parts are cut from `data`."""
+    layout: str = ""
+    """How the sections were gathered when not as one series of equal pages (a file's pages of several series,
+    sections of several sizes centred on a canvas), said when a run starts; empty otherwise."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -293,41 +296,44 @@ def _read_inflated_rows(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: s
 
 
 def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -> np.ndarray:
-    """Part (rows, cols) of page z of series 0's pyramid ``level`` of TIFF ``path``, a 2D single-sample page: only
-    the strips or tiles it covers are read and decoded (an uncompressed contiguous page: only the part, mapped; large
-    Deflate strips: only the part's rows)."""
+    """Part (rows, cols) of page z of series 0's pyramid ``level`` of TIFF ``path`` (:func:`_read_page_part`)."""
     with _tiff_messages():
         tif = _tiff_file(path)
-        page = tif.series[0].levels[level].pages[z]
-        keyframe = page.keyframe
-        if page.is_contiguous:
-            dtype = keyframe.dtype.newbyteorder(tif.byteorder)
-            return _read_raw_region(path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
-        if _inflated_by_rows(keyframe):
-            return _read_inflated_rows(tif, page, rows, cols)
-        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
-        (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
-        for row, col in itertools.product(
-            range(rows.start // height, min(down, -(-rows.stop // height))),
-            range(cols.start // width, min(across, -(-cols.stop // width))),
-        ):
-            index = row * across + col
-            data = None
-            if page.databytecounts[index]:  # a tile never written reads as 0
-                tif.filehandle.seek(page.dataoffsets[index])
-                data = tif.filehandle.read(page.databytecounts[index])
-            piece, (*_, y0, x0, _), _ = keyframe.decode(
-                data, index, jpegtables=page.jpegtables, jpegheader=keyframe.jpegheader
-            )
-            if piece is None:
-                continue
-            piece = piece.reshape(piece.shape[-3:-1])
-            ys = slice(max(y0, rows.start), min(y0 + piece.shape[0], rows.stop))
-            xs = slice(max(x0, cols.start), min(x0 + piece.shape[1], cols.stop))
-            out[ys.start - rows.start : ys.stop - rows.start, xs.start - cols.start : xs.stop - cols.start] = piece[
-                ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0
-            ]
-        return out
+        return _read_page_part(tif, tif.series[0].levels[level].pages[z], rows, cols)
+
+
+def _read_page_part(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of ``page`` of ``tif``, a 2D single-sample page: only the strips or tiles it covers are read
+    and decoded (an uncompressed contiguous page: only the part, mapped; large Deflate strips: only the part's rows)."""
+    keyframe = page.keyframe
+    if page.is_contiguous:
+        dtype = keyframe.dtype.newbyteorder(tif.byteorder)
+        return _read_raw_region(tif.filehandle.path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
+    if _inflated_by_rows(keyframe):
+        return _read_inflated_rows(tif, page, rows, cols)
+    out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
+    (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
+    for row, col in itertools.product(
+        range(rows.start // height, min(down, -(-rows.stop // height))),
+        range(cols.start // width, min(across, -(-cols.stop // width))),
+    ):
+        index = row * across + col
+        data = None
+        if page.databytecounts[index]:  # a tile never written reads as 0
+            tif.filehandle.seek(page.dataoffsets[index])
+            data = tif.filehandle.read(page.databytecounts[index])
+        piece, (*_, y0, x0, _), _ = keyframe.decode(
+            data, index, jpegtables=page.jpegtables, jpegheader=keyframe.jpegheader
+        )
+        if piece is None:
+            continue
+        piece = piece.reshape(piece.shape[-3:-1])
+        ys = slice(max(y0, rows.start), min(y0 + piece.shape[0], rows.stop))
+        xs = slice(max(x0, cols.start), min(x0 + piece.shape[1], cols.stop))
+        out[ys.start - rows.start : ys.stop - rows.start, xs.start - cols.start : xs.stop - cols.start] = piece[
+            ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0
+        ]
+    return out
 
 
 def _read_tiff_section(
@@ -339,66 +345,180 @@ def _read_tiff_section(
         return tifffile.imread(path, series=0, level=level, selection=(*lead, z)).reshape(shape)[rows, cols]
 
 
-def _read_tiff_file(files: tuple[str, ...], z: int, rows: slice, cols: slice) -> np.ndarray:
-    """Part (rows, cols) of the section in ``files[z]``, a one-page TIFF."""
-    return _read_page_region(files[z], 0, 0, rows, cols)
+def _read_placed_page(
+    pages: tuple[tuple[str, int], ...],
+    shapes: tuple[tuple[int, int], ...],
+    canvas: tuple[int, int],
+    z: int,
+    rows: slice,
+    cols: slice,
+) -> np.ndarray:
+    """Part (rows, cols) of section z of a stack of single TIFF pages, ``pages[z]`` (file, index of the page in the
+    file's chain) of shape ``shapes[z]`` centred on a ``canvas`` (y, x) whose margins read as 0 (no data)."""
+    (height, width), (dy, dx) = shapes[z], ((c - s) // 2 for c, s in zip(canvas, shapes[z], strict=True))
+    ys = slice(max(rows.start - dy, 0), min(rows.stop - dy, height))
+    xs = slice(max(cols.start - dx, 0), min(cols.stop - dx, width))
+    with _tiff_messages():
+        tif = _tiff_file(pages[z][0])
+        page = tif.pages[pages[z][1]]
+        if shapes[z] == canvas:
+            return _read_page_part(tif, page, rows, cols)
+        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), page.keyframe.dtype)
+        if ys.start < ys.stop and xs.start < xs.stop:
+            out[
+                ys.start + dy - rows.start : ys.stop + dy - rows.start,
+                xs.start + dx - cols.start : xs.stop + dx - cols.start,
+            ] = _read_page_part(tif, page, ys, xs)
+        return out
 
 
-def _tiff_file_name(files: tuple[str, ...], z: int) -> str:
-    return Path(files[z]).name
+def _page_name(pages: tuple[tuple[str, int], ...], z: int) -> str:
+    """Where section z of a stack of single TIFF pages is: the file's name, and the page's index when not 0."""
+    path, index = pages[z]
+    return f"{Path(path).name}, page {index}" if index else Path(path).name
 
 
-def _pieces(level: tifffile.TiffPageSeries) -> tuple[int, int] | None:
-    """(rows, cols) of the strips or tiles a series level's pages are stored in, when each page is one plain 2D
-    single-sample section (so that a part of it can be read alone: :func:`_read_page_region`), else None."""
-    keyframe = level.keyframe
-    plain = keyframe.samplesperpixel == 1 and keyframe.imagedepth == 1 and len(keyframe.chunked) == 2
-    if not plain or keyframe.shape != tuple(level.shape[-2:]) or len(level.pages) != math.prod(level.shape[:-2]):
-        return None
+def _page_pieces(keyframe: tifffile.TiffPage) -> tuple[int, int]:
+    """(rows, cols) of the pieces a plain 2D single-sample page is read in: its strips or tiles, rows of large Deflate
+    strips, (1, 1) when uncompressed and contiguous (any part read alone)."""
     if keyframe.is_contiguous:
         return 1, 1
     return (1, keyframe.chunks[1]) if _inflated_by_rows(keyframe) else tuple(keyframe.chunks)
 
 
-def _tiff_header(
-    path: Path,
-) -> tuple[list[tuple[tuple[int, ...], np.dtype, int | None, tuple[int, int] | None]], str, tuple, str, bool]:
-    """From the header only: per pyramid level (shape, dtype, contiguous data offset or None, :func:`_pieces`),
-    byte order, voxel size and unit (from ImageJ calibration when present), and whether they were present."""
+def _is_plain(keyframe: tifffile.TiffPage) -> bool:
+    """Whether a page is one 2D single-sample image (that :func:`_read_page_part` reads in parts)."""
+    return keyframe.samplesperpixel == 1 and keyframe.imagedepth == 1 and len(keyframe.chunked) == 2
+
+
+def _pieces(level: tifffile.TiffPageSeries) -> tuple[int, int] | None:
+    """:func:`_page_pieces` of a series level's pages when each is one plain section, else None."""
+    keyframe = level.keyframe
+    if not _is_plain(keyframe) or keyframe.shape != tuple(level.shape[-2:]):
+        return None
+    return _page_pieces(keyframe) if len(level.pages) == math.prod(level.shape[:-2]) else None
+
+
+def _section_pages(tif: tifffile.TiffFile) -> tuple[list[tifffile.TiffPage], int] | None:
+    """When series 0 of a multi-page TIFF does not hold all its sections (pages written one at a time are each a
+    series; pages of several sizes make several series): every plain page of series 0's type at least half the
+    largest's height and width, in file order, and how many other pages are left out (thumbnails, colour, other
+    types); None when series 0 holds them all."""
+    if len(tif.series) < 2:
+        return None
+    dtype, candidates, others = tif.series[0].dtype, [], 0
+    for page in (page for series in tif.series for page in series.pages if page is not None):
+        if _is_plain(page.keyframe) and page.keyframe.dtype == dtype:
+            candidates.append(page)
+        else:
+            others += 1
+    if not candidates:
+        return None
+    height, width = (max(page.keyframe.shape[axis] for page in candidates) for axis in (0, 1))
+    sections = [
+        page for page in candidates if 2 * page.keyframe.shape[0] >= height and 2 * page.keyframe.shape[1] >= width
+    ]
+    if len(sections) <= len(tif.series[0].pages):
+        return None
+    return sorted(sections, key=lambda page: page.index), others + len(candidates) - len(sections)
+
+
+class _TiffHeader(NamedTuple):
+    levels: list[tuple[tuple[int, ...], np.dtype, int | None, tuple[int, int] | None]]
+    """Per pyramid level of series 0: shape, dtype, contiguous data offset or None, :func:`_pieces`."""
+    byteorder: str
+    voxel_size: tuple[float, float, float]
+    unit: str
+    voxel_known: bool
+    """Whether the voxel size and unit come from the file (ImageJ calibration)."""
+    first_page: int
+    """Index of series 0's first page in the file's chain."""
+    pages: list[tuple[int, tuple[int, int], tuple[int, int]]] | None
+    """Index, shape and :func:`_page_pieces` of each section page when series 0 does not hold them all
+    (:func:`_section_pages`), else None."""
+    pages_note: str
+    """How ``pages`` were gathered, when given."""
+
+
+def _tiff_header(path: Path) -> _TiffHeader:
+    """What the stages need of a TIFF, from its header only."""
     try:
         with _tiff_messages() as messages, tifffile.TiffFile(path) as tif:
             levels = [(s.shape, s.dtype.newbyteorder("="), s.dataoffset, _pieces(s)) for s in tif.series[0].levels]
             damaged = [m for m in messages if "failed" in m]  # e.g. "shaped series failed to reshape": pages lost
             if damaged:
                 raise _err(path, f"is truncated or damaged (tifffile: {re.sub(r'^<[^>]*> *', '', damaged[0])[:200]})")
+            found, pages, note = _section_pages(tif), None, ""
+            if found is not None:
+                sections, left_out = found
+                pages = [(page.index, page.keyframe.shape, _page_pieces(page.keyframe)) for page in sections]
+                note = f"its {len(pages)} pages in {len(tif.series)} series taken as the sections, in file order"
+                note += f"; {left_out} other page(s) left out (thumbnails, colour or another type)" if left_out else ""
             imagej = tif.imagej_metadata or {}
             unit = _UNITS.get(str(imagej.get("unit", "")).strip().lower())
             xres, yres = tif.pages[0].resolution
+            voxel, known = ((1.0, 1.0, 1.0), "nanometer"), False
             if unit and xres > 0 and yres > 0:
-                return levels, tif.byteorder, (float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit, True
-            return levels, tif.byteorder, (1.0, 1.0, 1.0), "nanometer", False
+                voxel, known = ((float(imagej.get("spacing", 1.0)), 1 / yres, 1 / xres), unit), True
+            first = tif.series[0].levels[0].pages[0].index
+            return _TiffHeader(levels, tif.byteorder, *voxel, known, first, pages, note)
     except EmalignError:
         raise
     except Exception as exc:
         raise _err(path, f"is not a recognised stack (not a readable TIFF: {_reason(exc)})") from exc
 
 
+def _page_stack(
+    path: Path,
+    pages: list[tuple[str, int]],
+    shapes: list[tuple[int, int]],
+    dtype: np.dtype,
+    pieces: tuple[int, int],
+    header: _TiffHeader,
+    layout: str = "",
+) -> Stack:
+    """A stack of single TIFF pages (file, index in its chain) of ``shapes``, centred on the smallest canvas that
+    holds them all; ``layout`` says how the sections were gathered (the canvas is added when sizes differ)."""
+    canvas = (max(height for height, _ in shapes), max(width for _, width in shapes))
+    shape3 = (len(pages), *canvas)
+    _kept_axes(str(path), shape3, dtype)
+    if len(set(shapes)) > 1:
+        layout = f"{layout}; " if layout else f"{path}: "
+        layout += (
+            f"sections of {len(set(shapes))} sizes centred on a {canvas[0]} x {canvas[1]} canvas (margins: no data)"
+        )
+    pages, shapes = tuple(pages), tuple(shapes)
+    reader = functools.partial(_read_placed_page, pages, shapes, canvas)
+    data = _sections(reader, shape3, dtype, _read_chunks(pieces, canvas))
+    locate = functools.partial(_page_name, pages)
+    return Stack(data, str(path), header.voxel_size, header.unit, 0, locate, header.voxel_known, reader, layout)
+
+
 def _open_tiff(path: Path, level: int) -> Stack:
-    levels, byteorder, voxel_size, unit, known = _tiff_header(path)
-    if not 0 <= level < len(levels):
-        raise _err(path, f"level {level} out of range (the TIFF has {len(levels)} level(s))")
-    shape, dtype, offset, pieces = levels[level]
+    header = _tiff_header(path)
+    if header.pages is not None:
+        if level != 0:
+            raise _err(path, f"level {level} out of range (the TIFF's sections are single pages: only level 0)")
+        pages, dtype, layout = header.pages, header.levels[0][1], f"{path}: {header.pages_note}"
+        located = [(str(path), index) for index, _, _ in pages]
+        return _page_stack(path, located, [shape for _, shape, _ in pages], dtype, pages[0][2], header, layout)
+    if not 0 <= level < len(header.levels):
+        raise _err(path, f"level {level} out of range (the TIFF has {len(header.levels)} level(s))")
+    shape, dtype, offset, pieces = header.levels[level]
     keep = _kept_axes(str(path), shape, dtype)
     shape3 = tuple(shape[axis] for axis in keep)
     if offset is not None:
-        reader = functools.partial(_read_raw_region, str(path), offset, dtype.newbyteorder(byteorder), shape3[1:])
+        dtype_in_file = dtype.newbyteorder(header.byteorder)
+        reader = functools.partial(_read_raw_region, str(path), offset, dtype_in_file, shape3[1:])
         pieces = (1, 1)
     elif pieces is not None:
         reader = functools.partial(_read_page_region, str(path), level)
     else:
         reader = functools.partial(_read_tiff_section, str(path), level, (0,) * keep[0], shape3[1:])
     data = _sections(reader, shape3, dtype, pieces and _read_chunks(pieces, shape3[1:]))
-    return Stack(data, str(path), voxel_size, unit, level, voxel_known=known, read_part=reader)
+    return Stack(
+        data, str(path), header.voxel_size, header.unit, level, voxel_known=header.voxel_known, read_part=reader
+    )
 
 
 def _open_tiff_folder(path: Path, level: int) -> Stack:
@@ -411,31 +531,23 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
     if level != 0:
         raise _err(path, f"level {level} out of range (a folder of TIFF sections has only level 0)")
     headers = [_tiff_header(file) for file in files]
-    expected = None
-    for file, (levels, *_) in zip(files, headers, strict=True):
-        shape, dtype, _, pieces = levels[0]
+    shapes = []
+    for file, header in zip(files, headers, strict=True):
+        shape, dtype, _, pieces = header.levels[0]
         shape2 = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
         if len(shape2) != 2:
             raise _err(path, f"{file.name} has shape {tuple(shape)}; each file must hold one 2D section")
         if pieces is None:
             raise _err(path, f"{file.name} does not hold its section as one grey-level page (multi-sample or 3D tiles)")
-        if expected is None:
-            expected = (shape2, dtype)
-        elif (shape2, dtype) != expected:
+        if dtype != headers[0].levels[0][1]:
             raise _err(
                 path,
-                f"sections differ in size or type: {files[0].name} is {expected[0]} {expected[1]} "
-                f"but {file.name} is {shape2} {dtype}",
+                f"sections differ in type: {files[0].name} is {headers[0].levels[0][1]} but {file.name} is {dtype}",
             )
-    shape2, dtype = expected
-    shape3 = (len(files), *shape2)
-    _kept_axes(str(path), shape3, dtype)
-    names = tuple(str(f) for f in files)
-    reader = functools.partial(_read_tiff_file, names)
-    (first, *_), _, voxel_size, unit, known = headers[0]
-    locate = functools.partial(_tiff_file_name, names)
-    data = _sections(reader, shape3, dtype, _read_chunks(first[3], shape2))
-    return Stack(data, str(path), voxel_size, unit, level, locate, known, reader)
+        shapes.append(shape2)
+    pages = [(str(file), header.first_page) for file, header in zip(files, headers, strict=True)]
+    first = headers[0].levels[0]
+    return _page_stack(path, pages, shapes, first[1], first[3], headers[0])
 
 
 def _multiscales(attrs: Any) -> dict | None:
@@ -1075,6 +1187,8 @@ def import_stack(
     )
     todo = np.flatnonzero(~writer.done_sections())
     total = stack.shape[0]
+    if progress and stack.layout:
+        tqdm.write(stack.layout)
     for z in tqdm(
         todo, f"import {Path(src).name}", total, initial=total - todo.size, unit="section", disable=not progress
     ):

@@ -289,11 +289,64 @@ def test_non_numeric_dtype_error(tmp_path):
     one_line_error(text, open_stack, text, match="not a recognised stack")
 
 
-def test_mismatched_tiff_folder_error(tmp_path):
+def test_a_tiff_folder_of_sections_of_different_types_is_a_one_line_error(tmp_path):
     tifffile.imwrite(tmp_path / "a1.tif", np.zeros((8, 8), np.uint8))
-    tifffile.imwrite(tmp_path / "a2.tif", np.zeros((8, 9), np.uint8))
-    message = one_line_error(tmp_path, open_stack, tmp_path, match="differ in size")
+    tifffile.imwrite(tmp_path / "a2.tif", np.zeros((8, 8), np.uint16))
+    message = one_line_error(tmp_path, open_stack, tmp_path, match="differ in type")
     assert "a1.tif" in message and "a2.tif" in message
+
+
+SIZES = [(40, 50), (40, 50), (47, 56), (33, 50)]  # (y, x) of each section; the canvas: (47, 56)
+
+
+def placed(section: np.ndarray, canvas=(47, 56)) -> np.ndarray:
+    """``section`` centred on a zero canvas, as a stack of sections of several sizes reads it."""
+    out = np.zeros(canvas, section.dtype)
+    dy, dx = ((c - s) // 2 for c, s in zip(canvas, section.shape, strict=True))
+    out[dy : dy + section.shape[0], dx : dx + section.shape[1]] = section
+    return out
+
+
+@pytest.mark.parametrize("layout", ["folder", "one-file"])
+def test_sections_of_several_sizes_are_centred_on_the_smallest_common_canvas_in_order(tmp_path, layout):
+    sections = [RNG.integers(1, 255, size, dtype=np.uint8) for size in SIZES]
+    path = tmp_path / ("sections" if layout == "folder" else "stack.tif")
+    if layout == "folder":
+        path.mkdir()
+        for z, section in enumerate(sections):
+            tifffile.imwrite(path / f"s{z}.tif", section, compression="zlib", tile=(16, 16))
+    else:  # tifffile groups pages by size: series 0 is pages 0, 1 (and 3 would follow in a generic series)
+        with tifffile.TiffWriter(path) as writer:
+            for section in sections:
+                writer.write(section, photometric="minisblack", metadata=None, compression="zlib", rowsperstrip=8)
+    stack = open_stack(path)
+    assert stack.shape == (4, 47, 56) and "sections of 3 sizes centred on a 47 x 56 canvas" in stack.layout
+    np.testing.assert_array_equal(stack.data.compute(), [placed(section) for section in sections])
+    region = (slice(5, 30), slice(2, 40))  # crosses the margins of sections 0, 1 and 3
+    for z, section in enumerate(sections):
+        np.testing.assert_array_equal(check_chunk(stack, z, region=region), placed(section)[region])
+
+
+def test_a_tiff_of_pages_written_one_at_a_time_is_all_its_pages_and_leaves_thumbnails_out(tmp_path):
+    data = RNG.integers(0, 65535, (5, 30, 40), dtype=np.uint16)
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as writer:  # tifffile makes each write a series of its own
+        for section in data:
+            writer.write(section, photometric="minisblack", compression="zlib")
+        writer.write(data[0, ::4, ::4], photometric="minisblack")  # a thumbnail
+        writer.write(np.zeros((30, 40, 3), np.uint8), photometric="rgb")  # a colour overview
+    stack = open_stack(path)
+    assert stack.shape == (5, 30, 40) and stack.layout == (
+        f"{path}: its 5 pages in 7 series taken as the sections, in file order; 2 other page(s) left out "
+        "(thumbnails, colour or another type)"
+    )
+    np.testing.assert_array_equal(stack.data.compute(), data)
+    np.testing.assert_array_equal(check_chunk(stack, 3, region=(slice(10, 20), slice(5, 9))), data[3, 10:20, 5:9])
+    assert stack.locate(3) == "stack.tif, page 3"
+    one_line_error(path, open_stack, path, level=1, match="sections are single pages: only level 0")
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, data, photometric="minisblack")  # one series: the stack, as before
+    assert open_stack(plain).layout == "" and open_stack(plain).shape == (5, 30, 40)
 
 
 def test_missing_path_error(tmp_path):

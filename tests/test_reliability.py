@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from helpers import invoke, mounted, one_line_error
+from helpers import invoke, mounted, ok, one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -509,6 +509,17 @@ def test_a_truncated_tiff_is_a_one_line_error_and_nothing_is_written(raw, tmp_pa
     out = tmp_path / "out.zarr"
     error_line(invoke("align", path, out, *CLI), path, problem)  # one line: tifffile's own warnings kept off stderr
     assert not is_complete(out)
+
+
+def test_a_folder_of_sections_of_several_sizes_is_aligned_on_a_common_canvas_and_align_says_so(raw, tmp_path):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z, section in enumerate(raw):
+        tifffile.imwrite(folder / f"s{z}.tif", section[: 56 if z % 3 == 1 else 64, 2:])
+    out = tmp_path / "out.zarr"
+    result = ok("align", folder, out, "--block", "2", "--scheduler", "sync")
+    assert f"{folder}: sections of 2 sizes centred on a 64 x 62 canvas (margins: no data)" in result.output
+    assert level0(out).shape == (8, 64, 62) and is_complete(out)
 
 
 def test_a_truncated_or_empty_file_in_a_tiff_folder_is_named(raw, tmp_path):

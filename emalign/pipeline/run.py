@@ -224,7 +224,7 @@ def align(
     stack = open_stack(input_path, level=params.level)
     ws = Workspace.create(stack, output_path, params, overwrite=overwrite)
     if progress:
-        print(ws.resolution.describe())
+        print("\n".join(filter(None, (stack.layout, ws.resolution.describe()))))
     seconds: dict[str, float] = {}
     with scheduler(scheduler_spec, jobqueue_options) as compute:
         for stage in (spec.name for spec in TABLE if spec.is_on(params)):
