@@ -253,6 +253,15 @@ INFLATED_STRIP_BYTES = 2**24
 _DEFLATE = (8, 32946)  # TIFF compression codes of zlib streams (Adobe Deflate, Deflate)
 
 
+def _page_file(page: tifffile.TiffPage) -> tifffile.FileHandle:
+    """The open handle of the file that holds ``page`` (tifffile closes a multi-file OME-TIFF's other files once
+    their pages are parsed; reopened here, they stay open with the first file)."""
+    handle = page.parent.filehandle
+    if handle.closed:
+        handle.open()
+    return handle
+
+
 def _inflated_by_rows(keyframe: tifffile.TiffPage) -> bool:
     """Whether a page's strips are large Deflate streams whose rows are decoded alone (no predictor, or horizontal
     differencing of integer samples, which undoes row by row)."""
@@ -267,11 +276,11 @@ def _inflated_by_rows(keyframe: tifffile.TiffPage) -> bool:
     )
 
 
-def _read_inflated_rows(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
+def _read_inflated_rows(page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
     """Part (rows, cols) of a page of large Deflate strips (:func:`_inflated_by_rows`): only its rows are decoded,
     from the strips' saved decoder states, a few MiB at a time."""
-    keyframe, handle = page.keyframe, tif.filehandle
-    (height, width), dtype = keyframe.chunks, keyframe.dtype.newbyteorder(tif.byteorder)
+    keyframe, handle = page.keyframe, _page_file(page)
+    (height, width), dtype = keyframe.chunks, keyframe.dtype.newbyteorder(page.parent.byteorder)
     row_bytes, stat = width * dtype.itemsize, os.fstat(handle.fileno())
     out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
     for strip in range(rows.start // height, -(-rows.stop // height)):
@@ -298,19 +307,19 @@ def _read_inflated_rows(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: s
 def _read_page_region(path: str, level: int, z: int, rows: slice, cols: slice) -> np.ndarray:
     """Part (rows, cols) of page z of series 0's pyramid ``level`` of TIFF ``path`` (:func:`_read_page_part`)."""
     with _tiff_messages():
-        tif = _tiff_file(path)
-        return _read_page_part(tif, tif.series[0].levels[level].pages[z], rows, cols)
+        return _read_page_part(_tiff_file(path).series[0].levels[level].pages[z], rows, cols)
 
 
-def _read_page_part(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
-    """Part (rows, cols) of ``page`` of ``tif``, a 2D single-sample page: only the strips or tiles it covers are read
-    and decoded (an uncompressed contiguous page: only the part, mapped; large Deflate strips: only the part's rows)."""
-    keyframe = page.keyframe
+def _read_page_part(page: tifffile.TiffPage, rows: slice, cols: slice) -> np.ndarray:
+    """Part (rows, cols) of ``page``, a 2D single-sample page, from the file that holds it (a multi-file OME-TIFF's
+    pages are in several): only the strips or tiles it covers are read and decoded (an uncompressed contiguous page:
+    only the part, mapped; large Deflate strips: only the part's rows)."""
+    keyframe, handle = page.keyframe, _page_file(page)
     if page.is_contiguous:
-        dtype = keyframe.dtype.newbyteorder(tif.byteorder)
-        return _read_raw_region(tif.filehandle.path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
+        dtype = keyframe.dtype.newbyteorder(page.parent.byteorder)
+        return _read_raw_region(handle.path, page.dataoffsets[0], dtype, keyframe.shape, 0, rows, cols)
     if _inflated_by_rows(keyframe):
-        return _read_inflated_rows(tif, page, rows, cols)
+        return _read_inflated_rows(page, rows, cols)
     out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), keyframe.dtype)
     (height, width), (across, down) = keyframe.chunks, keyframe.chunked[::-1]
     for row, col in itertools.product(
@@ -320,8 +329,8 @@ def _read_page_part(tif: tifffile.TiffFile, page: tifffile.TiffPage, rows: slice
         index = row * across + col
         data = None
         if page.databytecounts[index]:  # a tile never written reads as 0
-            tif.filehandle.seek(page.dataoffsets[index])
-            data = tif.filehandle.read(page.databytecounts[index])
+            handle.seek(page.dataoffsets[index])
+            data = handle.read(page.databytecounts[index])
         piece, (*_, y0, x0, _), _ = keyframe.decode(
             data, index, jpegtables=page.jpegtables, jpegheader=keyframe.jpegheader
         )
@@ -359,16 +368,15 @@ def _read_placed_page(
     ys = slice(max(rows.start - dy, 0), min(rows.stop - dy, height))
     xs = slice(max(cols.start - dx, 0), min(cols.stop - dx, width))
     with _tiff_messages():
-        tif = _tiff_file(pages[z][0])
-        page = tif.pages[pages[z][1]]
+        page = _tiff_file(pages[z][0]).pages[pages[z][1]]
         if shapes[z] == canvas:
-            return _read_page_part(tif, page, rows, cols)
+            return _read_page_part(page, rows, cols)
         out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), page.keyframe.dtype)
         if ys.start < ys.stop and xs.start < xs.stop:
             out[
                 ys.start + dy - rows.start : ys.stop + dy - rows.start,
                 xs.start + dx - cols.start : xs.stop + dx - cols.start,
-            ] = _read_page_part(tif, page, ys, xs)
+            ] = _read_page_part(page, ys, xs)
         return out
 
 

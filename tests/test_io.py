@@ -192,6 +192,30 @@ def test_a_corrupt_deflate_strip_is_a_one_line_error_naming_the_section(tmp_path
     one_line_error(path, check_chunk, stack, 1, match="section 1 could not be read .*Deflate")
 
 
+OME_TWO_FILES = """<?xml version="1.0" encoding="UTF-8"?>
+<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" UUID="{own}">
+<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" SizeX="40" SizeY="30" SizeZ="4"
+ SizeC="1" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>
+<TiffData FirstZ="0" IFD="0" PlaneCount="2"><UUID FileName="a.ome.tif">urn:uuid:{a}</UUID></TiffData>
+<TiffData FirstZ="2" IFD="0" PlaneCount="2"><UUID FileName="b.ome.tif">urn:uuid:{b}</UUID></TiffData>
+</Pixels></Image></OME>"""
+
+
+def test_a_multi_file_ome_tiff_reads_each_section_from_the_file_that_holds_it(tmp_path):
+    data = RNG.integers(0, 255, (4, 30, 40), dtype=np.uint8)
+    ids = {"a": "0" * 8 + "-0000-4000-8000-" + "0" * 11 + "a", "b": "0" * 8 + "-0000-4000-8000-" + "0" * 11 + "b"}
+    for name, part in (("a", data[:2]), ("b", data[2:])):
+        with tifffile.TiffWriter(tmp_path / f"{name}.ome.tif") as writer:
+            for i, section in enumerate(part):
+                description = OME_TWO_FILES.format(own=f"urn:uuid:{ids[name]}", **ids) if i == 0 else None
+                writer.write(
+                    section, photometric="minisblack", compression="zlib", metadata=None, description=description
+                )
+    stack = open_stack(tmp_path / "a.ome.tif")
+    np.testing.assert_array_equal(check_chunk(stack, 3, region=(slice(3, 9), slice(4, 20))), data[3, 3:9, 4:20])
+    np.testing.assert_array_equal(stack.data.compute(), data)
+
+
 def test_a_tiff_rewritten_after_a_read_is_read_as_it_now_is(tmp_path):
     path = tmp_path / "stack.tif"
     first, second = ramp((2, 40, 30), np.uint8), ramp((2, 40, 30), np.uint8)[:, ::-1]
