@@ -409,9 +409,9 @@ def _pieces(level: tifffile.TiffPageSeries) -> tuple[int, int] | None:
 
 def _section_pages(tif: tifffile.TiffFile) -> tuple[list[tifffile.TiffPage], int] | None:
     """When series 0 of a multi-page TIFF does not hold all its sections (pages written one at a time are each a
-    series; pages of several sizes make several series): every plain page of series 0's type at least half the
-    largest's height and width, in file order, and how many other pages are left out (thumbnails, colour, other
-    types); None when series 0 holds them all."""
+    series; pages of several sizes make several series): every plain page of series 0's type more than half the
+    largest's height and width, in file order, and how many other pages are left out (thumbnails and unmarked
+    pyramid levels, colour, other types); None when series 0 holds them all."""
     if len(tif.series) < 2:
         return None
     dtype, candidates, others = tif.series[0].dtype, [], 0
@@ -424,7 +424,7 @@ def _section_pages(tif: tifffile.TiffFile) -> tuple[list[tifffile.TiffPage], int
         return None
     height, width = (max(page.keyframe.shape[axis] for page in candidates) for axis in (0, 1))
     sections = [
-        page for page in candidates if 2 * page.keyframe.shape[0] >= height and 2 * page.keyframe.shape[1] >= width
+        page for page in candidates if 2 * page.keyframe.shape[0] > height and 2 * page.keyframe.shape[1] > width
     ]
     if len(sections) <= len(tif.series[0].pages):
         return None

@@ -358,10 +358,11 @@ def test_a_tiff_of_pages_written_one_at_a_time_is_all_its_pages_and_leaves_thumb
         for section in data:
             writer.write(section, photometric="minisblack", compression="zlib")
         writer.write(data[0, ::4, ::4], photometric="minisblack")  # a thumbnail
+        writer.write(data[0, ::2, ::2], photometric="minisblack")  # a half-size level not marked as one
         writer.write(np.zeros((30, 40, 3), np.uint8), photometric="rgb")  # a colour overview
     stack = open_stack(path)
     assert stack.shape == (5, 30, 40) and stack.layout == (
-        f"{path}: its 5 pages in 7 series taken as the sections, in file order; 2 other page(s) left out "
+        f"{path}: its 5 pages in 8 series taken as the sections, in file order; 3 other page(s) left out "
         "(thumbnails, colour or another type)"
     )
     np.testing.assert_array_equal(stack.data.compute(), data)
