@@ -555,7 +555,26 @@ def _open_tiff_folder(path: Path, level: int) -> Stack:
         shapes.append(shape2)
     pages = [(str(file), header.first_page) for file, header in zip(files, headers, strict=True)]
     first = headers[0].levels[0]
-    return _page_stack(path, pages, shapes, first[1], first[3], headers[0])
+    return _page_stack(path, pages, shapes, first[1], first[3], headers[0], _numbering_gaps(path, files))
+
+
+def _numbering_gaps(path: Path, files: list[Path]) -> str:
+    """A note naming the numbers missing from a folder's section files, when each name ends in a distinct number
+    (counted in the numbers' common step, e.g. 40 for z in nm; fewer missing than present); empty otherwise."""
+    numbers = [re.findall(r"\d+", file.stem) for file in files]
+    if len(files) < 3 or not all(numbers) or len({int(n[-1]) for n in numbers}) < len(files):
+        return ""
+    present = sorted(int(n[-1]) for n in numbers)
+    step = math.gcd(*(b - a for a, b in itertools.pairwise(present)))
+    if (present[-1] - present[0]) // step >= 2 * len(files):  # more missing than present: no section numbers
+        return ""
+    missing = sorted(set(range(present[0], present[-1] + 1, step)) - set(present))
+    if not missing:
+        return ""
+    named = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    return (
+        f"{path}: the file numbers skip {named} ({len(missing)} missing); a gap's two sides are aligned as neighbours"
+    )
 
 
 def _multiscales(attrs: Any) -> dict | None:

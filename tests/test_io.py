@@ -247,6 +247,23 @@ def test_open_tiff_folder_sorts_naturally(tmp_path):
     np.testing.assert_array_equal(stack.data[:, 0, 0].compute(), [1, 2, 10])
 
 
+@pytest.mark.parametrize(
+    ("numbers", "note"),
+    [
+        ([1, 2, 4, 5, 9], "the file numbers skip 3, 6, 7, 8 (4 missing); a gap's two sides are aligned as neighbours"),
+        ([0, 40, 80, 160], "the file numbers skip 120 (1 missing)"),  # z in nm: counted in steps of 40
+        ([0, 40, 80, 120], ""),
+        ([20230101120000, 20230101120517, 20230101121003], ""),  # times, not section numbers
+    ],
+)
+def test_a_folder_whose_file_numbers_skip_says_which_are_missing(tmp_path, numbers, note):
+    for number in numbers:
+        tifffile.imwrite(tmp_path / f"sec_{number:04d}.tif", np.full((6, 7), 1, np.uint8))
+    stack = open_stack(tmp_path)
+    assert stack.shape == (len(numbers), 6, 7)
+    assert (note in stack.layout and stack.layout.startswith(str(tmp_path))) if note else stack.layout == ""
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_open_zarr_v2_and_v3_arrays(tmp_path, zarr_format):
     data = ramp((4, 20, 24), np.uint8)
