@@ -148,7 +148,7 @@ def _stage_command(stage: str, help_text: str):
         from emalign.cluster import check_scheduler, scheduler
         from emalign.device import resolve_device
         from emalign.io import open_stack
-        from emalign.pipeline import Workspace, run_stage
+        from emalign.pipeline import Workspace, run_stage, start_report
         from emalign.pipeline.plan import parse_z_range
 
         params = _params(opts)
@@ -158,7 +158,7 @@ def _stage_command(stage: str, help_text: str):
         parse_z_range(z_range, stack.shape[0])
         ws = Workspace.create(stack, output_path, params)
         if not opts["quiet"]:
-            click.echo("\n".join(filter(None, (stack.layout, ws.resolution.describe()))))
+            click.echo(start_report(stack, ws))
         with scheduler(opts["scheduler"], _jobqueue(opts)) as compute:
             click.echo(run_stage(stage, ws, z_range, compute, opts["device"], not opts["quiet"]))
 

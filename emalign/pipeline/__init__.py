@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from emalign.pipeline.plan import AlignParams, Plan
-    from emalign.pipeline.run import align, align_in_memory, full_resolution_fields, run_stage
+    from emalign.pipeline.run import align, align_in_memory, full_resolution_fields, run_stage, start_report
     from emalign.pipeline.stages import IN_MEMORY_STAGES, STAGES
     from emalign.pipeline.store import Workspace, open_workspace
 
@@ -28,6 +28,7 @@ _LAZY = {
     "align_in_memory": "run",
     "full_resolution_fields": "run",
     "run_stage": "run",
+    "start_report": "run",
     "IN_MEMORY_STAGES": "stages",
     "STAGES": "stages",
     "Workspace": "store",
@@ -54,4 +55,5 @@ __all__ = [
     "full_resolution_fields",
     "open_workspace",
     "run_stage",
+    "start_report",
 ]

@@ -45,6 +45,12 @@ from emalign.pipeline.store import Workspace
 __all__ = ["align", "align_in_memory", "full_resolution_fields", "run_stage"]
 
 
+def start_report(stack: Stack, ws: Workspace) -> str:
+    """What a run says as it starts: how the input's sections were gathered (when not plainly), and the resolution
+    it aligns at."""
+    return "\n".join(filter(None, (stack.layout, ws.resolution.describe())))
+
+
 def _finished(ws: Workspace, stage: str, index: int) -> bool:
     """Task ``index`` already has its completion marker (a retried task, or one rerun for a lost worker)."""
     return bool(ws.array(f"stages/{stage}")[index])
@@ -224,7 +230,7 @@ def align(
     stack = open_stack(input_path, level=params.level)
     ws = Workspace.create(stack, output_path, params, overwrite=overwrite)
     if progress:
-        print("\n".join(filter(None, (stack.layout, ws.resolution.describe()))))
+        print(start_report(stack, ws))
     seconds: dict[str, float] = {}
     with scheduler(scheduler_spec, jobqueue_options) as compute:
         for stage in (spec.name for spec in TABLE if spec.is_on(params)):
